@@ -2,4 +2,9 @@
 
 import typer
 
+from miles_envs.cli import envs
+
 app = typer.Typer(name="miles-envs", help="Multi-turn RL environments for LLM agents.", no_args_is_help=True)
+
+for module in (envs,):
+    module.register(app)

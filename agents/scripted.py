@@ -1,0 +1,241 @@
+"""ScriptedEngine: deterministic replies with real token ids, for tests and loop benchmarks.
+
+Replies come from a list (the n-th call gets ``replies[n % len]``) or a callable given a
+``ScriptContext``. Text is encoded with the real tokenizer (cached per distinct reply) and ends with
+the tokenizer's end-of-turn id unless the reply says otherwise. Finishing follows SGLang's order:
+the length limit is checked before stop tokens and stop strings, so a stop that lands exactly on
+``max_new_tokens`` still reports ``length``. Logprobs and routing are synthetic but a pure function of
+(token id, position), so a multi-turn episode gets the same rows whether asked for at once or in
+increments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from miles_envs.agents.engine import Generation, SamplingParams, SpecStats
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    text: str
+    stop_on_eos: bool = True
+
+
+@dataclass(frozen=True)
+class ScriptContext:
+    """What a reply callable may look at to choose the reply."""
+
+    input_ids: list[int]
+    call_index: int
+    sampling: SamplingParams
+    rid: str | None = None
+    lora: str | None = None
+
+
+ReplyFn = Callable[[ScriptContext], "str | ScriptedReply"]
+
+
+@dataclass(frozen=True)
+class SyntheticRouting:
+    """Deterministic MoE routing: ``topk`` distinct experts per token and MoE layer.
+
+    Layers listed in ``dense_layers`` have no router; like SGLang's capturer they come back as zeros.
+    """
+
+    num_layers: int
+    topk: int
+    num_experts: int
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.topk <= self.num_experts:
+            raise ValueError(f"topk={self.topk} must be between 1 and num_experts={self.num_experts}")
+
+    def rows(self, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``[len(token_ids), num_layers, topk]`` int32 for tokens at the given absolute positions."""
+        layers = np.arange(self.num_layers, dtype=np.int64)
+        base = (token_ids[:, None] * 7919 + positions[:, None] * 104729 + layers[None, :] * 1299709) % self.num_experts
+        offsets = np.arange(self.topk, dtype=np.int64)
+        experts = (base[:, :, None] + offsets[None, None, :]) % self.num_experts
+        if self.dense_layers:
+            experts[:, list(self.dense_layers), :] = 0
+        return experts.astype(np.int32)
+
+
+def synthetic_logprob(token_id: int, position: int) -> float:
+    """A deterministic log-probability in [-2.0, -0.001]."""
+    return -((token_id * 31 + position * 17) % 2000 + 1) / 1000.0
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    stop_on_eos: bool
+    # stop-string → number of leading tokens whose decoding first contains it (None: never)
+    stop_cut: dict[str, int | None] = field(default_factory=dict)
+
+
+class ScriptedEngine:
+    """An ``Engine`` that replays scripted text as real tokens; no model, microseconds per call."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        replies: Sequence[str | ScriptedReply] | ReplyFn,
+        *,
+        eos_token_id: int | None = None,
+        routing: SyntheticRouting | None = None,
+        spec_draft_tokens: int = 0,
+        weight_version: str = "0",
+    ) -> None:
+        if not callable(replies) and not replies:
+            raise ValueError("ScriptedEngine needs at least one reply (or a callable)")
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id: pass eos_token_id= (the end-of-turn token)")
+        self._replies = replies
+        self.routing = routing
+        self.spec_draft_tokens = spec_draft_tokens
+        self.weight_version = weight_version
+        self._calls = itertools.count()
+        self._cache: dict[ScriptedReply, _Encoded] = {}
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        return_routed_experts: bool = False,
+        routed_experts_start: int = 0,
+        lora: str | None = None,
+        rid: str | None = None,
+    ) -> Generation:
+        return self.generate_sync(
+            input_ids,
+            sampling,
+            return_routed_experts=return_routed_experts,
+            routed_experts_start=routed_experts_start,
+            lora=lora,
+            rid=rid,
+        )
+
+    def generate_sync(
+        self,
+        input_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        return_routed_experts: bool = False,
+        routed_experts_start: int = 0,
+        lora: str | None = None,
+        rid: str | None = None,
+    ) -> Generation:
+        """The whole generation; ``generate`` only wraps it (there is nothing to await)."""
+        if not 0 <= routed_experts_start <= len(input_ids):
+            raise ValueError(f"routed_experts_start={routed_experts_start} outside [0, {len(input_ids)}]")
+        reply = self._next_reply(ScriptContext(input_ids, next(self._calls), sampling, rid, lora))
+        encoded = self._encode(reply)
+        output_ids, finish, matched = self._finish(encoded, sampling)
+        start = len(input_ids)
+        logprobs = [synthetic_logprob(tid, start + i) for i, tid in enumerate(output_ids)]
+        routed = None
+        if return_routed_experts and self.routing is not None and output_ids:
+            routed = self._routing_rows(input_ids, output_ids, routed_experts_start)
+        return Generation(
+            output_ids=output_ids,
+            logprobs=logprobs,
+            finish_reason=finish,
+            routed_experts=routed,
+            weight_version=self.weight_version,
+            prompt_tokens=len(input_ids),
+            spec=self._spec(len(output_ids)),
+            matched_stop=matched,
+        )
+
+    def _next_reply(self, context: ScriptContext) -> ScriptedReply:
+        replies = self._replies
+        reply = replies(context) if callable(replies) else replies[context.call_index % len(replies)]
+        return reply if isinstance(reply, ScriptedReply) else ScriptedReply(str(reply))
+
+    def _encode(self, reply: ScriptedReply) -> _Encoded:
+        encoded = self._cache.get(reply)
+        if encoded is None:
+            ids = list(self.tokenizer.encode(reply.text, add_special_tokens=False))
+            if reply.stop_on_eos:
+                ids.append(self.eos_token_id)
+            encoded = self._cache[reply] = _Encoded(ids, reply.stop_on_eos)
+        return encoded
+
+    def _finish(self, encoded: _Encoded, sampling: SamplingParams) -> tuple[list[int], str, int | str | None]:
+        """Cut the scripted ids where SGLang would stop: (ids, finish_reason, matched)."""
+        ids = encoded.ids
+        stop_at, matched = len(ids), None
+        if encoded.stop_on_eos:
+            matched = self.eos_token_id
+        if sampling.stop_token_ids:
+            stop_ids = set(sampling.stop_token_ids)
+            for i, tid in enumerate(ids[:stop_at]):
+                if tid in stop_ids:
+                    stop_at, matched = i + 1, tid
+                    break
+        for stop in sampling.stop:
+            cut = self._stop_cut(encoded, stop)
+            if cut is not None and cut < stop_at:
+                stop_at, matched = cut, stop
+        if stop_at > sampling.max_new_tokens or (stop_at == sampling.max_new_tokens and matched is not None):
+            return ids[: sampling.max_new_tokens], "length", None
+        if matched is None:
+            # The script ran out without an end-of-turn: a real model would keep going until the limit.
+            return ids[:stop_at], "length", None
+        return ids[:stop_at], "stop", matched
+
+    def _stop_cut(self, encoded: _Encoded, stop: str) -> int | None:
+        """Fewest leading tokens whose decoded text contains ``stop`` (binary search, cached)."""
+        if stop in encoded.stop_cut:
+            return encoded.stop_cut[stop]
+        ids, decode = encoded.ids, self.tokenizer.decode
+        cut = None
+        if stop in decode(ids):
+            lo, hi = 1, len(ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if stop in decode(ids[:mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            cut = lo
+        encoded.stop_cut[stop] = cut
+        return cut
+
+    def _routing_rows(self, input_ids: list[int], output_ids: list[int], start: int) -> np.ndarray:
+        # Rows exist for every processed token: the prompt and all outputs but the last.
+        processed = np.asarray(input_ids[start:] + output_ids[:-1], dtype=np.int64)
+        positions = np.arange(start, start + len(processed), dtype=np.int64)
+        return self.routing.rows(processed, positions)
+
+    def _spec(self, n_tokens: int) -> SpecStats | None:
+        """Speculative counters as if each verify step accepted all ``spec_draft_tokens`` drafts."""
+        k = self.spec_draft_tokens
+        if not k or not n_tokens:
+            return None
+        verify_ct = math.ceil(n_tokens / (k + 1))
+        return SpecStats(verify_ct=verify_ct, accepted_tokens=n_tokens - verify_ct, draft_tokens=verify_ct * k)
+
+    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+        self.weight_version = version if version is not None else str(source)
+
+    async def abort(self, rid: str | None = None) -> None:
+        """Nothing is ever in flight: every call completes before it yields."""
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        """No resources to release."""

@@ -1,0 +1,139 @@
+"""EnvSpec: what an env id stands for, and how its entry point is resolved."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gymnasium.envs.registration import parse_env_id
+
+from miles_envs.env import Env
+from miles_envs.registry.errors import EntryPointError, InvalidEnvId, NotAnEnv
+
+SOURCES = ("builtin", "plugin", "user", "project", "code")
+
+
+def parse_id(env_id: str) -> tuple[str, str, int]:
+    """``namespace/Name-vN`` parsed as Gymnasium does; namespace and version are required here."""
+    try:
+        namespace, name, version = parse_env_id(env_id)
+    except Exception as exc:
+        raise InvalidEnvId(f"malformed env id {env_id!r}: use the form 'namespace/Name-v0'") from exc
+    if namespace is None or version is None:
+        raise InvalidEnvId(f"env id {env_id!r} needs a namespace and a version: use the form 'namespace/Name-v0'")
+    return namespace, name, version
+
+
+@dataclass
+class EnvSpec:
+    id: str
+    entry_point: str | Callable[..., Env]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    max_turns: int | None = None
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    source: str = "code"
+    origin: str | None = None  # the file or package that declared it
+
+    def __post_init__(self) -> None:
+        self.namespace, self.name, self.version = parse_id(self.id)
+        if isinstance(self.entry_point, str) and ":" not in self.entry_point:
+            raise EntryPointError(
+                f"entry point {self.entry_point!r} of {self.id}: use 'package.module:Class' or 'path/to/file.py:Class'"
+            )
+
+    def load(self) -> Callable[..., Env]:
+        """Resolve the entry point to a callable (usually an Env subclass)."""
+        if callable(self.entry_point):
+            return self.entry_point
+        return load_entry_point(self.entry_point, self.id)
+
+    def make(self, **overrides: Any) -> Env:
+        factory = self.load()
+        kwargs = {**self.kwargs, **overrides}
+        max_turns = kwargs.pop("max_turns", self.max_turns)
+        if max_turns is not None and "max_turns" in _parameters(factory):
+            kwargs["max_turns"] = max_turns
+        env = factory(**kwargs)
+        if not isinstance(env, Env):
+            raise NotAnEnv(
+                f"{self.id}: entry point {self.entry_point!r} returned {type(env).__name__}, not a miles_envs.Env; "
+                "subclass miles_envs.Env (or MultiAgentEnv)"
+            )
+        if max_turns is not None:
+            env.max_turns = max_turns
+        env.spec = self
+        return env
+
+    def to_record(self) -> dict[str, Any]:
+        """The persistent-store form (TOML table)."""
+        if callable(self.entry_point):
+            raise EntryPointError(f"{self.id}: a callable entry point cannot be stored; use 'module:Class'")
+        record: dict[str, Any] = {"entry_point": self.entry_point}
+        if self.kwargs:
+            record["kwargs"] = self.kwargs
+        if self.max_turns is not None:
+            record["max_turns"] = self.max_turns
+        if self.description:
+            record["description"] = self.description
+        if self.tags:
+            record["tags"] = list(self.tags)
+        return record
+
+
+def _parameters(factory: Callable[..., Any]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def load_entry_point(entry_point: str, env_id: str = "?") -> Callable[..., Env]:
+    target, _, attr = entry_point.rpartition(":")
+    if target.endswith(".py"):
+        module = _import_file(Path(target), env_id)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise EntryPointError(
+                f"{env_id}: cannot import module {target!r} ({type(exc).__name__}: {exc}); "
+                "check that it is installed or on PYTHONPATH"
+            ) from exc
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        envs = [n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, Env) and v.__module__ == module.__name__]
+        hint = f"; Env classes there: {', '.join(envs)}" if envs else ""
+        raise EntryPointError(f"{env_id}: module {target!r} has no attribute {attr!r}{hint}") from None
+    if inspect.isclass(obj) and not issubclass(obj, Env):
+        raise NotAnEnv(f"{env_id}: {entry_point} is a class but not a miles_envs.Env subclass")
+    if not callable(obj):
+        raise NotAnEnv(f"{env_id}: {entry_point} is not callable")
+    return obj
+
+
+def _import_file(path: Path, env_id: str):
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise EntryPointError(f"{env_id}: file {str(path)!r} does not exist; give an existing path/to/file.py:Class")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    name = f"miles_envs_user_{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise EntryPointError(f"{env_id}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
+    return module

@@ -1,0 +1,140 @@
+"""R3 (Rollout Routing Replay) for HF MoE models, and the rollout/trainer mismatch metrics.
+
+During the training forward, every softmax-top-k router (``Qwen3MoeTopKRouter`` and its siblings that
+return ``(router_logits, routing_weights, expert_indices)`` and expose ``norm_topk_prob``) has its
+expert indices replaced by the rollout's. The gate weights are recomputed from the trainer's own
+router logits at those experts (softmax over all experts, gather, renormalise when
+``norm_topk_prob``), so the router keeps its gradient. Rows without a replay entry (-1: padding,
+or trajectories without a routing trace) keep the live top-k.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def find_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """``(decoder layer index, router)`` for every replayable MoE router, in layer order."""
+    routers = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Router") and hasattr(module, "top_k") and hasattr(module, "norm_topk_prob"):
+            match = _LAYER_INDEX.search(name + ".")
+            if match is None:
+                raise ValueError(f"router {name!r} is not inside a 'layers.N' module; cannot map it to a routing trace layer")
+            routers.append((int(match.group(1)), module))
+    return sorted(routers, key=lambda item: item[0])
+
+
+@dataclass
+class RoutingRecord:
+    """Counts of (token, layer) pairs whose live top-k set differs from the replayed one."""
+
+    disagreements: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    def add(self, live: torch.Tensor, replayed: torch.Tensor, valid: torch.Tensor) -> None:
+        differs = (live.sort(-1).values != replayed.sort(-1).values).any(-1) & valid
+        self.disagreements = self.disagreements + differs.sum().cpu()
+        self.pairs = self.pairs + valid.sum().cpu()
+
+    @property
+    def disagreement(self) -> float:
+        return float(self.disagreements) / max(1, int(self.pairs))
+
+
+class RoutingReplay:
+    """Hooks an MoE model's routers; use :meth:`apply` around each training forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.routers = find_routers(model)
+        if not self.routers:
+            raise ValueError(
+                f"{type(model).__name__} has no softmax-top-k MoE router (e.g. Qwen3MoeTopKRouter); "
+                "R3 needs an MoE model — turn r3 off for dense models"
+            )
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if config is not None else None
+        self.num_hidden_layers = getattr(text_config, "num_hidden_layers", None)
+
+    def trace_slots(self, trace_layers: int) -> list[int]:
+        """Which layer of the routing trace feeds each router.
+
+        A trace lists either only the MoE layers (one entry per router) or every decoder layer.
+        """
+        if trace_layers == len(self.routers):
+            return list(range(len(self.routers)))
+        if trace_layers == self.num_hidden_layers:
+            return [layer for layer, _ in self.routers]
+        raise ValueError(
+            f"routing trace has {trace_layers} layers but the model has {len(self.routers)} MoE routers "
+            f"in {self.num_hidden_layers} decoder layers; the rollout must come from the same architecture"
+        )
+
+    @contextmanager
+    def apply(self, routed_experts: torch.Tensor | None, *, replay: bool) -> Iterator[RoutingRecord]:
+        """Replay ``routed_experts`` ([batch, T, layers, topk], -1 = none) when ``replay``; always record.
+
+        With ``replay=False`` the forward is untouched and only the disagreement is measured.
+        """
+        record = RoutingRecord()
+        if routed_experts is None:
+            yield record
+            return
+        flat = routed_experts.reshape(-1, *routed_experts.shape[-2:])
+        slots = self.trace_slots(flat.shape[1])
+        num_experts = min(router.num_experts for _, router in self.routers)
+        if flat.numel() and int(flat.max()) >= num_experts:
+            raise ValueError(f"replayed expert id {int(flat.max())} >= num_experts {num_experts}: wrong model for this trace")
+        handles = [
+            router.register_forward_hook(self._hook(flat[:, slot, :], record, replay))
+            for slot, (_, router) in zip(slots, self.routers)
+        ]
+        try:
+            yield record
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @staticmethod
+    def _hook(replayed: torch.Tensor, record: RoutingRecord, replay: bool):
+        def hook(router: nn.Module, _inputs, output):
+            router_logits, _weights, live = output
+            if live.shape != replayed.shape:
+                raise ValueError(
+                    f"router sees {tuple(live.shape)} top-k rows, replay has {tuple(replayed.shape)}: "
+                    "the routing tensor must be aligned with the input positions of the batch"
+                )
+            valid = (replayed >= 0).all(-1)
+            record.add(live, replayed, valid)
+            if not replay:
+                return None
+            chosen = torch.where(valid.unsqueeze(-1), replayed.to(live.dtype), live)
+            probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+            weights = probs.gather(-1, chosen)
+            if router.norm_topk_prob:
+                weights = weights / weights.sum(-1, keepdim=True)
+            return router_logits, weights.to(router_logits.dtype), chosen
+
+        return hook
+
+
+def mismatch_metrics(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, float]:
+    """Rollout/trainer mismatch over model tokens, Δ = trainer logprob − rollout logprob."""
+    mask = loss_mask.bool()
+    delta = (trainer_logprobs.detach().double() - rollout_logprobs.double())[mask]
+    if delta.numel() == 0:
+        return {"k3_kl": 0.0, "extreme_frac": 0.0, "mean_abs_delta": 0.0}
+    return {
+        "k3_kl": float((torch.exp(delta) - 1.0 - delta).mean()),
+        "extreme_frac": float((delta.abs() > math.log(2.0)).double().mean()),
+        "mean_abs_delta": float(delta.abs().mean()),
+    }
