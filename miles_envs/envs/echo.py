@@ -14,6 +14,7 @@ class EchoEnv(Env):
     """Reward 1.0 when the reply equals the phrase (surrounding whitespace ignored)."""
 
     max_turns = 1
+    run_inline = True
 
     def __init__(self, words: int = 3) -> None:
         self.words = words

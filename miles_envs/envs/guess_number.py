@@ -19,6 +19,7 @@ class GuessNumberEnv(Env):
     """
 
     max_turns = 8
+    run_inline = True
 
     def __init__(self, low: int = 1, high: int = 100, max_guesses: int = 7) -> None:
         if low >= high:
