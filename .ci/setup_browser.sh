@@ -4,10 +4,12 @@
 # never run `playwright install`. Idempotent: skips work already done.
 set -euo pipefail
 
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
 if ! command -v chromium >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
+    $SUDO apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
 fi
 
 PYTHON="${PYTHON:-.venv/bin/python}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -56,8 +57,26 @@ class TokenTexts:
 
 
 def to_script_json(value: Any) -> str:
-    """ASCII JSON safe inside ``<script>``: one character per byte, so offsets in the page are exact."""
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
+    """ASCII JSON safe inside ``<script>``: one character per byte, so offsets in the page are exact.
+
+    Non-finite floats (a ``-inf`` logprob, a ``nan`` reward) become the strings JavaScript's
+    ``Number()`` reads back ("NaN", "Infinity", "-Infinity"); JSON itself has no such values.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(value), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def summary_row(trajectory: Trajectory) -> list[Any]:

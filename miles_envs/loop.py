@@ -1,0 +1,264 @@
+"""The env loop: drives an Engine through many envs at once, producing token-exact Trajectories.
+
+Per turn: generate from the current token stream → append the engine's ids, logprobs and routing
+rows as-is → parse the action → ``env.astep`` → render the observation as a token delta → repeat.
+The token stream is never re-tokenized. Failure taxonomy: an env exception gives ``failed`` with the
+traceback; an engine abort, timeout or transport error gives ``aborted``; a length stop or the
+context/turn limit gives ``truncated``. One bad episode never stops the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from miles_envs.agents.engine import Engine, Generation, SamplingParams
+from miles_envs.env import Env, Message
+from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
+
+EnvFactory = Callable[[], Env]
+NON_APPEND_ONLY = "non_append_only_template"
+
+
+@dataclass
+class LoopConfig:
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_turns: int | None = None
+    max_context: int = 32768
+    return_routed_experts: bool = False
+    lora: str | None = None
+    env_timeout: float | None = 60.0
+    # "truncate": a length stop ends the episode; "continue": the env still sees the cut-off reply.
+    on_length: str = "truncate"
+
+
+class TokenStream:
+    """One agent's growing token stream: ids, mask, logprobs, turn spans and routing rows (reused by the multi-agent loop)."""
+
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.tokens = list(prompt_ids)
+        self.trajectory = Trajectory(prompt_ids=list(prompt_ids))
+        self.routing: list[np.ndarray] = []
+        self.rows_held = 0
+
+    def append(self, ids: list[int], kind: str, logprobs: list[float] | None = None, **turn: Any) -> None:
+        t = self.trajectory
+        start = len(t.response_ids)
+        t.response_ids.extend(ids)
+        t.loss_mask.extend([1 if kind == "model" else 0] * len(ids))
+        t.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+        t.turns.append(Turn(kind=kind, start=start, end=start + len(ids), **turn))
+        self.tokens.extend(ids)
+
+    def add_routing(self, rows: np.ndarray | None) -> None:
+        if rows is not None and len(rows):
+            self.routing.append(rows)
+            self.rows_held += len(rows)
+
+    def finish_routing(self) -> None:
+        """Concatenate once at the end: per-turn appends stay O(new tokens)."""
+        if not self.routing:
+            return
+        rows = np.concatenate(self.routing)
+        if len(rows) != len(self.tokens) - 1:
+            self.trajectory.flags.append("routing_incomplete")
+            return
+        self.trajectory.routed_experts = rows.astype(expert_dtype(int(rows.max()) + 1))
+
+
+async def run_episode(
+    env: Env,
+    engine: Engine,
+    renderer: Any,
+    parser: Any,
+    config: LoopConfig,
+    *,
+    seed: int | None = None,
+    sampling_seed: int | None = None,
+    ids: dict[str, Any] | None = None,
+) -> Trajectory:
+    """Play one episode; never raises for env or engine trouble (it is recorded in the status)."""
+    from miles_envs.parsers import ToolParseError
+
+    episode: TokenStream | None = None
+    messages: list[Message] = []
+    stats = {"tool_calls": 0, "parse_errors": 0, "generate_s": 0.0, "env_s": 0.0}
+    status, error, reward, components = Status.COMPLETED, None, 0.0, {}
+    try:
+        started = time.perf_counter()
+        obs, info = await _with_timeout(env.areset(seed=seed), config.env_timeout, "reset")
+        stats["env_s"] += time.perf_counter() - started
+        tools = info.get("tools")
+        messages.extend(obs)
+        episode = TokenStream(renderer.prompt_ids(messages, tools=tools))
+        stop_ids = sorted(set(config.sampling.stop_token_ids) | set(renderer.stop_token_ids))
+        max_turns = config.max_turns or env.max_turns
+        turns = 0
+        while True:
+            if max_turns is not None and turns >= max_turns:
+                status = Status.TRUNCATED
+                break
+            budget = config.max_context - len(episode.tokens)
+            if budget <= 0:
+                status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
+                break
+            sampling = replace(
+                config.sampling,
+                max_new_tokens=min(config.sampling.max_new_tokens, budget),
+                stop_token_ids=stop_ids,
+                seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
+            )
+            started = time.perf_counter()
+            try:
+                gen = await engine.generate(
+                    episode.tokens, sampling, return_routed_experts=config.return_routed_experts,
+                    routed_experts_start=episode.rows_held, lora=config.lora,
+                )
+            except Exception as exc:  # transport trouble is the engine's failure, not the env's
+                status, error = Status.ABORTED, f"engine error: {type(exc).__name__}: {exc}"
+                break
+            stats["generate_s"] += time.perf_counter() - started
+            turns += 1
+            episode.add_routing(gen.routed_experts)
+            _append_generation(episode, gen)
+            if gen.finish_reason == "abort":
+                status, error = Status.ABORTED, gen.error or "engine aborted the request"
+                break
+            if gen.finish_reason == "length" and config.on_length == "truncate":
+                messages.append({"role": "assistant", "content": renderer.decode(gen.output_ids)})
+                status = Status.TRUNCATED
+                break
+            history = list(messages)
+            text = renderer.decode(gen.output_ids)
+            try:
+                parsed = parser.parse(text)
+                action: Message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
+                if parsed.reasoning:
+                    action["reasoning_content"] = parsed.reasoning
+                stats["tool_calls"] += len(parsed.tool_calls)
+            except ToolParseError as exc:
+                action = {"role": "assistant", "content": text, "tool_calls": [], "parse_error": str(exc)}
+                stats["parse_errors"] += 1
+            messages.append({k: v for k, v in action.items() if k != "parse_error" and (k != "tool_calls" or v)})
+            started = time.perf_counter()
+            try:
+                obs, step_reward, terminated, truncated, info = await _with_timeout(
+                    env.astep(action), config.env_timeout, "step"
+                )
+            finally:
+                stats["env_s"] += time.perf_counter() - started
+            reward += float(step_reward)
+            components = info.get("reward_components", components)
+            messages.extend(obs)
+            if terminated or truncated:
+                status = Status.COMPLETED if terminated else Status.TRUNCATED
+                break
+            delta = renderer.delta_ids(history, action, gen.output_ids, gen.finish_reason, obs, tools=tools)
+            if not delta.append_only and NON_APPEND_ONLY not in episode.trajectory.flags:
+                episode.trajectory.flags.append(NON_APPEND_ONLY)
+            if len(episode.tokens) + len(delta.ids) >= config.max_context:
+                status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
+                break
+            episode.append(delta.ids, "env")
+    except Exception as exc:
+        status = Status.FAILED
+        error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    trajectory = episode.trajectory if episode is not None else Trajectory(prompt_ids=[])
+    if episode is not None:
+        episode.finish_routing()
+    trajectory.messages = messages
+    trajectory.reward, trajectory.reward_components = reward, dict(components)
+    trajectory.status, trajectory.error, trajectory.seed = status, error, seed
+    trajectory.metadata.update(stats)
+    for key, value in (ids or {}).items():
+        setattr(trajectory, key, value)
+    return trajectory
+
+
+def _append_generation(episode: TokenStream, gen: Generation) -> None:
+    spec = gen.spec
+    episode.append(
+        list(gen.output_ids), "model", list(gen.logprobs),
+        finish_reason=gen.finish_reason, weight_version=gen.weight_version,
+        spec_verify_ct=spec.verify_ct if spec else 0,
+        spec_accepted_tokens=spec.accepted_tokens if spec else 0,
+        spec_draft_tokens=spec.draft_tokens if spec else 0,
+    )
+
+
+async def _with_timeout(awaitable, timeout: float | None, what: str):
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"env {what}() did not finish within {timeout}s (LoopConfig.env_timeout)") from None
+
+
+def episode_key(task_index: int, member: int) -> str:
+    return f"{task_index}:{member}"
+
+
+async def rollout(
+    envs: str | EnvFactory,
+    engine: Engine,
+    renderer: Any,
+    *,
+    parser: Any = None,
+    n: int = 1,
+    group_size: int = 1,
+    config: LoopConfig | None = None,
+    concurrency: int = 256,
+    seed: int = 0,
+    skip: Collection[str] = (),
+) -> AsyncIterator[Trajectory]:
+    """Run ``n`` tasks × ``group_size`` episodes, yielding Trajectories as they finish.
+
+    Task ``i`` uses env seed ``seed + i``; its ``group_size`` episodes share that seed and a group
+    id, and differ by sampling seed. ``skip`` holds ``episode_key(i, j)`` values already done (resume).
+    """
+    from miles_envs.parsers import parser_for
+
+    config = config or LoopConfig()
+    parser = parser or parser_for(renderer.tokenizer)
+    factory, env_id = _env_factory(envs)
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(task: int, member: int) -> Trajectory:
+        async with semaphore:
+            env_seed = seed + task
+            key = episode_key(task, member)
+            ids = {"env_id": env_id, "group_id": f"{env_id}#{env_seed}", "episode_id": key}
+            try:
+                env = factory()
+            except Exception as exc:
+                error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                return Trajectory(prompt_ids=[], status=Status.FAILED, error=error, seed=env_seed, **ids)
+            try:
+                sampling_seed = None if config.sampling.seed is None else config.sampling.seed + task * group_size + member
+                return await run_episode(
+                    env, engine, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids
+                )
+            finally:
+                await env.aclose()
+
+    pending = [asyncio.ensure_future(one(t, m)) for t in range(n) for m in range(group_size) if episode_key(t, m) not in skip]
+    try:
+        for next_done in asyncio.as_completed(pending):
+            yield await next_done
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+def _env_factory(envs: str | EnvFactory) -> tuple[EnvFactory, str | None]:
+    if isinstance(envs, str):
+        from miles_envs.registry import spec
+
+        env_spec = spec(envs)  # unknown ids fail here, before any episode starts
+        return env_spec.make, env_spec.id
+    return envs, getattr(envs, "__name__", None)
