@@ -101,9 +101,6 @@ async def run_episode(
         max_turns = config.max_turns or env.max_turns
         turns = 0
         while True:
-            if max_turns is not None and turns >= max_turns:
-                status = Status.TRUNCATED
-                break
             budget = config.max_context - len(episode.tokens)
             if budget <= 0:
                 status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
@@ -131,21 +128,21 @@ async def run_episode(
                 status, error = Status.ABORTED, gen.error or "engine aborted the request"
                 break
             if gen.finish_reason == "length" and config.on_length == "truncate":
-                messages.append({"role": "assistant", "content": renderer.decode(gen.output_ids)})
+                messages.append({"role": "assistant", "content": _reply_text(renderer, gen.output_ids)})
                 status = Status.TRUNCATED
                 break
             history = list(messages)
-            text = renderer.decode(gen.output_ids)
+            text = _reply_text(renderer, gen.output_ids)
             try:
                 parsed = parser.parse(text)
-                action: Message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
-                if parsed.reasoning:
-                    action["reasoning_content"] = parsed.reasoning
+                turn_message: Message = parsed.as_message()
+                action = turn_message
                 stats["tool_calls"] += len(parsed.tool_calls)
             except ToolParseError as exc:
-                action = {"role": "assistant", "content": text, "tool_calls": [], "parse_error": str(exc)}
+                turn_message = {"role": "assistant", "content": text}
+                action = {**turn_message, "tool_calls": [], "parse_error": str(exc)}
                 stats["parse_errors"] += 1
-            messages.append({k: v for k, v in action.items() if k != "parse_error" and (k != "tool_calls" or v)})
+            messages.append(turn_message)
             started = time.perf_counter()
             try:
                 obs, step_reward, terminated, truncated, info = await _with_timeout(
@@ -159,7 +156,10 @@ async def run_episode(
             if terminated or truncated:
                 status = Status.COMPLETED if terminated else Status.TRUNCATED
                 break
-            delta = renderer.delta_ids(history, action, gen.output_ids, gen.finish_reason, obs, tools=tools)
+            if max_turns is not None and turns >= max_turns:
+                status = Status.TRUNCATED  # the stream ends on the model's turn: nothing after it is trained on
+                break
+            delta = renderer.delta_ids(history, turn_message, gen.output_ids, gen.finish_reason, obs, tools=tools)
             if not delta.append_only and NON_APPEND_ONLY not in episode.trajectory.flags:
                 episode.trajectory.flags.append(NON_APPEND_ONLY)
             if len(episode.tokens) + len(delta.ids) >= config.max_context:
@@ -179,6 +179,13 @@ async def run_episode(
     for key, value in (ids or {}).items():
         setattr(trajectory, key, value)
     return trajectory
+
+
+def _reply_text(renderer: Any, output_ids: list[int]) -> str:
+    """The reply as the parser and the chat history see it: without the end-of-turn token."""
+    if output_ids and output_ids[-1] in renderer.stop_token_ids:
+        output_ids = output_ids[:-1]
+    return renderer.decode(output_ids)
 
 
 def _append_generation(episode: TokenStream, gen: Generation) -> None:
