@@ -2,30 +2,29 @@
 
 It runs inside the sandbox (bubblewrap namespace or container), as the only long-lived process
 there besides the namespace's init, and speaks length-prefixed JSON frames on its stdin/stdout.
+Frames are 4-byte lengths followed by ``marshal`` (format 4: plain dicts, str, bytes, numbers),
+which needs no import; the runner imports only C modules up front so a cold sandbox starts fast.
 Each ``run`` forks a child that applies the rlimits, runs the code in the private workdir and is
 killed at the wall-clock deadline; afterwards every other process in the pid namespace is killed,
 so nothing outlives the call. A ``session`` keeps one child interpreter (its globals) and the
 workdir between calls. Standard library only: the host sends this file's source as ``python -c``.
 """
 
-import base64
-import json
+import marshal
 import os
 import resource
-import selectors
-import shutil
-import signal
-import socket
+import select
 import struct
 import sys
-import threading
 import time
-import traceback
 
 WORKDIR = os.environ.get("MILES_SANDBOX_WORKDIR", "/work")
 SCRATCH_DIRS = (WORKDIR, "/tmp")
 HEADER = struct.Struct(">I")
 MEMORY_ERROR_EXIT = 137
+MARSHAL_VERSION = 4
+SIGKILL = 9  # the signal module costs an enum import; these numbers are the same on every Linux
+SIGPIPE = 13
 SESSION_LOST = "\n[sandbox] the session interpreter was killed; its variables are lost, files are kept\n"
 
 
@@ -43,11 +42,11 @@ def read_exact(fd, n):
 
 def read_frame(fd):
     (size,) = HEADER.unpack(read_exact(fd, HEADER.size))
-    return json.loads(read_exact(fd, size))
+    return marshal.loads(read_exact(fd, size))
 
 
 def write_frame(fd, obj):
-    data = json.dumps(obj).encode()
+    data = marshal.dumps(obj, MARSHAL_VERSION)
     data = HEADER.pack(len(data)) + data
     while data:
         data = data[os.write(fd, data):]
@@ -88,13 +87,13 @@ def kill_strays(keep=()):
     while time.monotonic() < deadline:
         if not keep:
             try:
-                os.kill(-1, signal.SIGKILL)
+                os.kill(-1, SIGKILL)
             except ProcessLookupError:
                 pass
         else:
             for pid in other_pids(keep):
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
         reap()
@@ -118,6 +117,8 @@ def wipe_scratch():
         for name in os.listdir(top):
             path = os.path.join(top, name)
             if os.path.isdir(path) and not os.path.islink(path):
+                import shutil
+
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 try:
@@ -136,7 +137,7 @@ def write_files(files):
         if os.path.islink(path):
             os.unlink(path)
         with open(path, "wb") as f:
-            f.write(base64.b64decode(spec))
+            f.write(spec)
 
 
 # -- executing code in a child ---------------------------------------------------------------------
@@ -157,6 +158,8 @@ def execute_python(code, namespace):
         sys.stderr.write("MemoryError: the sandbox memory limit was reached\n")
         return MEMORY_ERROR_EXIT, True
     except BaseException:
+        import traceback
+
         traceback.print_exc()
         return 1, False
     finally:
@@ -189,27 +192,32 @@ def child_main(request, stdio, host_fds):
         attach_stdio(stdio)
         for fd in stdio:
             os.close(fd)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         apply_rlimits(request["limits"])
         sys.argv = ["-c"]
         if request["language"] == "bash":
+            import signal
+
+            signal.signal(SIGPIPE, signal.SIG_DFL)  # a shell expects the default, Python ignores it
             os.execv("/bin/bash", ["bash", "-c", request["code"]])
         status, _ = execute_python(request["code"], fresh_namespace())
         os._exit(status)
     except MemoryError:
         os._exit(MEMORY_ERROR_EXIT)
     except BaseException:
+        import traceback
+
         traceback.print_exc()
         os._exit(126)
 
 
 def session_main(channel, host_fds, limits):
+    import socket
+
     """In the session child: run each received piece of code in one persistent namespace."""
     for fd in host_fds:
         os.close(fd)
     os.setsid()
     os.chdir(WORKDIR)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     apply_rlimits(dict(limits, cpu_s=None))
     namespace = fresh_namespace()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -220,14 +228,14 @@ def session_main(channel, host_fds, limits):
             os._exit(0)
         if not message:
             os._exit(0)
-        request = json.loads(message)
+        request = marshal.loads(message)
         attach_stdio(fds)
         for fd in fds:
             os.close(fd)
         apply_rlimits({"cpu_s": request["limits"].get("cpu_s")})
         status, oom = execute_python(request["code"], namespace)
         attach_stdio((devnull,) * 3)
-        channel.sendall(json.dumps({"exit_code": status, "oom": oom}).encode())
+        channel.sendall(marshal.dumps({"exit_code": status, "oom": oom}, MARSHAL_VERSION))
 
 
 class OutputCollector:
@@ -237,36 +245,56 @@ class OutputCollector:
         self.limit = limit
         self.data = {stdout_fd: bytearray(), stderr_fd: bytearray()}
         self.names = {stdout_fd: "stdout", stderr_fd: "stderr"}
+        self.live = set(self.data)
         self.truncated = False
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self.done_fd = None
         for fd in self.data:
             os.set_blocking(fd, False)
-            self.selector.register(fd, selectors.EVENT_READ)
+            self.epoll.register(fd, select.EPOLLIN)
 
     @property
     def open(self):
-        return bool(self.selector.get_map())
+        return bool(self.live)
+
+    def watch_done(self, fd):
+        """Also wake up when ``fd`` (a pidfd or the session channel) becomes readable."""
+        self.done_fd = fd
+        self.epoll.register(fd, select.EPOLLIN)
+
+    def unwatch_done(self):
+        if self.done_fd is not None:
+            self.epoll.unregister(self.done_fd)
+            self.done_fd = None
 
     def poll(self, timeout):
-        for key, _ in self.selector.select(max(timeout, 0)):
+        """Read what is ready; return True when the watched fd is readable."""
+        done = False
+        for fd, _ in self.epoll.poll(max(timeout, 0)):
+            if fd == self.done_fd:
+                done = True
+                continue
             try:
-                chunk = os.read(key.fd, 65536)
+                chunk = os.read(fd, 65536)
             except BlockingIOError:
                 continue
             if not chunk:
-                self.selector.unregister(key.fd)
-                os.close(key.fd)
+                self.epoll.unregister(fd)
+                self.live.discard(fd)
+                os.close(fd)
                 continue
-            buf = self.data[key.fd]
+            buf = self.data[fd]
             room = self.limit - len(buf)
             if len(chunk) > room:
                 self.truncated = True
             buf += chunk[: max(room, 0)]
+        return done
 
     def close(self):
-        for fd in list(self.selector.get_map()):
-            self.selector.unregister(fd)
+        for fd in self.live:
             os.close(fd)
+        self.live.clear()
+        self.epoll.close()
 
     def result(self):
         out = {self.names[fd]: bytes(buf).decode("utf-8", "replace") for fd, buf in self.data.items()}
@@ -275,6 +303,8 @@ class OutputCollector:
 
 
 def feed_stdin(fd, data):
+    import threading
+
     def write():
         try:
             view = memoryview(data)
@@ -310,16 +340,19 @@ class Runner:
     def op_run(self, request):
         if request.get("files"):
             write_files(request["files"])
-        session = request.get("session", False)
-        if session and request["language"] != "python":
-            session = False
+        keep_files = request.get("session", False)
+        session = keep_files and request["language"] == "python"
+        if session:
+            self.ensure_session(request["limits"])
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         started = time.monotonic()
         if session:
-            pid = self.ensure_session(request["limits"])
-            payload = json.dumps(request).encode()
+            pid = self.session_pid
+            import socket
+
+            payload = marshal.dumps(request, MARSHAL_VERSION)
             socket.send_fds(self.session_channel, [payload], [stdin_r, out_w, err_w])
         else:
             pid = os.fork()
@@ -335,57 +368,62 @@ class Runner:
         deadline = started + request["timeout"]
         status = self.wait(pid, session, collector, deadline)
         timed_out = status is None
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
-            if session:
-                self.session_pid = None
-            else:
-                os.waitpid(pid, 0)
+        if timed_out and session:
+            self.stop_session()
+        elif timed_out:
+            os.kill(pid, SIGKILL)
+            os.waitpid(pid, 0)
         kill_strays(keep=[self.session_pid] if self.session_pid else ())
         end = time.monotonic() + 0.5
         while collector.open and time.monotonic() < end:
             collector.poll(end - time.monotonic())
         collector.close()
-        if not session:
+        if not keep_files:
             wipe_scratch()
         result = collector.result()
         result["duration"] = time.monotonic() - started
         result["timed_out"] = timed_out
         if timed_out:
-            result.update(exit_code=-signal.SIGKILL, oom_killed=False)
+            result.update(exit_code=-SIGKILL, oom_killed=False)
             if session:
                 result["stderr"] += SESSION_LOST
-                self.stop_session()
         else:
+            result["stderr"] += status.pop("stderr_note", "")
             result.update(status)
         return result
 
     def wait(self, pid, session, collector, deadline):
         """Collect output until the child finishes; None on timeout, else exit_code/oom_killed."""
-        while time.monotonic() < deadline:
-            if session:
-                readable = selectors.DefaultSelector()
-                readable.register(self.session_channel, selectors.EVENT_READ)
-                if readable.select(0):
-                    reply = self.session_channel.recv(65536)
-                    readable.close()
-                    if not reply:
-                        self.session_pid = None
-                        os.waitpid(pid, 0)
-                        return {"exit_code": -signal.SIGKILL, "oom_killed": True}
-                    reply = json.loads(reply)
-                    return {"exit_code": reply["exit_code"], "oom_killed": reply["oom"]}
-                readable.close()
-            else:
-                done, wait_status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    return decode_status(wait_status)
-            collector.poll(min(0.002 if session else 0.005, deadline - time.monotonic()))
-        return None
+        if session:
+            collector.watch_done(self.session_channel.fileno())
+        else:
+            pidfd = os.pidfd_open(pid)
+            collector.watch_done(pidfd)
+        try:
+            while time.monotonic() < deadline:
+                if collector.poll(deadline - time.monotonic()):
+                    return self.session_reply(pid) if session else decode_status(os.waitpid(pid, 0)[1])
+            return None
+        finally:
+            collector.unwatch_done()
+            if not session:
+                os.close(pidfd)
+
+    def session_reply(self, pid):
+        reply = self.session_channel.recv(65536)
+        if not reply:  # the interpreter died (killed by the OOM killer or by its own code)
+            status = decode_status(os.waitpid(pid, 0)[1])
+            status["stderr_note"] = SESSION_LOST
+            self.stop_session()
+            return status
+        reply = marshal.loads(reply)
+        return {"exit_code": reply["exit_code"], "oom_killed": reply["oom"]}
 
     def ensure_session(self, limits):
         if self.session_pid is not None:
             return self.session_pid
+        import socket
+
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
@@ -401,7 +439,7 @@ class Runner:
     def stop_session(self):
         if self.session_pid is not None:
             try:
-                os.kill(self.session_pid, signal.SIGKILL)
+                os.kill(self.session_pid, SIGKILL)
                 os.waitpid(self.session_pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
@@ -429,7 +467,7 @@ def decode_status(wait_status):
         sig = os.WTERMSIG(wait_status)
         # Nothing in the sandbox but the kernel's OOM killer sends SIGKILL to a child that is
         # still within its deadline.
-        return {"exit_code": -sig, "oom_killed": sig == signal.SIGKILL}
+        return {"exit_code": -sig, "oom_killed": sig == SIGKILL}
     code = os.WEXITSTATUS(wait_status)
     return {"exit_code": code, "oom_killed": code == MEMORY_ERROR_EXIT}
 

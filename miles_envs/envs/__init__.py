@@ -15,4 +15,13 @@ BUILTIN_SPECS: list[dict] = [
         "description": "Repeat a phrase exactly; single turn.",
         "tags": ["toy", "single-turn"],
     },
+    {
+        "id": "miles/CodeExec-v0",
+        "entry_point": "miles_envs.envs.code_exec:CodeExecEnv",
+        "kwargs": {"sandbox": "local", "max_runs": 4, "timeout": 10.0, "per_test_s": 2.0},
+        "max_turns": 6,
+        "description": "Write a Python function; reward = fraction of hidden unit tests passed in a code sandbox; "
+        "the model may run code with the `python` tool first.",
+        "tags": ["code", "sandbox", "multi-turn", "tool-use"],
+    },
 ]
