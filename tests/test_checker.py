@@ -124,6 +124,9 @@ def test_raises_with_readable_summary():
         check_env(Endless())
 
 
-@pytest.mark.parametrize("env_id", ["miles/GuessNumber-v0", "miles/Echo-v0"])
+from miles_envs.envs import BUILTIN_SPECS
+
+
+@pytest.mark.parametrize("env_id", [record["id"] for record in BUILTIN_SPECS])
 def test_builtins_pass(env_id):
     assert check_env(make(env_id)).ok

@@ -24,4 +24,27 @@ BUILTIN_SPECS: list[dict] = [
         "the model may run code with the `python` tool first.",
         "tags": ["code", "sandbox", "multi-turn", "tool-use"],
     },
+    {
+        "id": "miles/ToolCalc-v0",
+        "entry_point": "miles_envs.envs.tool_calc:ToolCalcEnv",
+        "max_turns": 6,
+        "description": "Arithmetic word problems with large numbers, solved with a calculator tool; exact integer "
+        "answer in <answer>.",
+        "tags": ["tool-use", "math", "multi-turn"],
+    },
+    {
+        "id": "miles/LookupChain-v0",
+        "entry_point": "miles_envs.envs.lookup_chain:LookupChainEnv",
+        "max_turns": 10,
+        "description": "Questions over a company directory generated per episode; needs 3 or 5 dependent lookups.",
+        "tags": ["tool-use", "multi-step", "multi-turn"],
+    },
+    {
+        "id": "miles/Search-v0",
+        "entry_point": "miles_envs.envs.search_env:SearchEnv",
+        "max_turns": 6,
+        "description": "Search-R1-style QA: search(query) tool over a built-in BM25 corpus, answer in <answer>; "
+        "exact-match and F1 reward components.",
+        "tags": ["search", "tool-use", "qa", "multi-turn"],
+    },
 ]

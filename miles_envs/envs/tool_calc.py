@@ -58,6 +58,11 @@ def _stadium(rng: random.Random) -> dict[str, int]:
     return {"a": 25 * rng.randint(4, 40), "b": 4 * rng.randint(5, 60), "p": rng.randint(11, 97)}
 
 
+def _account(rng: random.Random) -> dict[str, int]:
+    b, c = rng.randint(1150, 2950), rng.randint(7, 19)
+    return {"a": b * c + rng.randint(1000, 40000), "b": b, "c": c, "d": rng.randint(1000, 9000)}
+
+
 def _uniform(**ranges: tuple[int, int]) -> Callable[[random.Random], dict[str, int]]:
     return lambda rng: {name: rng.randint(low, high) for name, (low, high) in ranges.items()}
 
@@ -93,7 +98,7 @@ TEMPLATES: tuple[_Template, ...] = (
         lambda v: v["a"] * (v["s"] - v["p"]),
     ),
     _Template(
-        "account", _uniform(a=(20000, 90000), b=(1150, 2950), c=(7, 19), d=(1000, 9000)),
+        "account", _account,
         "An account holds {a} dollars. It pays {b} dollars of rent each month for {c} months and then "
         "receives a bonus of {d} dollars. What is the balance in dollars?",
         lambda v: v["a"] - v["b"] * v["c"] + v["d"],
