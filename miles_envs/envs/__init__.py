@@ -47,4 +47,26 @@ BUILTIN_SPECS: list[dict] = [
         "exact-match and F1 reward components.",
         "tags": ["search", "tool-use", "qa", "multi-turn"],
     },
+    {
+        "id": "miles/TicTacToe-v0",
+        "entry_point": "miles_envs.envs.tictactoe:TicTacToeEnv",
+        "max_turns": 18,
+        "description": "Two-player zero-sum tic-tac-toe as text; win +1, loss -1, illegal moves forfeit after retries.",
+        "tags": ["game", "multi-agent", "zero-sum"],
+    },
+    {
+        "id": "miles/Negotiation-v0",
+        "entry_point": "miles_envs.envs.negotiation:NegotiationEnv",
+        "max_turns": 6,
+        "description": "Split books, hats and balls with private values; a deal pays each side its own value / 10.",
+        "tags": ["game", "multi-agent", "general-sum"],
+    },
+    {
+        "id": "miles/ProposerSolver-v0",
+        "entry_point": "miles_envs.envs.proposer_solver:ProposerSolverEnv",
+        "max_turns": 5,
+        "description": "A proposer writes arithmetic problems, solvers answer in isolation; the proposer earns "
+        "1 - |2 solve_rate - 1|.",
+        "tags": ["multi-agent", "co-evolution", "verifiable"],
+    },
 ]
