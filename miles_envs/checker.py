@@ -59,13 +59,13 @@ class CheckReport:
         return "\n".join(lines)
 
 
-class _EnvRaised(Exception):
+class EnvRaised(Exception):
     def __init__(self, where: str, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         super().__init__(f"{where} raised {type(exc).__name__}: {exc}\n{tb}")
 
 
-def _message_problem(obs: Any, where: str) -> str | None:
+def message_problem(obs: Any, where: str) -> str | None:
     if not isinstance(obs, list):
         return f"{where}: observation must be a list of message dicts, got {type(obs).__name__}"
     for i, message in enumerate(obs):
@@ -78,21 +78,21 @@ def _message_problem(obs: Any, where: str) -> str | None:
     return None
 
 
-def _reset_problem(result: Any) -> str | None:
+def reset_problem(result: Any) -> str | None:
     if not isinstance(result, tuple) or len(result) != 2:
-        return f"reset() must return (observation, info), got {_shape(result)}"
+        return f"reset() must return (observation, info), got {describe_shape(result)}"
     obs, info = result
     if not isinstance(info, dict):
         return f"reset() info must be a dict, got {type(info).__name__}"
     tools = info.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) and "function" in t for t in tools)):
         return 'info["tools"] must be a list of OpenAI function schemas ({"type": "function", "function": {...}})'
-    return _message_problem(obs, "reset()")
+    return message_problem(obs, "reset()")
 
 
 def _step_problem(result: Any) -> str | None:
     if not isinstance(result, tuple) or len(result) != 5:
-        return f"step() must return (observation, reward, terminated, truncated, info), got {_shape(result)}"
+        return f"step() must return (observation, reward, terminated, truncated, info), got {describe_shape(result)}"
     obs, reward, terminated, truncated, info = result
     if not isinstance(reward, numbers.Real) or isinstance(reward, bool):
         return f"step() reward must be a number, got {type(reward).__name__}"
@@ -103,14 +103,14 @@ def _step_problem(result: Any) -> str | None:
     components = info.get("reward_components")
     if components is not None and not (isinstance(components, dict) and all(isinstance(v, numbers.Real) for v in components.values())):
         return 'info["reward_components"] must map names to numbers'
-    return _message_problem(obs, "step()")
+    return message_problem(obs, "step()")
 
 
-def _shape(value: Any) -> str:
+def describe_shape(value: Any) -> str:
     return f"a {len(value)}-tuple" if isinstance(value, tuple) else type(value).__name__
 
 
-def _canonical(value: Any) -> str:
+def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=repr)
 
 
@@ -128,14 +128,14 @@ class _Episode:
         try:
             result = env.reset(seed=seed)
         except Exception as exc:
-            raise _EnvRaised("reset()", exc) from exc
+            raise EnvRaised("reset()", exc) from exc
         history = self._record_reset(result)
         while history is not None and self.steps < self.cap:
             action = self.policy(history)
             try:
                 result = env.step(action)
             except Exception as exc:
-                raise _EnvRaised(f"step() #{self.steps + 1}", exc) from exc
+                raise EnvRaised(f"step() #{self.steps + 1}", exc) from exc
             history = self._record_step(history, action, result)
         return self
 
@@ -143,24 +143,24 @@ class _Episode:
         try:
             result = await env.areset(seed=seed)
         except Exception as exc:
-            raise _EnvRaised("areset()", exc) from exc
+            raise EnvRaised("areset()", exc) from exc
         history = self._record_reset(result)
         while history is not None and self.steps < self.cap:
             action = self.policy(history)
             try:
                 result = await env.astep(action)
             except Exception as exc:
-                raise _EnvRaised(f"astep() #{self.steps + 1}", exc) from exc
+                raise EnvRaised(f"astep() #{self.steps + 1}", exc) from exc
             history = self._record_step(history, action, result)
         return self
 
     def _record_reset(self, result: Any) -> list[Message] | None:
-        problem = _reset_problem(result)
+        problem = reset_problem(result)
         if problem:
             self.problems.append(problem)
             return None
         obs, info = result
-        self.trace.append(_canonical([obs, info]))
+        self.trace.append(canonical([obs, info]))
         return list(obs)
 
     def _record_step(self, history: list[Message], action: Message, result: Any) -> list[Message] | None:
@@ -170,14 +170,14 @@ class _Episode:
             self.problems.append(problem)
             return None
         obs, reward, terminated, truncated, info = result
-        self.trace.append(_canonical([obs, float(reward), terminated, truncated, info]))
+        self.trace.append(canonical([obs, float(reward), terminated, truncated, info]))
         if terminated or truncated:
             self.ended = True
             return None
         return [*history, action, *obs]
 
 
-def _run_coroutine(coro):
+def run_coroutine(coro):
     """asyncio.run, also when the caller already runs an event loop."""
     box: dict[str, Any] = {}
 
@@ -215,9 +215,9 @@ def check_env(
     cap = max_steps or env.max_turns or DEFAULT_STEP_CAP
     if not isinstance(env, Env):
         report.add("is an Env", False, f"{type(env).__name__} does not subclass miles_envs.Env")
-        return _finish(report, raise_on_failure)
+        return finish_report(report, raise_on_failure)
 
-    first = _guarded(report, "reset/step types", lambda: _Episode(policy, cap).run_sync(env, seed))
+    first = guarded(report, "reset/step types", lambda: _Episode(policy, cap).run_sync(env, seed))
     if first is not None:
         report.add("reset/step types", not first.problems, "; ".join(first.problems))
         if not first.problems:
@@ -226,36 +226,36 @@ def check_env(
                 "terminates within max_turns", first.ended,
                 "" if first.ended else f"no terminated/truncated within {limit} under the scripted policy",
             )
-            second = _guarded(report, "same seed, same episode", lambda: _Episode(policy, cap).run_sync(env, seed))
+            second = guarded(report, "same seed, same episode", lambda: _Episode(policy, cap).run_sync(env, seed))
             if second is not None:
-                report.add("same seed, same episode", second.trace == first.trace, _first_difference(first.trace, second.trace))
-            async_run = _guarded(
-                report, "sync and async agree", lambda: _run_coroutine(_Episode(policy, cap).run_async(env, seed))
+                report.add("same seed, same episode", second.trace == first.trace, first_difference(first.trace, second.trace))
+            async_run = guarded(
+                report, "sync and async agree", lambda: run_coroutine(_Episode(policy, cap).run_async(env, seed))
             )
             if async_run is not None:
-                report.add("sync and async agree", async_run.trace == first.trace, _first_difference(first.trace, async_run.trace))
+                report.add("sync and async agree", async_run.trace == first.trace, first_difference(first.trace, async_run.trace))
 
     def close_twice() -> bool:
         env.close()
         env.close()
         return True
 
-    if _guarded(report, "close() idempotent", close_twice):
+    if guarded(report, "close() idempotent", close_twice):
         report.add("close() idempotent", True)
-    return _finish(report, raise_on_failure)
+    return finish_report(report, raise_on_failure)
 
 
-def _guarded(report: CheckReport, name: str, fn: Callable[[], Any]) -> Any:
+def guarded(report: CheckReport, name: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except _EnvRaised as exc:
+    except EnvRaised as exc:
         report.add(name, False, str(exc))
     except Exception as exc:
         report.add(name, False, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return None
 
 
-def _first_difference(a: list[str], b: list[str]) -> str:
+def first_difference(a: list[str], b: list[str]) -> str:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             where = "reset" if i == 0 else f"step {i}"
@@ -265,7 +265,7 @@ def _first_difference(a: list[str], b: list[str]) -> str:
     return ""
 
 
-def _finish(report: CheckReport, raise_on_failure: bool) -> CheckReport:
+def finish_report(report: CheckReport, raise_on_failure: bool) -> CheckReport:
     if raise_on_failure and not report.ok:
         raise EnvCheckError(report)
     return report

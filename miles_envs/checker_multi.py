@@ -17,15 +17,15 @@ from typing import Any
 from miles_envs.checker import (
     DEFAULT_STEP_CAP,
     CheckReport,
-    _canonical,
-    _EnvRaised,
-    _finish,
-    _first_difference,
-    _guarded,
-    _message_problem,
-    _reset_problem,
-    _run_coroutine,
-    _shape,
+    canonical,
+    EnvRaised,
+    finish_report,
+    first_difference,
+    guarded,
+    message_problem,
+    reset_problem,
+    run_coroutine,
+    describe_shape,
 )
 from miles_envs.env import Message, MultiAgentEnv, assistant
 
@@ -64,14 +64,14 @@ class _MultiEpisode:
         try:
             result = self.env.reset(seed=seed)
         except Exception as exc:
-            raise _EnvRaised("reset()", exc) from exc
+            raise EnvRaised("reset()", exc) from exc
         going = self._record_reset(result)
         while going and self.steps < self.cap:
             agent, action = self._next_action()
             try:
                 result = self.env.step(action)
             except Exception as exc:
-                raise _EnvRaised(f"step() #{self.steps + 1} by {agent!r}", exc) from exc
+                raise EnvRaised(f"step() #{self.steps + 1} by {agent!r}", exc) from exc
             going = self._record_step(agent, action, result)
         return self
 
@@ -79,14 +79,14 @@ class _MultiEpisode:
         try:
             result = await self.env.areset(seed=seed)
         except Exception as exc:
-            raise _EnvRaised("areset()", exc) from exc
+            raise EnvRaised("areset()", exc) from exc
         going = self._record_reset(result)
         while going and self.steps < self.cap:
             agent, action = self._next_action()
             try:
                 result = await self.env.astep(action)
             except Exception as exc:
-                raise _EnvRaised(f"astep() #{self.steps + 1} by {agent!r}", exc) from exc
+                raise EnvRaised(f"astep() #{self.steps + 1} by {agent!r}", exc) from exc
             going = self._record_step(agent, action, result)
         return self
 
@@ -106,10 +106,10 @@ class _MultiEpisode:
     def _record_reset(self, result: Any) -> bool:
         possible = list(self.env.possible_agents)
         if not isinstance(result, tuple) or len(result) != 2 or not all(isinstance(part, dict) for part in result):
-            return self._problem(TYPES, f"reset() must return ({{agent: messages}}, {{agent: info}}), got {_shape(result)}")
+            return self._problem(TYPES, f"reset() must return ({{agent: messages}}, {{agent: info}}), got {describe_shape(result)}")
         observations, infos = result
         for agent in possible:
-            problem = _reset_problem((observations.get(agent, []), infos.get(agent, {})))
+            problem = reset_problem((observations.get(agent, []), infos.get(agent, {})))
             if problem:
                 return self._problem(TYPES, f"agent {agent!r}: {problem}")
         if not self._keys_known("reset()", observations, infos):
@@ -118,7 +118,7 @@ class _MultiEpisode:
         self.secrets = {agent: _private_views(infos.get(agent, {})) for agent in possible}
         self.live = [agent for agent in possible if agent in self.env.agents]
         self._check_isolation("reset()", observations)
-        self.trace.append(_canonical([observations, infos, self.env.agent_selection]))
+        self.trace.append(canonical([observations, infos, self.env.agent_selection]))
         return self._check_selection("after reset()")
 
     def _record_step(self, agent: str, action: Message, result: Any) -> bool:
@@ -133,7 +133,7 @@ class _MultiEpisode:
         for who, messages in observations.items():
             self.histories[who].extend(messages)
         self._check_isolation(where, observations)
-        self.trace.append(_canonical([observations, rewards, terminations, truncations, infos, self.env.agent_selection]))
+        self.trace.append(canonical([observations, rewards, terminations, truncations, infos, self.env.agent_selection]))
         self.live = [a for a in self.live if not (terminations[a] or truncations[a])]
         if not self.live:
             self.ended = True
@@ -170,7 +170,7 @@ class _MultiEpisode:
                     self._problem(
                         ISOLATION, f"{where}: {owner!r} and {agent!r} receive the same message object; give each agent its own copy"
                     )
-            text = _canonical(messages)
+            text = canonical(messages)
             own = set(self.secrets.get(agent, []))
             for other, secrets in self.secrets.items():
                 leaked = [s for s in secrets if other != agent and s not in own and s in text]
@@ -185,7 +185,7 @@ def _private_views(info: dict[str, Any]) -> list[str]:
 
 def _step_problem(result: Any, live: list[str]) -> str | None:
     if not isinstance(result, tuple) or len(result) != 5:
-        return f"must return (observations, rewards, terminations, truncations, infos), got {_shape(result)}"
+        return f"must return (observations, rewards, terminations, truncations, infos), got {describe_shape(result)}"
     names = ("observations", "rewards", "terminations", "truncations", "infos")
     for name, part in zip(names, result):
         if not isinstance(part, dict):
@@ -202,7 +202,7 @@ def _step_problem(result: Any, live: list[str]) -> str | None:
         if wrong:
             return f"{name}[{wrong[0]!r}] must be bool, got {type(flags[wrong[0]]).__name__}"
     for agent, messages in observations.items():
-        problem = _message_problem(messages, f"observations[{agent!r}]")
+        problem = message_problem(messages, f"observations[{agent!r}]")
         if problem:
             return problem
     for agent, info in infos.items():
@@ -229,15 +229,15 @@ def check_multi_agent_env(
     possible = getattr(env, "possible_agents", None)
     if not isinstance(env, MultiAgentEnv):
         report.add("is a MultiAgentEnv", False, f"{type(env).__name__} does not subclass miles_envs.MultiAgentEnv")
-        return _finish(report, raise_on_failure)
+        return finish_report(report, raise_on_failure)
     if not possible or len(set(possible)) != len(possible) or not all(isinstance(a, str) for a in possible):
         report.add("is a MultiAgentEnv", False, f"possible_agents must be a non-empty list of distinct strings, got {possible!r}")
-        return _finish(report, raise_on_failure)
+        return finish_report(report, raise_on_failure)
     report.add("is a MultiAgentEnv", True)
     policy = policy or probe_policy
     cap = max_steps or env.max_turns or DEFAULT_STEP_CAP * len(possible)
 
-    first = _guarded(report, TYPES, lambda: _MultiEpisode(env, policy, cap).run_sync(seed))
+    first = guarded(report, TYPES, lambda: _MultiEpisode(env, policy, cap).run_sync(seed))
     if first is not None:
         for check in (TYPES, ORDER, ISOLATION):
             report.add(check, not first.problems[check], "; ".join(first.problems[check]))
@@ -247,20 +247,20 @@ def check_multi_agent_env(
                 "terminates within max_turns", first.ended,
                 "" if first.ended else f"agents {first.live} still live after {limit} under the probe policy",
             )
-            second = _guarded(report, "same seed, same episode", lambda: _MultiEpisode(env, policy, cap).run_sync(seed))
+            second = guarded(report, "same seed, same episode", lambda: _MultiEpisode(env, policy, cap).run_sync(seed))
             if second is not None:
-                report.add("same seed, same episode", second.trace == first.trace, _first_difference(first.trace, second.trace))
-            async_run = _guarded(
-                report, "sync and async agree", lambda: _run_coroutine(_MultiEpisode(env, policy, cap).run_async(seed))
+                report.add("same seed, same episode", second.trace == first.trace, first_difference(first.trace, second.trace))
+            async_run = guarded(
+                report, "sync and async agree", lambda: run_coroutine(_MultiEpisode(env, policy, cap).run_async(seed))
             )
             if async_run is not None:
-                report.add("sync and async agree", async_run.trace == first.trace, _first_difference(first.trace, async_run.trace))
+                report.add("sync and async agree", async_run.trace == first.trace, first_difference(first.trace, async_run.trace))
 
     def close_twice() -> bool:
         env.close()
         env.close()
         return True
 
-    if _guarded(report, "close() idempotent", close_twice):
+    if guarded(report, "close() idempotent", close_twice):
         report.add("close() idempotent", True)
-    return _finish(report, raise_on_failure)
+    return finish_report(report, raise_on_failure)

@@ -84,15 +84,13 @@ async def run_episode(
     ids: dict[str, Any] | None = None,
 ) -> Trajectory:
     """Play one episode; never raises for env or engine trouble (it is recorded in the status)."""
-    from miles_envs.parsers import ToolParseError
-
     episode: TokenStream | None = None
     messages: list[Message] = []
     stats = {"tool_calls": 0, "parse_errors": 0, "generate_s": 0.0, "env_s": 0.0}
     status, error, reward, components = Status.COMPLETED, None, 0.0, {}
     try:
         started = time.perf_counter()
-        obs, info = await _with_timeout(env.areset(seed=seed), config.env_timeout, "reset")
+        obs, info = await with_timeout(env.areset(seed=seed), config.env_timeout, "reset")
         stats["env_s"] += time.perf_counter() - started
         tools = info.get("tools")
         messages.extend(obs)
@@ -123,29 +121,22 @@ async def run_episode(
             stats["generate_s"] += time.perf_counter() - started
             turns += 1
             episode.add_routing(gen.routed_experts)
-            _append_generation(episode, gen)
+            append_generation(episode, gen)
             if gen.finish_reason == "abort":
                 status, error = Status.ABORTED, gen.error or "engine aborted the request"
                 break
             if gen.finish_reason == "length" and config.on_length == "truncate":
-                messages.append({"role": "assistant", "content": _reply_text(renderer, gen.output_ids)})
+                messages.append({"role": "assistant", "content": reply_text(renderer, gen.output_ids)})
                 status = Status.TRUNCATED
                 break
             history = list(messages)
-            text = _reply_text(renderer, gen.output_ids)
-            try:
-                parsed = parser.parse(text)
-                turn_message: Message = parsed.as_message()
-                action = turn_message
-                stats["tool_calls"] += len(parsed.tool_calls)
-            except ToolParseError as exc:
-                turn_message = {"role": "assistant", "content": text}
-                action = {**turn_message, "tool_calls": [], "parse_error": str(exc)}
-                stats["parse_errors"] += 1
+            turn_message, action, parsed_cleanly = parse_turn(parser, reply_text(renderer, gen.output_ids))
+            stats["tool_calls"] += len(action.get("tool_calls") or [])
+            stats["parse_errors"] += not parsed_cleanly
             messages.append(turn_message)
             started = time.perf_counter()
             try:
-                obs, step_reward, terminated, truncated, info = await _with_timeout(
+                obs, step_reward, terminated, truncated, info = await with_timeout(
                     env.astep(action), config.env_timeout, "step"
                 )
             finally:
@@ -181,14 +172,30 @@ async def run_episode(
     return trajectory
 
 
-def _reply_text(renderer: Any, output_ids: list[int]) -> str:
+def parse_turn(parser: Any, text: str) -> tuple[Message, Message, bool]:
+    """Reply text → (message for the history, action for the env, parsed cleanly).
+
+    A malformed tool call keeps the raw text and tells the env through ``parse_error``.
+    """
+    from miles_envs.parsers import ToolParseError
+
+    try:
+        parsed = parser.parse(text)
+    except ToolParseError as exc:
+        turn_message: Message = {"role": "assistant", "content": text}
+        return turn_message, {**turn_message, "tool_calls": [], "parse_error": str(exc)}, False
+    message = parsed.as_message()
+    return message, message, True
+
+
+def reply_text(renderer: Any, output_ids: list[int]) -> str:
     """The reply as the parser and the chat history see it: without the end-of-turn token."""
     if output_ids and output_ids[-1] in renderer.stop_token_ids:
         output_ids = output_ids[:-1]
     return renderer.decode(output_ids)
 
 
-def _append_generation(episode: TokenStream, gen: Generation) -> None:
+def append_generation(episode: TokenStream, gen: Generation) -> None:
     spec = gen.spec
     episode.append(
         list(gen.output_ids), "model", list(gen.logprobs),
@@ -199,7 +206,7 @@ def _append_generation(episode: TokenStream, gen: Generation) -> None:
     )
 
 
-async def _with_timeout(awaitable, timeout: float | None, what: str):
+async def with_timeout(awaitable, timeout: float | None, what: str):
     try:
         return await asyncio.wait_for(awaitable, timeout)
     except asyncio.TimeoutError:
@@ -232,7 +239,7 @@ async def rollout(
 
     config = config or LoopConfig()
     parser = parser or parser_for(renderer.tokenizer)
-    factory, env_id = _env_factory(envs)
+    factory, env_id = env_factory(envs)
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(task: int, member: int) -> Trajectory:
@@ -262,7 +269,7 @@ async def rollout(
             task.cancel()
 
 
-def _env_factory(envs: str | EnvFactory) -> tuple[EnvFactory, str | None]:
+def env_factory(envs: str | EnvFactory) -> tuple[EnvFactory, str | None]:
     if isinstance(envs, str):
         from miles_envs.registry import spec
 

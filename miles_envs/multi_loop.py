@@ -26,10 +26,11 @@ from miles_envs.env import Message, MultiAgentEnv
 from miles_envs.loop import (
     NON_APPEND_ONLY,
     TokenStream,
-    _append_generation,
-    _env_factory,
-    _reply_text,
-    _with_timeout,
+    append_generation,
+    env_factory,
+    parse_turn,
+    reply_text,
+    with_timeout,
     episode_key,
 )
 from miles_envs.multiagent.credit import role_group_id, role_of
@@ -78,21 +79,6 @@ class MultiAgentEpisode:
     def trainable(self) -> list[Trajectory]:
         """The trajectories of seats whose policy learns (what goes to the trainer)."""
         return [t for t in self.trajectories.values() if t.metadata.get("trainable")]
-
-
-def parse_turn(parser: Any, text: str) -> tuple[Message, Message, bool]:
-    """Reply text → (message for the history, action for the env, parsed cleanly).
-
-    A malformed tool call keeps the raw text and tells the env through ``parse_error``.
-    """
-    from miles_envs.parsers import ToolParseError
-
-    try:
-        parsed = parser.parse(text)
-    except ToolParseError as exc:
-        turn_message: Message = {"role": "assistant", "content": text}
-        return turn_message, {**turn_message, "tool_calls": [], "parse_error": str(exc)}, False
-    return parsed.as_message(), parsed.as_message(), True
 
 
 class _Seat:
@@ -154,7 +140,7 @@ async def run_multi_episode(
     status, error, infos, env_s = Status.COMPLETED, None, {}, 0.0
     try:
         started = time.perf_counter()
-        observations, reset_infos = await _with_timeout(env.areset(seed=seed), config.env_timeout, "reset")
+        observations, reset_infos = await with_timeout(env.areset(seed=seed), config.env_timeout, "reset")
         env_s += time.perf_counter() - started
         for agent, seat in seats.items():
             seat.observe(observations.get(agent, []))
@@ -179,18 +165,18 @@ async def run_multi_episode(
                 break
             steps += 1
             if gen.finish_reason == "length" and config.on_length == "truncate":
-                seat.messages.append({"role": "assistant", "content": _reply_text(seat.renderer, gen.output_ids)})
+                seat.messages.append({"role": "assistant", "content": reply_text(seat.renderer, gen.output_ids)})
                 status, error = Status.TRUNCATED, f"{agent}: reply cut by the length limit"
                 break
             history = list(seat.messages)
-            turn_message, action, clean = parse_turn(seat.parser, _reply_text(seat.renderer, gen.output_ids))
+            turn_message, action, clean = parse_turn(seat.parser, reply_text(seat.renderer, gen.output_ids))
             seat.stats["tool_calls"] += len(action.get("tool_calls") or [])
             seat.stats["parse_errors"] += not clean
             seat.messages.append(turn_message)
             seat.last_turn = (history, turn_message, gen)
             started = time.perf_counter()
             try:
-                observations, rewards, terminations, truncations, infos = await _with_timeout(
+                observations, rewards, terminations, truncations, infos = await with_timeout(
                     env.astep(action), config.env_timeout, "step"
                 )
             finally:
@@ -240,7 +226,7 @@ async def _generate(seat: _Seat, tokens: list[int], config: MultiLoopConfig, see
         return f"engine error: {type(exc).__name__}: {exc}"
     seat.stats["generate_s"] += time.perf_counter() - started
     seat.stream.add_routing(gen.routed_experts)
-    _append_generation(seat.stream, gen)
+    append_generation(seat.stream, gen)
     if gen.finish_reason == "abort":
         return gen.error or "engine aborted the request"
     return gen
@@ -297,7 +283,7 @@ async def rollout_multi(
 
     config = config or MultiLoopConfig()
     parser = parser or parser_for(renderer.tokenizer)
-    factory, env_id = _env_factory(envs)
+    factory, env_id = env_factory(envs)
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(game: int, play: int) -> MultiAgentEpisode:
