@@ -39,6 +39,8 @@ class ScriptContext:
     lora: str | None = None
 
 
+_CACHE_LIMIT = 65536
+
 ReplyFn = Callable[[ScriptContext], "str | ScriptedReply"]
 
 
@@ -118,26 +120,6 @@ class ScriptedEngine:
         lora: str | None = None,
         rid: str | None = None,
     ) -> Generation:
-        return self.generate_sync(
-            input_ids,
-            sampling,
-            return_routed_experts=return_routed_experts,
-            routed_experts_start=routed_experts_start,
-            lora=lora,
-            rid=rid,
-        )
-
-    def generate_sync(
-        self,
-        input_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        return_routed_experts: bool = False,
-        routed_experts_start: int = 0,
-        lora: str | None = None,
-        rid: str | None = None,
-    ) -> Generation:
-        """The whole generation; ``generate`` only wraps it (there is nothing to await)."""
         if not 0 <= routed_experts_start <= len(input_ids):
             raise ValueError(f"routed_experts_start={routed_experts_start} outside [0, {len(input_ids)}]")
         reply = self._next_reply(ScriptContext(input_ids, next(self._calls), sampling, rid, lora))
@@ -170,6 +152,8 @@ class ScriptedEngine:
             ids = list(self.tokenizer.encode(reply.text, add_special_tokens=False))
             if reply.stop_on_eos:
                 ids.append(self.eos_token_id)
+            if len(self._cache) >= _CACHE_LIMIT:  # callables may produce endless distinct replies
+                self._cache.clear()
             encoded = self._cache[reply] = _Encoded(ids, reply.stop_on_eos)
         return encoded
 

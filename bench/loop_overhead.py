@@ -125,7 +125,7 @@ def per_turn_overhead(episodes: int, turns: int) -> dict:
 async def _concurrent(url: str, episodes: int, turns: int) -> dict:
     tokenizer = load_tokenizer("qwen3")
     renderer = ChatRenderer(tokenizer)
-    engine = SGLangEngine(url, context_length=32768, max_connections=episodes, timeout=600)
+    engine = SGLangEngine(url, context_length=32768, max_connections=min(episodes, 2048), timeout=600)
     lags: list[float] = []
     stop = asyncio.Event()
 

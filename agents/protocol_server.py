@@ -1,0 +1,477 @@
+"""A real HTTP server on loopback that speaks SGLang's native API in front of any ``Engine``.
+
+It lets the SGLang client, the env loop and the CLI run against the exact wire format without a
+GPU: ``POST /generate`` (token ids in, ``meta_info`` out, routed experts as base64 int32 from
+``routed_experts_start_len``) plus the admin endpoints an RL loop uses. Faults can be injected per
+request (5xx, delay, disconnect mid-body, malformed JSON) and a fixed latency added to every
+generation. HTTP/1.1 framing is ``h11`` over asyncio streams, so one event loop holds thousands of
+concurrent connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import h11
+
+from miles_envs.agents.engine import Engine, Generation
+from miles_envs.agents.sglang_wire import generate_response, sampling_from_request
+
+FaultKind = Literal["status", "delay", "disconnect", "malformed_json"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected failure of a ``/generate`` request."""
+
+    kind: FaultKind
+    status: int = 503
+    delay_s: float = 0.0
+
+    @classmethod
+    def server_error(cls, status: int = 503) -> Fault:
+        return cls("status", status=status)
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        return cls("delay", delay_s=seconds)
+
+    @classmethod
+    def disconnect(cls) -> Fault:
+        """Send the headers and half the body, then close the connection."""
+        return cls("disconnect")
+
+    @classmethod
+    def malformed_json(cls) -> Fault:
+        """A complete 200 response whose body is truncated JSON."""
+        return cls("malformed_json")
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    cut_after: int | None = None  # disconnect after this many body bytes
+
+
+def _json_reply(status: int, payload: Any) -> _Reply:
+    return _Reply(status, json.dumps(payload, separators=(",", ":")).encode())
+
+
+def _error(status: int, message: str) -> _Reply:
+    return _json_reply(status, {"error": {"message": message}})
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class ProtocolServer:
+    """SGLang-protocol HTTP server; use ``async with ProtocolServer(engine) as server: server.url``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        context_length: int = 32768,
+        latency_s: float = 0.0,
+        model_path: str = "scripted",
+        weight_version: str = "default",
+        routing_shape: tuple[int, int] | None = None,
+        backlog: int = 4096,
+        keep_requests: int = 256,
+    ) -> None:
+        self.engine = engine
+        self.host, self.port = host, port
+        self.context_length = context_length
+        self.latency_s = latency_s
+        self.model_path = model_path
+        self.weight_version = weight_version
+        self.routing_shape = routing_shape
+        self.backlog = backlog
+        self.requests: deque[dict[str, Any]] = deque(maxlen=keep_requests)
+        self.lora_adapters: dict[str, str] = {}
+        self._faults: deque[Fault] = deque()
+        self._in_flight: dict[str, asyncio.Task[Generation]] = {}
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> ProtocolServer:
+        self._resumed = asyncio.Event()  # bind to the running loop
+        self._resumed.set()
+        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port, backlog=self.backlog)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        for writer in list(self._writers):
+            writer.close()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> ProtocolServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @contextlib.contextmanager
+    def running_in_thread(self) -> Iterator[ProtocolServer]:
+        """Serve from a private event loop in a daemon thread (for synchronous callers and CLIs)."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="protocol-server", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result()
+            yield self
+        finally:
+            asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def inject(self, fault: Fault, times: int = 1) -> None:
+        """Apply ``fault`` to the next ``times`` ``/generate`` requests (in arrival order)."""
+        self._faults.extend([fault] * times)
+
+    @property
+    def pending_faults(self) -> int:
+        return len(self._faults)
+
+    # ------------------------------------------------------------------ HTTP framing
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            while True:
+                request = await self._read_request(conn, reader)
+                if request is None:
+                    return
+                method, target, body = request
+                reply = await self._dispatch(method, target, body)
+                await self._send(conn, writer, reply)
+                if reply.cut_after is not None or conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            return
+        except asyncio.CancelledError:
+            return  # the loop is shutting down; asyncio's stream callback would log a cancelled task
+        finally:
+            self._writers.discard(writer)
+            self._connections.discard(task)
+            writer.close()
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> tuple[str, str, bytes] | None:
+        method = target = ""
+        chunks: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Request):
+                method, target = event.method.decode(), event.target.decode()
+            elif isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return method, target, b"".join(chunks)
+            else:  # ConnectionClosed
+                return None
+
+    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply) -> None:
+        headers = [("content-type", reply.content_type), ("content-length", str(len(reply.body)))]
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+        if reply.cut_after is not None:
+            writer.write(data + conn.send(h11.Data(data=reply.body[: reply.cut_after])))
+            await writer.drain()
+            return
+        writer.write(data + conn.send(h11.Data(data=reply.body)) + conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+    # ------------------------------------------------------------------ routing
+
+    async def _dispatch(self, method: str, target: str, body: bytes) -> _Reply:
+        path = target.split("?", 1)[0]
+        route = self._routes().get(path)
+        if route is None:
+            return _json_reply(404, {"detail": "Not Found"})
+        methods, handler = route
+        if method not in methods:
+            return _json_reply(405, {"detail": "Method Not Allowed"})
+        try:
+            payload = json.loads(body) if body else {}
+            if not isinstance(payload, dict):
+                raise _BadRequest("the request body must be a JSON object")
+            return await handler(payload)
+        except json.JSONDecodeError as exc:
+            return _error(400, f"invalid JSON body: {exc}")
+        except _BadRequest as exc:
+            return _error(400, str(exc))
+
+    def _routes(self) -> dict[str, tuple[tuple[str, ...], Any]]:
+        get, post, both = ("GET",), ("POST", "PUT"), ("GET", "POST")
+        return {
+            "/generate": (post, self._generate),
+            "/health": (get, self._health),
+            "/health_generate": (get, self._health_generate),
+            "/get_server_info": (get, self._server_info),
+            "/get_model_info": (get, self._model_info),
+            "/v1/models": (get, self._models),
+            "/flush_cache": (both, self._flush_cache),
+            "/abort_request": (("POST",), self._abort_request),
+            "/update_weights_from_disk": (("POST",), self._update_weights_from_disk),
+            "/load_lora_adapter": (("POST",), self._load_lora_adapter),
+            "/unload_lora_adapter": (("POST",), self._unload_lora_adapter),
+            "/pause_generation": (("POST",), self._pause_generation),
+            "/continue_generation": (("POST",), self._continue_generation),
+        }
+
+    # ------------------------------------------------------------------ /generate
+
+    async def _generate(self, payload: dict[str, Any]) -> _Reply:
+        self.requests.append(payload)
+        input_ids = self._validated_input_ids(payload)
+        sampling = sampling_from_request(payload.get("sampling_params") or {})
+        if len(input_ids) + sampling.max_new_tokens > self.context_length:
+            raise _BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {self.context_length} "
+                f"tokens. You requested a total of {len(input_ids) + sampling.max_new_tokens} tokens: "
+                f"{len(input_ids)} tokens from the input messages and {sampling.max_new_tokens} tokens for the "
+                f"completion. Please reduce the number of tokens in the input messages or the completion to fit "
+                f"within the limit."
+            )
+        return_routed = bool(payload.get("return_routed_experts", False))
+        start = int(payload.get("routed_experts_start_len", 0) or 0)
+        if not 0 <= start <= len(input_ids):
+            raise _BadRequest(f"routed_experts_start_len={start} must be in [0, {len(input_ids)}]")
+        lora = payload.get("lora_path")
+        if lora is not None and lora not in self.lora_adapters:
+            raise _BadRequest(f"LoRA adapter {lora!r} is not loaded; loaded: {sorted(self.lora_adapters)}")
+        rid = str(payload.get("rid") or uuid.uuid4().hex)
+        if rid in self._in_flight:
+            raise _BadRequest(f"Duplicate request ID {rid!r}")
+
+        fault = self._faults.popleft() if self._faults else None
+        if fault is not None and fault.kind == "status":
+            return _error(fault.status, f"injected server error {fault.status}")
+        delay = self.latency_s + (fault.delay_s if fault is not None and fault.kind == "delay" else 0.0)
+
+        async def run() -> Generation:
+            if delay:
+                await asyncio.sleep(delay)
+            await self._resumed.wait()
+            return await self.engine.generate(
+                input_ids,
+                sampling,
+                return_routed_experts=return_routed,
+                routed_experts_start=start,
+                lora=lora,
+                rid=rid,
+            )
+
+        task = asyncio.ensure_future(run())
+        self._in_flight[rid] = task
+        try:
+            await asyncio.wait({task})
+        finally:
+            self._in_flight.pop(rid, None)
+        if task.cancelled():
+            generation = Generation([], [], "abort", error="Aborted by /abort_request")
+        elif task.exception() is not None:
+            return _error(500, f"engine failed: {task.exception()!r}")
+        else:
+            generation = task.result()
+        body = generate_response(
+            generation,
+            rid=rid,
+            prompt_tokens=len(input_ids),
+            weight_version=self.weight_version,
+            return_routed_experts=return_routed,
+        )
+        reply = _json_reply(200, body)
+        if fault is not None and fault.kind == "disconnect":
+            reply.cut_after = len(reply.body) // 2
+        elif fault is not None and fault.kind == "malformed_json":
+            reply.body = reply.body[: len(reply.body) // 2]
+        return reply
+
+    @staticmethod
+    def _validated_input_ids(payload: dict[str, Any]) -> list[int]:
+        input_ids = payload.get("input_ids")
+        if input_ids is None:
+            raise _BadRequest("this server takes token ids only: send input_ids (text prompts are not supported)")
+        if not isinstance(input_ids, list) or not input_ids or not all(isinstance(t, int) for t in input_ids):
+            raise _BadRequest("input_ids must be a non-empty list of integers (batched requests are not supported)")
+        return input_ids
+
+    # ------------------------------------------------------------------ admin endpoints
+
+    async def _health(self, payload: dict[str, Any]) -> _Reply:
+        return _Reply(200, b"", "text/plain")
+
+    async def _health_generate(self, payload: dict[str, Any]) -> _Reply:
+        return _Reply(200 if await self.engine.health() else 503, b"", "text/plain")
+
+    async def _server_info(self, payload: dict[str, Any]) -> _Reply:
+        info: dict[str, Any] = {
+            "model_path": self.model_path,
+            "context_length": self.context_length,
+            "max_req_input_len": self.context_length - 1,
+            "weight_version": self.weight_version,
+            "lora_paths": dict(self.lora_adapters),
+            "internal_states": [{"num_in_flight": len(self._in_flight)}],
+            "version": "miles-envs-protocol-server",
+        }
+        if self.routing_shape is not None:
+            info["num_hidden_layers"], info["num_experts_per_tok"] = self.routing_shape
+        return _json_reply(200, info)
+
+    async def _model_info(self, payload: dict[str, Any]) -> _Reply:
+        return _json_reply(
+            200,
+            {
+                "model_path": self.model_path,
+                "tokenizer_path": self.model_path,
+                "is_generation": True,
+                "weight_version": self.weight_version,
+            },
+        )
+
+    async def _models(self, payload: dict[str, Any]) -> _Reply:
+        card = {"id": self.model_path, "object": "model", "root": self.model_path, "max_model_len": self.context_length}
+        return _json_reply(200, {"object": "list", "data": [card]})
+
+    async def _flush_cache(self, payload: dict[str, Any]) -> _Reply:
+        if self._in_flight:
+            return _Reply(400, b"Cache not flushed: requests are running.\n", "text/plain")
+        return _Reply(200, b"Cache flushed.\n", "text/plain")
+
+    async def _abort_request(self, payload: dict[str, Any]) -> _Reply:
+        rid = payload.get("rid")
+        if payload.get("abort_all"):
+            targets = list(self._in_flight)
+        else:
+            targets = [rid] if rid in self._in_flight else []
+        for target in targets:
+            self._in_flight[target].cancel()
+            await self.engine.abort(target)
+        return _Reply(200, b"", "text/plain")
+
+    async def _update_weights_from_disk(self, payload: dict[str, Any]) -> _Reply:
+        model_path = payload.get("model_path")
+        if not model_path:
+            raise _BadRequest("model_path is required")
+        version = payload.get("weight_version")
+        if payload.get("abort_all_requests"):
+            await self._abort_request({"abort_all": True})
+        try:
+            await self.engine.update_weights(model_path, version=version)
+        except Exception as exc:  # the engine's own failure is reported, as SGLang does
+            return _json_reply(400, {"success": False, "message": f"Failed to update weights: {exc}", "num_paused_requests": 0})
+        self.model_path = model_path
+        message = "Succeeded to update model weights."
+        if version is not None:
+            self.weight_version = str(version)
+            message += f" Weight version updated to {version}."
+        return _json_reply(200, {"success": True, "message": message, "num_paused_requests": 0})
+
+    async def _load_lora_adapter(self, payload: dict[str, Any]) -> _Reply:
+        name, path = payload.get("lora_name"), payload.get("lora_path")
+        if not name or not path:
+            raise _BadRequest("lora_name and lora_path are required")
+        if name in self.lora_adapters:
+            return _json_reply(400, {"success": False, "error_message": f"LoRA adapter {name!r} is already loaded"})
+        self.lora_adapters[name] = path
+        return _json_reply(200, {"success": True, "error_message": "", "loaded_adapters": dict(self.lora_adapters)})
+
+    async def _unload_lora_adapter(self, payload: dict[str, Any]) -> _Reply:
+        name = payload.get("lora_name")
+        if name not in self.lora_adapters:
+            return _json_reply(400, {"success": False, "error_message": f"LoRA adapter {name!r} is not loaded"})
+        del self.lora_adapters[name]
+        return _json_reply(200, {"success": True, "error_message": "", "loaded_adapters": dict(self.lora_adapters)})
+
+    async def _pause_generation(self, payload: dict[str, Any]) -> _Reply:
+        mode = payload.get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise _BadRequest(f"Invalid mode: {mode!r}. Expected one of ['abort', 'retract', 'in_place'].")
+        self._resumed.clear()
+        if mode == "abort":
+            await self._abort_request({"abort_all": True})
+        return _json_reply(200, {"message": "Generation paused successfully.", "status": "ok"})
+
+    async def _continue_generation(self, payload: dict[str, Any]) -> _Reply:
+        self._resumed.set()
+        return _json_reply(200, {"message": "Generation continued successfully.", "status": "ok"})
+
+
+# ---------------------------------------------------------------------------- standalone process
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m miles_envs.agents.protocol_server``: a scripted engine behind the protocol."""
+    from miles_envs.agents.scripted import ScriptedEngine
+    from miles_envs.tokenizers import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tokenizer", default="qwen3", help="known short name or a tokenizer directory")
+    parser.add_argument("--reply", action="append", help="scripted reply text (repeat for several)")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--context-length", type=int, default=32768)
+    args = parser.parse_args(argv)
+
+    engine = ScriptedEngine(load_tokenizer(args.tokenizer), args.reply or ["Done."])
+    server = ProtocolServer(
+        engine,
+        host=args.host,
+        port=args.port,
+        latency_s=args.latency_ms / 1000.0,
+        context_length=args.context_length,
+    )
+
+    async def serve() -> None:
+        async with server:
+            print(f"listening on {server.url}", flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
