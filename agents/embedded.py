@@ -1,0 +1,481 @@
+"""EmbeddedEngine: an in-process transformers model behind the Engine protocol.
+
+A single worker thread owns the model; ``generate`` only enqueues and awaits, so the asyncio
+loop never blocks. Each scheduler step (1) admits waiting requests with one left-padded prefill
+forward, then (2) advances every running sequence together: one batched decode forward, or with
+speculative decoding one MTP draft chain plus one batched verify forward. KV caches are per
+sequence, stored as one padded batch (see ``embedded_cache``). Sampling and the reported
+logprobs are described in ``embedded_sampling``.
+
+Routing capture: every token fed to the main model (prompt, decoded, accepted drafts) leaves one
+row ``[num_hidden_layers, topk]``; rejected drafts leave none, so rows equal a teacher-forced
+forward. There is no prefix cache, so every prompt token is processed and has its row.
+
+Speculative decoding drafts ``draft_tokens`` tokens with the checkpoint's first MTP layer
+applied recursively (SGLang's NextN scheme); further stored MTP layers are kept for training
+and weight sync but not used for drafting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from miles_envs.agents.embedded_cache import BatchedKVCache
+from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, distributions, sample_rows
+from miles_envs.agents.engine import FinishReason, Generation, SamplingParams, SpecStats
+from miles_envs.models.loading import LoadedCheckpoint, load_checkpoint
+from miles_envs.models.routing import RoutingRecorder, moe_routers
+
+
+@dataclass
+class _Sequence:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    sampler: RowSampler
+    max_new_tokens: int
+    want_routing: bool
+    routing_start: int
+    deliver: Callable[[Generation], None]
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    routing: list[torch.Tensor] = field(default_factory=list)
+    spec: SpecStats = field(default_factory=SpecStats)
+    finish: FinishReason | None = None
+    matched_stop: int | str | None = None
+    aborted: bool = False
+    # The last sampled token: emitted but not yet fed to the model.
+    pending: int = -1
+    # Speculative state: drafts of the current round, their distributions, the MTP hidden state.
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor] = field(default_factory=list)
+    mtp_hidden: torch.Tensor | None = None
+
+
+class EmbeddedEngine:
+    """Engine protocol over a local checkpoint; see the module docstring for the scheduling."""
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        *,
+        draft_tokens: int = 0,
+        max_running: int = 64,
+        weight_version: str = "0",
+    ):
+        if draft_tokens and checkpoint.mtp is None:
+            raise ValueError(
+                f"speculative decoding needs MTP layers but {checkpoint.path} has none: "
+                "create the checkpoint with `miles-envs init-model --mtp 1` or set draft_tokens=0"
+            )
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model.requires_grad_(False)
+        self.mtp = checkpoint.mtp.requires_grad_(False) if checkpoint.mtp is not None else None
+        self.tokenizer = checkpoint.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.draft_tokens = int(draft_tokens)
+        self.max_running = int(max_running)
+        self.weight_version = weight_version
+        self.is_moe = bool(moe_routers(self.model))
+        self._recorder = RoutingRecorder(self.model) if self.is_moe else None
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: list[_Sequence] = []
+        self._running: list[_Sequence] = []
+        self._cache: BatchedKVCache | None = None
+        self._mtp_cache: BatchedKVCache | None = None
+        self._sequences: dict[str, _Sequence] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._worker = threading.Thread(target=self._serve, name="embedded-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, device=None, dtype=None, **kwargs: Any) -> EmbeddedEngine:
+        """Load a checkpoint folder (config, safetensors, tokenizer); kwargs go to the constructor."""
+        return cls(load_checkpoint(path, device=device, dtype=dtype), **kwargs)
+
+    # ------------------------------------------------------------------ Engine protocol
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        return_routed_experts: bool = False,
+        routed_experts_start: int = 0,
+        lora: str | None = None,
+        rid: str | None = None,
+    ) -> Generation:
+        self._check_open()
+        if lora is not None:
+            raise ValueError("the embedded engine serves no LoRA adapters: pass lora=None")
+        if return_routed_experts and not self.is_moe:
+            raise ValueError(
+                f"{type(self.model).__name__} is not a mixture-of-experts model: it has no routing to return "
+                "(use return_routed_experts=False)"
+            )
+        if not input_ids:
+            raise ValueError("input_ids is empty: the engine needs at least one prompt token")
+        vocab = self.model.config.vocab_size
+        if min(input_ids) < 0 or max(input_ids) >= vocab:
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+        room = self.checkpoint.context_length - len(input_ids)
+        if room <= 0 or sampling.max_new_tokens <= 0:
+            error = None
+            if room <= 0:
+                error = f"prompt of {len(input_ids)} tokens fills the context length {self.checkpoint.context_length}"
+            return Generation([], [], "length", weight_version=self.weight_version, prompt_tokens=len(input_ids), error=error)
+
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def deliver(generation: Generation) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(generation))
+
+        sequence = _Sequence(
+            rid=rid or uuid.uuid4().hex,
+            input_ids=list(input_ids),
+            params=sampling,
+            sampler=RowSampler.from_params(sampling, self.device),
+            max_new_tokens=min(sampling.max_new_tokens, room),
+            want_routing=return_routed_experts,
+            routing_start=routed_experts_start,
+            deliver=deliver,
+        )
+        with self._lock:
+            self._sequences[sequence.rid] = sequence
+        self._inbox.put(sequence)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            sequence.aborted = True
+            raise
+
+    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+        """Load new weights between scheduler steps; ``source`` is a state dict or a checkpoint folder.
+
+        State-dict keys use the live model's names; MTP tensors use either ``mtp.<MtpModel key>`` or
+        the on-disk ``model.layers.{num_hidden_layers + i}.*`` names. Running sequences keep their
+        KV caches and continue under the new weights.
+        """
+        await self._call(lambda: self._load_weights(source))
+        if version is not None:
+            self.weight_version = str(version)
+
+    async def abort(self, rid: str | None = None) -> None:
+        with self._lock:
+            targets = list(self._sequences.values()) if rid is None else [self._sequences.get(rid)]
+        for sequence in targets:
+            if sequence is not None:
+                sequence.aborted = True
+        self._inbox.put(None)
+
+    async def health(self) -> bool:
+        return self._worker.is_alive() and not self._closed and self._failure is None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.abort()
+        self._closed = True
+        self._inbox.put(None)
+        await asyncio.to_thread(self._worker.join)
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"embedded engine worker failed: {self._failure!r}") from self._failure
+        if self._closed:
+            raise RuntimeError("embedded engine is closed")
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # handed to the awaiting caller
+                result, error = None, exc
+            loop.call_soon_threadsafe(
+                lambda: future.done() or (future.set_exception(error) if error else future.set_result(result))
+            )
+
+        self._inbox.put(run)
+        return await future
+
+    def _serve(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._closed:
+                    self._drain(block=not (self._running or self._waiting))
+                    self._admit()
+                    if self._running:
+                        self._step()
+                    self._retire()
+        except BaseException as exc:  # surfaced by health() and the next call
+            self._failure = exc
+        finally:
+            while not self._inbox.empty():
+                item = self._inbox.get()
+                if isinstance(item, _Sequence):
+                    self._waiting.append(item)
+                elif item is not None:
+                    item()
+            for sequence in self._waiting + self._running:
+                sequence.aborted = True
+                sequence.finish = sequence.finish or "abort"
+                self._deliver(sequence, error=None if self._failure is None else repr(self._failure))
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(item, _Sequence):
+                self._waiting.append(item)
+            elif item is not None:
+                with torch.no_grad(), torch.inference_mode(False):
+                    item()
+
+    # ------------------------------------------------------------------ model calls
+
+    def _forward(self, cache: BatchedKVCache, ids: torch.Tensor, valid: torch.Tensor, record: bool):
+        """Main-model forward appending ``ids`` to ``cache``: (normed hidden, routing rows or None)."""
+        mask, positions = cache.inputs_for(valid, self.dtype)
+        if record:
+            with self._recorder.record():
+                hidden = self._decoder(ids, mask, positions, cache)
+            routing = self._recorder.take(*ids.shape)
+        else:
+            hidden, routing = self._decoder(ids, mask, positions, cache), None
+        cache.commit(valid)
+        return hidden, routing
+
+    def _decoder(self, ids, mask, positions, cache):
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.cache, use_cache=True)
+        return out.last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def _mtp_forward(self, cache: BatchedKVCache, ids: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor):
+        """First MTP layer over ``ids`` appended to ``cache``: its output hidden states."""
+        from miles_envs.models.mtp import mtp_hidden
+
+        mask, positions = cache.inputs_for(valid, self.dtype)
+        out = mtp_hidden(self.mtp, 0, ids, hidden, positions, mask, cache.cache)
+        cache.commit(valid)
+        return out
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _admit(self) -> None:
+        for sequence in [s for s in self._waiting if s.aborted]:
+            self._waiting.remove(sequence)
+            sequence.finish = "abort"
+            self._deliver(sequence)
+        room = self.max_running - len(self._running)
+        if room <= 0 or not self._waiting:
+            return
+        batch, self._waiting = self._waiting[:room], self._waiting[room:]
+        width = max(len(s.input_ids) for s in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        valid = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, sequence in enumerate(batch):
+            ids[row, width - len(sequence.input_ids) :] = torch.tensor(sequence.input_ids)
+            valid[row, width - len(sequence.input_ids) :] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        cache = BatchedKVCache(len(batch), self.device)
+        hidden, routing = self._forward(cache, ids, valid, record=any(s.want_routing for s in batch))
+        self._sample_next(batch, hidden[:, -1])
+        for row, sequence in enumerate(batch):
+            if routing is not None:
+                sequence.routing.append(routing[row, width - len(sequence.input_ids) :])
+        if self.draft_tokens:
+            mtp_cache = BatchedKVCache(len(batch), self.device)
+            mtp_cache.next_position += 1  # MTP inputs sit one position ahead of the hidden states
+            next_ids = torch.cat([ids[:, 1:], torch.tensor([[s.pending] for s in batch], device=self.device)], dim=1)
+            out = self._mtp_forward(mtp_cache, next_ids, hidden, valid)
+            self._first_drafts(batch, out[:, -1])
+        self._join(batch, cache, mtp_cache if self.draft_tokens else None)
+
+    def _join(self, batch: list[_Sequence], cache: BatchedKVCache, mtp_cache: BatchedKVCache | None) -> None:
+        if self._cache is None or not self._running:
+            self._cache, self._mtp_cache = cache, mtp_cache
+        else:
+            self._cache.concat(cache)
+            if mtp_cache is not None:
+                self._mtp_cache.concat(mtp_cache)
+        self._running.extend(batch)
+
+    def _first_drafts(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
+        for sequence in batch:
+            sequence.drafts, sequence.draft_probs = [], []
+        self._extend_drafts(batch, hidden)
+
+    def _extend_drafts(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
+        """Sample one more draft per row from MTP output ``hidden [B, H]``."""
+        samplers = [s.sampler for s in batch]
+        probs, _ = distributions(samplers, self.mtp._project_to_logits(hidden).float())
+        for sequence, token, row_probs, row_hidden in zip(batch, sample_rows(samplers, probs), probs, hidden):
+            sequence.drafts.append(token)
+            sequence.draft_probs.append(row_probs)
+            sequence.mtp_hidden = row_hidden
+
+    def _step(self) -> None:
+        if self.draft_tokens:
+            self._speculative_step()
+            return
+        ids = torch.tensor([[s.pending] for s in self._running], device=self.device)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        hidden, routing = self._forward(self._cache, ids, valid, record=any(s.want_routing for s in self._running))
+        if routing is not None:
+            for row, sequence in enumerate(self._running):
+                sequence.routing.append(routing[row])
+        self._sample_next(self._running, hidden[:, -1])
+
+    def _sample_next(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
+        """Sample each row's next token from the last hidden state and emit it."""
+        samplers = [s.sampler for s in batch]
+        probs, logprobs = distributions(samplers, self._logits(hidden))
+        tokens = sample_rows(samplers, probs)
+        picked = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None]).squeeze(-1).tolist()
+        for sequence, token, logprob in zip(batch, tokens, picked):
+            sequence.pending = token
+            if sequence.finish is None:
+                self._emit(sequence, [token], [logprob])
+
+    def _speculative_step(self) -> None:
+        running, k = self._running, self.draft_tokens
+        ones = torch.ones(len(running), 1, dtype=torch.bool, device=self.device)
+        for _ in range(k - 1):
+            ids = torch.tensor([[s.drafts[-1]] for s in running], device=self.device)
+            hidden = torch.stack([s.mtp_hidden for s in running])[:, None]
+            out = self._mtp_forward(self._mtp_cache, ids, hidden, ones)
+            self._extend_drafts(running, out[:, -1])
+
+        ids = torch.tensor([[s.pending, *s.drafts] for s in running], device=self.device)
+        hidden, routing = self._forward(
+            self._cache, ids, torch.ones_like(ids, dtype=torch.bool), record=any(s.want_routing for s in running)
+        )
+        targets, target_logprobs = distributions([s.sampler for s in running], self._logits(hidden))
+        next_ids = torch.zeros(len(running), k + 1, dtype=torch.long, device=self.device)
+        next_valid = torch.zeros(len(running), k + 1, dtype=torch.bool, device=self.device)
+        accepted_counts = []
+        for row, sequence in enumerate(running):
+            logprobs = target_logprobs[row]
+            accepted, token = accept_drafts(sequence.sampler, targets[row], torch.stack(sequence.draft_probs), sequence.drafts)
+            emitted = sequence.drafts[:accepted] + [token]
+            if routing is not None:
+                sequence.routing.append(routing[row, : accepted + 1])
+            self._cache.drop_last(row, k - accepted)
+            self._mtp_cache.drop_last(row, k - 1)
+            sequence.spec = sequence.spec + SpecStats(1, accepted, k)
+            sequence.pending = token
+            if sequence.finish is None:
+                self._emit(sequence, emitted, [float(logprobs[j, t]) for j, t in enumerate(emitted)])
+            next_ids[row, : accepted + 1] = torch.tensor(emitted)
+            next_valid[row, : accepted + 1] = True
+            accepted_counts.append(accepted)
+        out = self._mtp_forward(self._mtp_cache, next_ids, hidden, next_valid)
+        last = torch.tensor(accepted_counts, device=self.device)
+        self._first_drafts(running, out[torch.arange(len(running), device=self.device), last])
+
+    def _emit(self, sequence: _Sequence, tokens: list[int], logprobs: list[float]) -> None:
+        """Append sampled tokens, stopping at a stop id/string or the token budget."""
+        stop_ids = set(sequence.params.stop_token_ids) | set(self.checkpoint.eos_token_ids)
+        for token, logprob in zip(tokens, logprobs):
+            sequence.output_ids.append(token)
+            sequence.logprobs.append(logprob)
+            if token in stop_ids:
+                sequence.finish, sequence.matched_stop = "stop", token
+            elif sequence.params.stop:
+                text = self.tokenizer.decode(sequence.output_ids)
+                matched = next((stop for stop in sequence.params.stop if stop in text), None)
+                if matched is not None:
+                    sequence.finish, sequence.matched_stop = "stop", matched
+            if sequence.finish is None and len(sequence.output_ids) >= sequence.max_new_tokens:
+                sequence.finish = "length"
+            if sequence.finish is not None:
+                return
+
+    def _retire(self) -> None:
+        for sequence in self._running:
+            if sequence.aborted and sequence.finish is None:
+                sequence.finish = "abort"
+        done = [row for row, s in enumerate(self._running) if s.finish is not None]
+        if not done:
+            self._cache.compact()
+            if self._mtp_cache is not None:
+                self._mtp_cache.compact()
+            return
+        keep = [row for row, s in enumerate(self._running) if s.finish is None]
+        for row in done:
+            self._deliver(self._running[row])
+        self._running = [self._running[row] for row in keep]
+        self._cache.select(keep)
+        if self._mtp_cache is not None:
+            self._mtp_cache.select(keep)
+
+    def _deliver(self, sequence: _Sequence, error: str | None = None) -> None:
+        with self._lock:
+            self._sequences.pop(sequence.rid, None)
+        routed = None
+        if sequence.want_routing:
+            rows = len(sequence.input_ids) + len(sequence.output_ids) - 1
+            stacked = torch.cat(sequence.routing) if sequence.routing else torch.zeros(0, 0, 0, dtype=torch.int32)
+            routed = stacked[:rows][sequence.routing_start :].numpy().astype(np.int32)
+        sequence.deliver(
+            Generation(
+                output_ids=list(sequence.output_ids),
+                logprobs=list(sequence.logprobs),
+                finish_reason=sequence.finish or "abort",
+                routed_experts=routed,
+                weight_version=self.weight_version,
+                prompt_tokens=len(sequence.input_ids),
+                spec=sequence.spec if self.draft_tokens else None,
+                matched_stop=sequence.matched_stop,
+                error=error,
+            )
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def _load_weights(self, source: Any) -> None:
+        from miles_envs.models.mtp import is_mtp_key, load_mtp_tensors, read_mtp_tensors
+
+        layers = self.model.config.num_hidden_layers
+        if isinstance(source, (str, Path)):
+            fresh = load_checkpoint(source, device="cpu", dtype=self.dtype)
+            main, mtp_tensors = fresh.model.state_dict(), read_mtp_tensors(fresh.path, layers)
+            mtp_state = {}
+        else:
+            main = {k: v for k, v in source.items() if not k.startswith("mtp.") and not is_mtp_key(k, layers)}
+            mtp_tensors = {k: v for k, v in source.items() if is_mtp_key(k, layers)}
+            mtp_state = {k[len("mtp.") :]: v for k, v in source.items() if k.startswith("mtp.")}
+        unknown = set(main) - set(self.model.state_dict())
+        if unknown:
+            raise ValueError(f"update_weights got keys the model does not have: {sorted(unknown)[:5]}")
+        self.model.load_state_dict(main, strict=False)
+        if (mtp_tensors or mtp_state) and self.mtp is None:
+            raise ValueError("update_weights got MTP weights but the engine was loaded without MTP layers")
+        if mtp_tensors:
+            load_mtp_tensors(self.mtp, self.model, mtp_tensors)
+        if mtp_state:
+            self.mtp.load_state_dict(mtp_state, strict=False)

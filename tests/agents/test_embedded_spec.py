@@ -1,0 +1,119 @@
+"""Speculative decoding with MTP drafts: exactness under greedy, the target distribution when sampling."""
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from miles_envs.agents.embedded import EmbeddedEngine
+from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts
+from miles_envs.agents.engine import SamplingParams
+from miles_envs.models.loading import load_checkpoint
+from miles_envs.models.toy import make_draftable
+from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of zero target probability was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum() - 1)
+
+
+def test_accept_rule_emits_the_target_distribution_for_a_bad_draft():
+    target = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1, 0.6], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    draft = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    sampler = RowSampler.from_params(SamplingParams(seed=0), torch.device("cpu"))
+    first, second = np.zeros(5), np.zeros(5)
+    accepted_total = 0
+    for _ in range(20000):
+        drafts = [sampler.sample(draft[0]), sampler.sample(draft[1])]
+        accepted, token = accept_drafts(sampler, target, draft, drafts)
+        emitted = drafts[:accepted] + [token]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[1]] += 1
+        accepted_total += accepted
+    for counts, probs in ((first, target[0]), (second, target[1])):
+        stat, df = chi_square(counts, probs.numpy())
+        assert stat < chi_square_critical(df), (counts, stat)
+    assert 0 < accepted_total < 2 * 20000
+
+
+def test_accept_rule_takes_a_perfect_draft_every_time():
+    p = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])
+    sampler = RowSampler.from_params(SamplingParams(seed=3), torch.device("cpu"))
+    for _ in range(200):
+        drafts = [sampler.sample(p[0]), sampler.sample(p[1])]
+        assert accept_drafts(sampler, p, p[:2], drafts) == (2, 0)
+
+
+@pytest.fixture(scope="module")
+def draftable(tiny_checkpoint):  # noqa: F811
+    """A tiny MoE whose first MTP layer is a good but imperfect draft (some drafts get rejected)."""
+    checkpoint = load_checkpoint(tiny_checkpoint("qwen3-moe", mtp=1), device="cpu")
+    make_draftable(checkpoint.model, checkpoint.mtp, residual_scale=0.5)
+    return checkpoint
+
+
+PROMPTS = [[9707, 1879, 11], [151644, 872, 198, 9707, 1879], [1273, 315], [374, 264, 1273, 315, 279, 13458]]
+
+
+async def test_greedy_output_and_routing_are_identical_with_and_without_speculation(draftable):
+    plain, spec = EmbeddedEngine(draftable), EmbeddedEngine(draftable, draft_tokens=3)
+    sampling = SamplingParams(max_new_tokens=24, temperature=0)
+    try:
+        want = await asyncio.gather(*[plain.generate(p, sampling, return_routed_experts=True) for p in PROMPTS])
+        got = await asyncio.gather(*[spec.generate(p, sampling, return_routed_experts=True) for p in PROMPTS])
+    finally:
+        await plain.close()
+        await spec.close()
+    total = sum((g.spec for g in got), start=type(got[0].spec)())
+    for a, b in zip(want, got):
+        assert b.output_ids == a.output_ids
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+        assert np.array_equal(b.routed_experts, a.routed_experts)
+        assert a.spec is None
+        assert b.spec.draft_tokens == 3 * b.spec.verify_ct
+        # Every verify step emits accepted drafts + one token; the prefill emits the first.
+        assert b.spec.accepted_tokens + b.spec.verify_ct >= len(b.output_ids) - 1
+    assert 0 < total.accepted_tokens < total.draft_tokens, "drafts must be partly rejected to test both paths"
+    assert 1 < total.accept_length <= 4
+
+
+async def test_sampled_tokens_follow_the_target_distribution(draftable):
+    """First two tokens over many seeds vs p(t1) p(t2 | t1) from teacher-forced forwards (top-k 3)."""
+    prompt = PROMPTS[0]
+    spec = EmbeddedEngine(draftable, draft_tokens=2, max_running=256)
+    make = lambda seed: SamplingParams(max_new_tokens=2, temperature=0.3, top_k=3, seed=seed)  # noqa: E731
+    try:
+        generations = await asyncio.gather(*[spec.generate(prompt, make(seed)) for seed in range(512)])
+    finally:
+        await spec.close()
+    assert sum(g.spec.accepted_tokens for g in generations) > 0
+    assert sum(g.spec.accepted_tokens for g in generations) < sum(g.spec.draft_tokens for g in generations)
+
+    def top3(ids):
+        with torch.no_grad():
+            logits = draftable.model(torch.tensor([ids])).logits[0, -1].float() / 0.3
+        values, tokens = torch.topk(logits, 3)
+        return tokens.tolist(), torch.softmax(values, -1).tolist()
+
+    cells, probs = {}, []
+    first_tokens, first_probs = top3(prompt)
+    for t1, p1 in zip(first_tokens, first_probs):
+        for t2, p2 in zip(*top3(prompt + [t1])):
+            cells[t1, t2] = len(probs)
+            probs.append(p1 * p2)
+    counts = np.zeros(len(probs))
+    for g in generations:
+        counts[cells[tuple(g.output_ids)]] += 1
+    stat, df = chi_square(counts, np.array(probs))
+    assert stat < chi_square_critical(df), (counts, probs)
