@@ -83,10 +83,13 @@ class Registry:
 
     def spec(self, id: str) -> EnvSpec:
         specs = self._specs()
-        try:
+        if id in specs:
             return specs[id]
-        except KeyError:
-            raise EnvNotFound(self._not_found_message(id, specs)) from None
+        from miles_envs.integrations.foreign import foreign_spec, is_foreign_id  # lazy: imports that library
+
+        if is_foreign_id(id):
+            return foreign_spec(id)
+        raise EnvNotFound(self._not_found_message(id, specs))
 
     def make(self, id: str, **overrides: Any) -> Env:
         return self.spec(id).make(**overrides)

@@ -66,11 +66,16 @@ def register(app: typer.Typer) -> None:
     def list_cmd(
         tag: Optional[str] = typer.Option(None, "--tag", help="only envs with this tag"),
         as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+        all_libraries: bool = typer.Option(False, "--all", help="also envs of installed foreign libraries"),
     ) -> None:
         """List registered envs with where each comes from."""
         from miles_envs.registry import list_specs
 
         specs = list_specs(tag=tag)
+        if all_libraries:
+            from miles_envs.integrations.foreign import foreign_specs
+
+            specs += [s for s in foreign_specs() if tag is None or tag in s.tags]
         if as_json:
             rows = [
                 {"id": s.id, "entry_point": str(s.entry_point), "source": s.source, "max_turns": s.max_turns,

@@ -1,0 +1,1 @@
+"""Bridges to the surrounding ecosystem: Miles plug-points, foreign env libraries, an OpenAI-compatible endpoint."""
