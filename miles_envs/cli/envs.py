@@ -7,16 +7,9 @@ import json
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
+from miles_envs.cli.common import console, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -37,15 +30,15 @@ def register(app: typer.Typer) -> None:
         try:
             parsed = json.loads(kwargs)
         except json.JSONDecodeError as exc:
-            _fail(f"--kwargs is not valid JSON ({exc}); e.g. --kwargs '{{\"high\": 50}}'")
+            fail(f"--kwargs is not valid JSON ({exc}); e.g. --kwargs '{{\"high\": 50}}'")
         if not isinstance(parsed, dict):
-            _fail("--kwargs must be a JSON object")
+            fail("--kwargs must be a JSON object")
         try:
             spec = EnvSpec(id=id, entry_point=entry, kwargs=parsed, max_turns=max_turns, description=description, tags=tag)
             spec.load()  # fail now, not at first make()
             path = default_registry.persist(spec, scope, override=override)
         except (RegistryError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"registered [bold]{id}[/] → {entry} ({scope}: {path})")
 
     @app.command("unregister")
@@ -59,7 +52,7 @@ def register(app: typer.Typer) -> None:
         try:
             store_for(scope).remove(id)
         except (RegistryError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"unregistered [bold]{id}[/] ({scope})")
 
     @app.command("list")
@@ -104,7 +97,7 @@ def register(app: typer.Typer) -> None:
             _, reset_info = env.reset(seed=0)
             env.close()
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"[bold]{env_spec.id}[/] ({env_spec.source})")
         console.print(f"entry point: {env_spec.entry_point}\nkwargs: {env_spec.kwargs}\nmax turns: {env_spec.max_turns}")
         console.print(f"tags: {', '.join(env_spec.tags) or '-'}\ndescription: {env_spec.description or '-'}")
@@ -127,9 +120,9 @@ def register(app: typer.Typer) -> None:
         try:
             env = spec(id).make(**json.loads(kwargs))
         except (RegistryError, json.JSONDecodeError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except Exception as exc:
-            _fail(f"constructing {id} raised {type(exc).__name__}: {exc}")
+            fail(f"constructing {id} raised {type(exc).__name__}: {exc}")
         report = check_env(env, seed=seed, raise_on_failure=False, name=id)
         table = Table(title=f"check {id}")
         table.add_column("check")

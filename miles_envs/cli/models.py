@@ -7,15 +7,8 @@ import contextlib
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
+from miles_envs.cli.common import console, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +29,7 @@ def register(app: typer.Typer) -> None:
             with console.status(f"writing {arch}/{size} to {path}"):
                 folder = init_model(path, arch=arch, size=size, mtp=mtp, tokenizer=tokenizer, seed=seed, context=context)
         except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"wrote {arch} ({size}, mtp={mtp}, tokenizer={tokenizer}) → [bold]{folder}[/]")
 
     @app.command("serve-engine")
@@ -57,7 +50,7 @@ def register(app: typer.Typer) -> None:
             with console.status(f"loading {path}"):
                 engine = EmbeddedEngine.from_path(path, device=device, draft_tokens=draft_tokens, max_running=max_running)
         except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         config = engine.model.config
         server = ProtocolServer(
             engine,

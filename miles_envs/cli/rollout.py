@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True, soft_wrap=True)
+from miles_envs.cli.common import err as console
+from miles_envs.cli.common import fail
+
 
 
 def register(app: typer.Typer) -> None:
@@ -40,15 +41,13 @@ def register(app: typer.Typer) -> None:
         from miles_envs.cli.wiring import build_engine, build_renderer
 
         if out.suffix not in (".jsonl", ".parquet"):
-            console.print(f"[red]error:[/] output {out} must end in .jsonl or .parquet")
-            raise typer.Exit(1)
+            fail(f"output {out} must end in .jsonl or .parquet")
         try:
             spec(env_id)
             renderer = build_renderer(engine, tokenizer)
             policy = build_engine(engine, renderer.tokenizer, script)
         except (RegistryError, ValueError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1)
+            fail(str(exc))
         config = LoopConfig(
             sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
             max_turns=max_turns, max_context=max_context, return_routed_experts=routed_experts,

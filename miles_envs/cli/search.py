@@ -7,16 +7,9 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
+from miles_envs.cli.common import console, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +30,7 @@ def register(app: typer.Typer) -> None:
             try:
                 built = BM25Index.build(read_corpus(corpus))
             except (ValueError, json.JSONDecodeError) as error:
-                _fail(f"{corpus}: {error}")
+                fail(f"{corpus}: {error}")
             built.save(out)
         seconds = time.perf_counter() - start
         metrics = {"corpus": str(corpus), "index": str(out), "documents": len(built), "seconds": round(seconds, 3)}
@@ -56,7 +49,7 @@ def register(app: typer.Typer) -> None:
         try:
             loaded = BM25Index.load(directory)
         except IndexFormatError as error:
-            _fail(str(error))
+            fail(str(error))
         for query, documents in zip(queries, loaded.query(queries, k)):
             table = Table(title=query)
             for column in ("score", "id", "title", "text"):
@@ -78,7 +71,7 @@ def register(app: typer.Typer) -> None:
         try:
             loaded = BM25Index.load(directory)
         except IndexFormatError as error:
-            _fail(str(error))
+            fail(str(error))
         server = serve(loaded.query, host, port)
         bound_host, bound_port = server.server_address[:2]
         console.print(f"serving {len(loaded)} documents at http://{bound_host}:{bound_port}/retrieve (Ctrl-C stops)")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import track
+
+from miles_envs.cli.common import console, fail
 
 
 def view(
@@ -24,15 +25,14 @@ def view(
     from miles_envs.trajectory_io import read_trajectories
     from miles_envs.viewer import write_page
 
-    console = Console()
     if not file.is_file():
-        _fail(console, f"no trajectory file at {file}")
+        fail(f"no trajectory file at {file}")
     if tokenizer is not None and tokenizer not in KNOWN and not Path(tokenizer).is_dir():
-        _fail(console, f"--tokenizer {tokenizer!r}: give one of {', '.join(KNOWN)} or a folder with tokenizer files")
+        fail(f"--tokenizer {tokenizer!r}: give one of {', '.join(KNOWN)} or a folder with tokenizer files")
     try:
         trajectories = read_trajectories(file)
     except ValueError as exc:
-        _fail(console, str(exc))
+        fail(str(exc))
     loaded_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
     output = output or file.with_suffix(".html")
     stats = write_page(
@@ -43,11 +43,6 @@ def view(
         title=file.name,
     )
     console.print(f"wrote [bold]{output}[/bold]: {stats.episodes} episodes, {stats.bytes / 1e6:.2f} MB")
-
-
-def _fail(console: Console, message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
