@@ -1,17 +1,22 @@
 """R3 (Rollout Routing Replay) for HF MoE models, and the rollout/trainer mismatch metrics.
 
-During the training forward, every softmax-top-k router (``Qwen3MoeTopKRouter`` and its siblings that
-return ``(router_logits, routing_weights, expert_indices)`` and expose ``norm_topk_prob``) has its
-expert indices replaced by the rollout's. The gate weights are recomputed from the trainer's own
-router logits at those experts (softmax over all experts, gather, renormalise when
-``norm_topk_prob``), so the router keeps its gradient. Rows without a replay entry (-1: padding,
-or trajectories without a routing trace) keep the live top-k.
+During the training forward, every MoE router (``layer.mlp.gate``, found by
+``miles_envs.models.routing.moe_routers``; its forward returns ``(router_logits, topk_weights,
+topk_indices)``) has its expert indices replaced by the rollout's. The gate weights are recomputed
+from the trainer's own router logits at those experts, so the router keeps its gradient:
+
+- softmax routers (Qwen2/Qwen3-MoE): softmax over all experts, gather, renormalise when
+  ``norm_topk_prob``;
+- sigmoid routers with a score-correction bias (DeepSeek-V3): sigmoid, gather, renormalise when
+  ``norm_topk_prob``, times ``routed_scaling_factor`` (the bias only steers the choice).
+
+Rows without a replay entry (-1: padding, or trajectories without a routing trace) keep the live
+top-k.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -19,19 +24,37 @@ from typing import Iterator
 import torch
 from torch import nn
 
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+from miles_envs.models.routing import decoder_layers, moe_routers
 
 
 def find_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """``(decoder layer index, router)`` for every replayable MoE router, in layer order."""
-    routers = []
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("Router") and hasattr(module, "top_k") and hasattr(module, "norm_topk_prob"):
-            match = _LAYER_INDEX.search(name + ".")
-            if match is None:
-                raise ValueError(f"router {name!r} is not inside a 'layers.N' module; cannot map it to a routing trace layer")
-            routers.append((int(match.group(1)), module))
-    return sorted(routers, key=lambda item: item[0])
+    """``(decoder layer index, router)`` for every MoE layer, in layer order; [] for dense models."""
+    try:
+        return sorted(moe_routers(model).items())
+    except AttributeError:  # not a decoder-only causal LM
+        return []
+
+
+def _is_sigmoid_router(router: nn.Module) -> bool:
+    if not hasattr(router, "norm_topk_prob"):
+        raise ValueError(
+            f"R3 does not know how {type(router).__name__} turns logits into gate weights; "
+            "supported: softmax routers with norm_topk_prob (Qwen-MoE) and DeepSeek-V3 sigmoid routers"
+        )
+    return hasattr(router, "e_score_correction_bias")
+
+
+def gate_weights(router: nn.Module, router_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The router's own gate weights for the experts ``indices`` (differentiable in the logits)."""
+    if _is_sigmoid_router(router):
+        weights = torch.sigmoid(router_logits.float()).gather(-1, indices)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * router.routed_scaling_factor
+    weights = torch.softmax(router_logits, dim=-1, dtype=torch.float).gather(-1, indices)
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights
 
 
 @dataclass
@@ -46,6 +69,10 @@ class RoutingRecord:
         self.disagreements = self.disagreements + differs.sum().cpu()
         self.pairs = self.pairs + valid.sum().cpu()
 
+    def merge(self, other: RoutingRecord) -> None:
+        self.disagreements = self.disagreements + other.disagreements
+        self.pairs = self.pairs + other.pairs
+
     @property
     def disagreement(self) -> float:
         return float(self.disagreements) / max(1, int(self.pairs))
@@ -58,17 +85,18 @@ class RoutingReplay:
         self.routers = find_routers(model)
         if not self.routers:
             raise ValueError(
-                f"{type(model).__name__} has no softmax-top-k MoE router (e.g. Qwen3MoeTopKRouter); "
+                f"{type(model).__name__} has no MoE router (layer.mlp.gate); "
                 "R3 needs an MoE model — turn r3 off for dense models"
             )
-        config = getattr(model, "config", None)
-        text_config = config.get_text_config() if config is not None else None
-        self.num_hidden_layers = getattr(text_config, "num_hidden_layers", None)
+        for _, router in self.routers:
+            _is_sigmoid_router(router)  # fails early, naming the router type R3 cannot recompute
+        self.num_hidden_layers = len(decoder_layers(model))
 
     def trace_slots(self, trace_layers: int) -> list[int]:
         """Which layer of the routing trace feeds each router.
 
-        A trace lists either only the MoE layers (one entry per router) or every decoder layer.
+        A trace lists either only the MoE layers (one entry per router) or every decoder layer
+        (SGLang's layout, dense layers holding zero rows).
         """
         if trace_layers == len(self.routers):
             return list(range(len(self.routers)))
@@ -107,7 +135,7 @@ class RoutingReplay:
     @staticmethod
     def _hook(replayed: torch.Tensor, record: RoutingRecord, replay: bool):
         def hook(router: nn.Module, _inputs, output):
-            router_logits, _weights, live = output
+            router_logits, live_weights, live = output
             if live.shape != replayed.shape:
                 raise ValueError(
                     f"router sees {tuple(live.shape)} top-k rows, replay has {tuple(replayed.shape)}: "
@@ -118,11 +146,7 @@ class RoutingReplay:
             if not replay:
                 return None
             chosen = torch.where(valid.unsqueeze(-1), replayed.to(live.dtype), live)
-            probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
-            weights = probs.gather(-1, chosen)
-            if router.norm_topk_prob:
-                weights = weights / weights.sum(-1, keepdim=True)
-            return router_logits, weights.to(router_logits.dtype), chosen
+            return router_logits, gate_weights(router, router_logits, chosen).to(live_weights.dtype), chosen
 
         return hook
 

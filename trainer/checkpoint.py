@@ -1,0 +1,89 @@
+"""Checkpoints that survive a kill: written to a temporary folder, then renamed into place.
+
+Layout of ``ROOT/step_000042/``: ``model/`` (``save_pretrained`` output: a servable HF model, or
+for LoRA the peft adapter folder SGLang loads; MTP layers in ``model/mtp.safetensors`` under their
+DeepSeek-V3 on-disk names), ``optimizer.pt``, ``rng.pt``, ``trainer_state.json``.
+``ROOT/latest`` names the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from miles_envs.trainer.lora import is_peft_model
+from miles_envs.trainer.torch_backend import Trainer
+
+LATEST = "latest"
+
+
+def save_checkpoint(trainer: Trainer, root: str | Path, *, keep: int = 2) -> Path:
+    """Write the trainer's state under ``root`` and return the checkpoint folder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{trainer.step:06d}"
+    staging = root / f".staging_{final.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    trainer.model.save_pretrained(staging / "model", safe_serialization=True)
+    if trainer.mtp is not None:
+        from safetensors.torch import save_file
+
+        from miles_envs.models.mtp import mtp_checkpoint_tensors
+
+        tensors = mtp_checkpoint_tensors(trainer.mtp, trainer.base_model)
+        save_file(tensors, str(staging / "model" / "mtp.safetensors"), metadata={"format": "pt"})
+    torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
+    state = {"step": trainer.step, "config": trainer.config.to_dict(), "lora": is_peft_model(trainer.model)}
+    (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or ``None`` for a fresh run."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
+def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
+    """Restore weights, optimizer, RNG and step into a trainer built with the same model and config."""
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["lora"] != is_peft_model(trainer.model):
+        raise ValueError(f"{path} was saved {'with' if state['lora'] else 'without'} LoRA; build the trainer the same way")
+    if state["lora"]:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(trainer.model, load_file(path / "model" / "adapter_model.safetensors"))
+    else:
+        saved = type(trainer.model).from_pretrained(path / "model", dtype=next(trainer.model.parameters()).dtype)
+        trainer.model.load_state_dict(saved.state_dict())
+    if trainer.mtp is not None:
+        from miles_envs.models.mtp import load_mtp_tensors, read_mtp_tensors
+
+        tensors = read_mtp_tensors(path / "model", trainer.base_model.config.num_hidden_layers)
+        if not tensors:
+            raise ValueError(f"{path} has no MTP layers but the trainer has; build the trainer the same way")
+        load_mtp_tensors(trainer.mtp, trainer.base_model, tensors)
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=trainer.device))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    trainer.step = int(state["step"])

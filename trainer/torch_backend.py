@@ -1,0 +1,306 @@
+"""The torch backend: one HF ``transformers`` causal LM trained in-process on CPU or GPU.
+
+``Trainer.train_step(trajectories)`` computes advantages, packs the batch, runs the policy loss
+(with TIS, optional KL and entropy terms, optional R3 replay) and steps the optimizer;
+``state_dict()`` is what the engine loads at weight sync. See ``config.TrainerConfig`` for knobs.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from miles_envs.trainer.advantages import ADVANTAGES, group_index
+from miles_envs.trainer.batch import PackedBatch, pack
+from miles_envs.trainer.config import TrainerConfig
+from miles_envs.trainer.lora import LoraSettings, adapter_state_dict, apply_lora, is_peft_model
+from miles_envs.trainer.losses import (
+    POLICY_LOSSES,
+    PolicyLossInput,
+    aggregation_coefficients,
+    k3_kl,
+    masked_mean,
+    token_logprobs_and_entropy,
+    truncated_importance_weights,
+)
+from miles_envs.trainer.metrics import MeanAccumulator
+from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_sft_loss
+from miles_envs.trainer.plugins import resolve
+from miles_envs.trainer.r3 import RoutingRecord, RoutingReplay, find_routers, mismatch_metrics
+from miles_envs.trajectory import Trajectory
+
+
+@dataclass
+class ForwardResult:
+    logprobs: torch.Tensor  # [rows, T] fp32, log p(target)
+    entropy: torch.Tensor  # [rows, T] fp32
+    routing: RoutingRecord
+    hidden_states: torch.Tensor | None = None  # the trunk's final (normed) hidden state, when requested
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Policy-gradient trainer for an HF causal LM (dense or MoE), optionally with LoRA and MTP-SFT.
+
+    ``mtp`` is the model's MTP draft stack (``miles_envs.models.mtp``), needed for ``mtp_sft``.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainerConfig | None = None, mtp: nn.Module | None = None) -> None:
+        self.config = (config or TrainerConfig()).resolved()
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.device = pick_device(cfg.device)
+        if cfg.mtp_sft and mtp is None:
+            raise ValueError(
+                "mtp_sft=True needs the model's MTP layers: load a checkpoint that has them "
+                "(`miles-envs init-model --mtp 1`, Trainer.from_pretrained) or pass mtp=build_mtp(model, 1)"
+            )
+        model = model.to(device=self.device, dtype=getattr(torch, cfg.dtype))
+        self.base_model = model
+        self.mtp = mtp.to(device=self.device, dtype=getattr(torch, cfg.dtype)).train() if mtp is not None else None
+        self.ref_model = None
+        if cfg.kl_coef > 0 and cfg.lora_rank == 0:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.lora_rank > 0:
+            settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, target_modules=cfg.lora_targets)
+            model = apply_lora(model, settings)
+        self.model = model.train()
+        self.replay = RoutingReplay(model) if find_routers(model) else None
+        self.ref_replay = RoutingReplay(self.ref_model) if self.ref_model is not None and self.replay else None
+        if cfg.r3 and self.replay is None:
+            raise ValueError(f"r3=True but {type(model).__name__} has no MoE router to replay; turn r3 off")
+        self.advantage_fn = resolve("advantage", cfg.advantage, ADVANTAGES)
+        self.policy_loss_fn = resolve("policy loss", cfg.policy_loss, POLICY_LOSSES)
+        self.reward_fn: Callable[[Trajectory], float] | None = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
+        for param in self.mtp_parameters().values():
+            param.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: TrainerConfig | None = None, **model_kwargs: Any) -> Trainer:
+        """Load an HF checkpoint folder, with its MTP layers when the folder stores them."""
+        from transformers import AutoModelForCausalLM
+
+        from miles_envs.models.mtp import load_mtp
+
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        return cls(model, config, mtp=load_mtp(model, Path(path)))
+
+    def mtp_parameters(self) -> dict[str, nn.Parameter]:
+        """The MTP stack's own parameters (the embedding and LM head belong to the trunk)."""
+        if self.mtp is None:
+            return {}
+        return {n: p for n, p in self.mtp.named_parameters() if not n.startswith(("embed_tokens.", "shared_head."))}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        seen = {id(p) for p in params}
+        return params + [p for p in self.mtp_parameters().values() if id(p) not in seen]
+
+    # -- weights -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights for the engine: the adapter (peft key names) under LoRA, else the full model;
+        plus the MTP layers as ``mtp.<key>`` (the embedded engine's ``update_weights`` naming)."""
+        if is_peft_model(self.model):
+            weights = adapter_state_dict(self.model)
+        else:
+            weights = {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
+        return weights | {f"mtp.{name}": p.detach() for name, p in self.mtp_parameters().items()}
+
+    @property
+    def weight_version(self) -> str:
+        return f"step-{self.step}"
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self, batch: PackedBatch, *, replay: bool, model: nn.Module | None = None, hidden_states: bool = False
+    ) -> ForwardResult:
+        """Logprobs/entropy of the batch's targets; routers replay the rollout when ``replay``."""
+        model = model or self.model
+        captured: list[torch.Tensor] = []
+        hook = (
+            self.base_model.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+            if hidden_states
+            else None
+        )
+        hooks = self.ref_replay if model is self.ref_model else self.replay
+        routing = hooks.apply(batch.routed_experts, replay=replay) if hooks else nullcontext(RoutingRecord())
+        try:
+            with routing as record:
+                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = out.logits if self.config.temperature == 1.0 else out.logits / self.config.temperature
+        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets)
+        return ForwardResult(logprobs, entropy, record, captured[-1] if captured else None)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: PackedBatch) -> torch.Tensor:
+        if is_peft_model(self.model):
+            with self.model.disable_adapter():
+                return self.forward(batch, replay=self.config.r3).logprobs
+        return self.forward(batch, replay=self.config.r3, model=self.ref_model).logprobs
+
+    # -- batch preparation ---------------------------------------------------------------------
+    def advantages(self, trajectories: Sequence[Trajectory]) -> torch.Tensor:
+        rewards = torch.tensor([self._reward(t) for t in trajectories], dtype=torch.float32)
+        return self.advantage_fn(rewards, group_index([t.group_id for t in trajectories]))
+
+    def _reward(self, trajectory: Trajectory) -> float:
+        return float(self.reward_fn(trajectory)) if self.reward_fn else float(trajectory.reward)
+
+    def _weight(self, trajectory: Trajectory) -> float:
+        if trajectory.status.value in self.config.drop_statuses:
+            return 0.0
+        return float(trajectory.metadata.get("loss_weight", 1.0))
+
+    def _pack_minibatch(self, trajectories: Sequence[Trajectory], advantages: Sequence[float]) -> list[PackedBatch]:
+        cfg = self.config
+        coefs = aggregation_coefficients(
+            cfg.loss_agg, [t.num_model_tokens for t in trajectories], [self._weight(t) for t in trajectories], cfg.loss_norm_length
+        )
+        batches = pack(
+            trajectories, advantages, coefs, max_row_tokens=cfg.max_row_tokens, rows_per_micro_batch=cfg.rows_per_micro_batch
+        )
+        return [b.to(self.device) for b in batches]
+
+    # -- the step ------------------------------------------------------------------------------
+    def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """One rollout batch -> ``minibatches * epochs`` optimizer steps; returns metrics."""
+        cfg = self.config
+        if not trajectories:
+            raise ValueError("train_step needs at least one trajectory")
+        advantages = self.advantages(trajectories).tolist()
+        chunks = [c.tolist() for c in torch.arange(len(trajectories)).tensor_split(cfg.minibatches) if len(c)]
+        plan = [self._pack_minibatch([trajectories[i] for i in c], [advantages[i] for i in c]) for c in chunks]
+        stats = MeanAccumulator()
+        mismatch = _MismatchCollector()
+        fixed_old = len(plan) * cfg.epochs > 1
+        old_logprobs = {id(b): self._first_pass(b, mismatch) for mb in plan for b in mb} if fixed_old else {}
+        ref_logprobs = {id(b): self._reference_logprobs(b) for mb in plan for b in mb} if cfg.kl_coef > 0 else {}
+        for _ in range(cfg.epochs):
+            for micro_batches in plan:
+                self.optimizer.zero_grad(set_to_none=True)
+                mtp_tokens = count_mtp_tokens(micro_batches) if cfg.mtp_sft else 0
+                step_loss = 0.0
+                for batch in micro_batches:
+                    loss = self._micro_batch_loss(
+                        batch,
+                        old_logprobs.get(id(batch)),
+                        ref_logprobs.get(id(batch)),
+                        stats,
+                        None if fixed_old else mismatch,
+                        mtp_tokens,
+                    )
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                stats.add("loss", step_loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                stats.add("grad_norm", grad_norm)
+        self.step += 1
+        rewards = torch.tensor([self._reward(t) for t in trajectories])
+        return {
+            **stats.means(),
+            **mismatch.metrics(),
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "advantage_abs_mean": float(torch.tensor(advantages).abs().mean()),
+            "response_tokens_mean": float(sum(t.num_model_tokens for t in trajectories) / len(trajectories)),
+            "trajectories": float(len(trajectories)),
+            "step": float(self.step),
+        }
+
+    @torch.no_grad()
+    def _first_pass(self, batch: PackedBatch, mismatch: _MismatchCollector) -> torch.Tensor:
+        result = self.forward(batch, replay=self.config.r3)
+        mismatch.add(result, batch)
+        return result.logprobs
+
+    def _micro_batch_loss(
+        self,
+        batch: PackedBatch,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        stats: MeanAccumulator,
+        mismatch: _MismatchCollector | None,
+        mtp_tokens: int,
+    ) -> torch.Tensor:
+        cfg = self.config
+        result = self.forward(batch, replay=cfg.r3, hidden_states=cfg.mtp_sft)
+        if mismatch is not None:
+            mismatch.add(result, batch)
+        logprobs, mask = result.logprobs, batch.loss_mask
+        old = result.logprobs.detach() if old_logprobs is None else old_logprobs
+        per_token, policy_stats = self.policy_loss_fn(
+            PolicyLossInput(
+                logprobs=logprobs.flatten(),
+                old_logprobs=old.flatten(),
+                advantages=batch.advantages.flatten(),
+                loss_mask=mask.flatten(),
+                seq_index=batch.seq_index.flatten(),
+                num_sequences=batch.num_sequences,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
+            )
+        )
+        per_token = per_token.view_as(logprobs)
+        tokens = batch.num_loss_tokens
+        stats.add("pg_loss", masked_mean(per_token.detach(), mask), tokens)
+        if cfg.tis_cap is not None:
+            tis = truncated_importance_weights(old, batch.rollout_logprobs, cfg.tis_cap)
+            per_token = per_token * tis
+            stats.add("tis_weight_mean", masked_mean(tis, mask), tokens)
+        if ref_logprobs is not None:
+            kl = k3_kl(logprobs, ref_logprobs)
+            per_token = per_token + cfg.kl_coef * kl
+            stats.add("kl_ref", masked_mean(kl.detach(), mask), tokens)
+        if cfg.entropy_coef:
+            per_token = per_token - cfg.entropy_coef * result.entropy
+        stats.add("entropy", masked_mean(result.entropy.detach(), mask), tokens)
+        for name, value in policy_stats.items():
+            stats.add(name, value, tokens)
+        loss = (per_token * batch.token_coef * mask).sum()
+        if cfg.mtp_sft and mtp_tokens:
+            mtp = mtp_sft_loss(self.mtp, result.hidden_states, batch, detach_trunk=cfg.mtp_detach_trunk)
+            loss = loss + cfg.mtp_loss_scale * mtp.loss_sum / mtp_tokens
+            stats.add("mtp/loss", mtp.loss_sum.detach() / max(1, mtp.tokens), mtp.tokens)
+            stats.add("mtp/accuracy", mtp.correct / max(1, mtp.tokens), mtp.tokens)
+        return loss
+
+
+class _MismatchCollector:
+    """Rollout-vs-trainer logprob deltas and router disagreement, from the first forward of a step."""
+
+    def __init__(self) -> None:
+        self.trainer: list[torch.Tensor] = []
+        self.rollout: list[torch.Tensor] = []
+        self.routing = RoutingRecord()
+
+    def add(self, result: ForwardResult, batch: PackedBatch) -> None:
+        mask = batch.loss_mask.bool()
+        self.trainer.append(result.logprobs.detach()[mask].cpu())
+        self.rollout.append(batch.rollout_logprobs[mask].cpu())
+        self.routing.merge(result.routing)
+
+    def metrics(self) -> dict[str, float]:
+        if not self.trainer:
+            return {}
+        trainer, rollout = torch.cat(self.trainer), torch.cat(self.rollout)
+        out = {f"mismatch/{k}": v for k, v in mismatch_metrics(trainer, rollout, torch.ones_like(trainer)).items()}
+        if int(self.routing.pairs):
+            out["mismatch/router_disagreement"] = self.routing.disagreement
+        return out
