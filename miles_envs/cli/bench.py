@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from miles_envs.benchrun import BENCH_DIR, Measure, Outcome
+from miles_envs.cli.common import console, fail
 
 MET = {True: "met", False: "missed", None: ""}
 STYLE = {True: "green", False: "red", None: ""}
@@ -32,7 +32,7 @@ def rows(outcomes: list[Outcome]) -> list[tuple[str, str, str, str, bool | None,
     for outcome in outcomes:
         name = outcome.bench.name
         if not outcome.measures:
-            out.append((name, f"({outcome.status})", "—", "", None, outcome.detail))
+            out.append((name, f"bench/{outcome.bench.script}: {outcome.status}", "—", "", None, outcome.detail))
         for m in outcome.measures:
             out.append((name, m.name, format_value(m), m.target.text if m.target else "", m.met, m.note))
     return out
@@ -65,11 +65,12 @@ def markdown(outcomes: list[Outcome], machine: str, command: str) -> str:
     ]
     for _, measure, value, target, met, note in rows(outcomes):
         lines.append(f"| {cell(measure)} | {value} | {cell(target)} | {MET[met]} | {cell(note)} |")
-    lines += ["", "How each bench ran:", ""]
+    lines += ["", "What each bench measures, and how it ran:", ""]
     for outcome in outcomes:
         seconds = f", {outcome.seconds:.0f} s" if outcome.seconds else ""
         detail = f": {outcome.detail}" if outcome.detail else ""
-        lines.append(f"- `bench/{outcome.bench.script}` — {outcome.status}{seconds}{cell(detail)}")
+        about = f" ({outcome.bench.about})" if outcome.bench.about else ""
+        lines.append(f"- `bench/{outcome.bench.script}`{about} — {outcome.status}{seconds}{detail}")
     return "\n".join(lines) + "\n"
 
 
@@ -85,12 +86,10 @@ def bench(
     from the issues, and whether it is met."""
     from miles_envs.benchrun import machine_summary, run_benches, select, stored_outcomes
 
-    console = Console()
     try:
         chosen = select(only or [])
     except ValueError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        fail(str(error))
     default_results = Path(tempfile.gettempdir()) / "miles-envs-bench-quick" if quick else BENCH_DIR / "results"
     results_dir = (results or default_results).resolve()
     if stored:

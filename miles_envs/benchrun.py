@@ -1,0 +1,402 @@
+"""Runs the ``bench/`` scripts and turns their JSON results into one list of measures against the
+targets the issues set, for ``miles-envs bench`` and the README's Performance table.
+
+Each script stays a plain program (prints its own table, writes ``bench/results/NAME.json``); this
+module only runs it in a subprocess and reads that JSON. With a results folder other than
+``bench/results`` the scripts run from a copy of ``bench/`` whose ``results`` points there, so quick
+runs never overwrite the published numbers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    check: Callable[[float], bool]
+
+
+def at_most(limit: float) -> Target:
+    return Target(f"≤ {limit:g}", lambda v: v <= limit)
+
+
+def below(limit: float) -> Target:
+    return Target(f"< {limit:g}", lambda v: v < limit)
+
+
+def above(limit: float) -> Target:
+    return Target(f"> {limit:g}", lambda v: v > limit)
+
+
+def at_least(limit: float) -> Target:
+    return Target(f"≥ {limit:g}", lambda v: v >= limit)
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    value: float | None
+    unit: str = ""
+    target: Target | None = None
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        """True/False against the target; None when there is no target or no value."""
+        if self.target is None or self.value is None:
+            return None
+        return bool(self.target.check(self.value))
+
+
+class MissingResult(KeyError):
+    """A results JSON lacks a field the table reads (the script's output changed)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def field_at(data: Any, path: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; a clear error naming the missing part otherwise."""
+    value = data
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise MissingResult(f"results have no field {path!r}")
+        value = value[part]
+    return value
+
+
+# -- what each script's results mean --------------------------------------------------------------
+
+def loop_overhead_measures(data: dict) -> list[Measure]:
+    per_turn, concurrent = field_at(data, "per_turn"), field_at(data, "concurrent")
+    episodes = int(field_at(concurrent, "episodes"))
+    scale_note = "" if episodes >= 10_000 else "target is set for 10,000 episodes"
+    return [
+        Measure("loop overhead per turn, incl. chat rendering", field_at(per_turn, "loop_overhead_us_per_turn_core"),
+                "µs/turn/core", at_most(50)),
+        Measure("loop overhead per turn, loop machinery alone",
+                field_at(per_turn, "loop_overhead_excl_rendering_us_per_turn_core"), "µs/turn/core", at_most(50)),
+        Measure(f"{episodes:,} concurrent episodes, 50 ms latency: event-loop lag p99",
+                field_at(concurrent, "loop_lag_p99_ms"), "ms", below(50), scale_note),
+        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s",
+                note=f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
+                     f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+    ]
+
+
+def sandbox_measures(data: dict) -> list[Measure]:
+    rows = {row["name"]: row for row in field_at(data, "rows")}
+    skipped = data.get("docker_skipped")
+
+    def p50(mode: str, limit: float) -> Measure:
+        row = rows.get(mode)
+        note = "" if row else f"not measured: {skipped or 'no row in results'}"
+        return Measure(f"sandbox {mode}: print(1) p50", row and row["p50_ms"], "ms", at_most(limit), note)
+
+    pooled = rows.get("local pooled")
+    return [
+        p50("local cold", 25),
+        p50("local pooled", 5),
+        Measure("sandbox local pooled: throughput", pooled and pooled["execs_per_s"], "execs/s",
+                at_least(field_at(data, "target_execs_per_s")), f"{data.get('cpus', '?')} concurrent callers"),
+        p50("docker pooled", 60),
+    ]
+
+
+def search_measures(data: dict) -> list[Measure]:
+    return [
+        Measure(f"{row['backend']}: queries/s at batch {batch}", row[f"qps_batch_{batch}"], "queries/s",
+                note=f"{data.get('documents', '?')} documents, top-{data.get('top_k', '?')}")
+        for row in field_at(data, "results")
+        for batch in (1, 256)
+    ]
+
+
+def embedded_throughput_measures(data: dict) -> list[Measure]:
+    return [
+        Measure(f"embedded engine, {row['concurrency']} concurrent requests: batched ÷ sequential tokens/s",
+                row["ratio"], "×", above(1) if row["concurrency"] > 1 else None,
+                f"{row['batched_tok_s']:.0f} vs {row['sequential_tok_s']:.0f} tokens/s; {data.get('model', '')} on CPU")
+        for row in field_at(data, "rows")
+    ]
+
+
+def spec_decode_measures(data: dict) -> list[Measure]:
+    """Per temperature and concurrency, the best draft length against no speculation."""
+    best: dict[tuple[float, int], dict] = {}
+    for row in field_at(data, "rows"):
+        key = (row["temperature"], row["concurrency"])
+        if row["draft_tokens"] > 0 and (key not in best or row["speedup"] > best[key]["speedup"]):
+            best[key] = row
+    return [
+        Measure(f"MTP speculative decoding, T={t:g}, {c} concurrent: tokens/s vs no speculation", row["speedup"], "×",
+                note=f"{row['draft_tokens']} draft tokens, accept rate {row['accept_rate']:.2f}, "
+                     f"{row['tok_s']:.0f} tokens/s; {data.get('model', '')} on CPU")
+        for (t, c), row in sorted(best.items())
+    ]
+
+
+def r3_measures(data: dict) -> list[Measure]:
+    note = (f"k3_kl {field_at(data, 'without_r3.k3_kl'):.2e} → {field_at(data, 'with_r3.k3_kl'):.2e}; "
+            f"{data.get('model', 'tiny MoE')}")
+    return [Measure("R3: rollout/trainer k3_kl reduction", field_at(data, "k3_kl_reduction"), "×", at_least(3), note)]
+
+
+def mtp_measures(data: dict) -> list[Measure]:
+    steps = field_at(data, "settings.steps")
+    with_sft, without = field_at(data, "summary.with_mtp_sft"), field_at(data, "summary.without_mtp_sft")
+    return [
+        Measure(f"MTP draft accept rate change over {steps} RL steps, with MTP-SFT", with_sft["change_points"],
+                "points", at_least(-2), f"{with_sft['accept_start']:.3f} → {with_sft['accept_end']:.3f}"),
+        Measure(f"MTP draft accept rate change over {steps} RL steps, without MTP-SFT", without["change_points"],
+                "points", below(0), f"{without['accept_start']:.3f} → {without['accept_end']:.3f}"),
+    ]
+
+
+def megatron_gpu_measures(data: dict) -> list[Measure]:
+    card = field_at(data, "card")
+    return [
+        Measure(f"Megatron on {card}: step time, R3 on", field_at(data, "step_seconds_r3_on_median"), "s",
+                note=f"{field_at(data, 'tokens_per_step')} tokens/step"),
+        Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s"),
+        Measure(f"Megatron on {card}: MFU, R3 on", field_at(data, "mfu_r3_on"), note=data.get("mfu_note", "")),
+        Measure(f"Megatron on {card}: step time R3 on ÷ off", field_at(data, "r3_overhead_ratio"), "×"),
+        Measure(f"Megatron on {card}: R3 k3_kl reduction", field_at(data, "k3_kl_reduction"), "×", at_least(3)),
+    ]
+
+
+def peers_measures(data: dict) -> list[Measure]:
+    """The miles-envs env-API row is the base; every other library is a ratio to it."""
+    workload = (f"{field_at(data, 'episodes')} episodes × {field_at(data, 'turns')} turns, thread CPU time, "
+                f"best of {field_at(data, 'repeats')}")
+    measures = []
+    for row in field_at(data, "rows"):
+        name = row["library"]
+        if row.get("error"):
+            measures.append(Measure(f"per-turn overhead, {name}", None, note=f"not run: {row['error']}"))
+        elif name == "miles-envs":
+            measures.append(Measure("per-turn overhead, miles-envs env API (base of the ratios)", row["us_per_turn"],
+                                    "µs/turn", note=f"{row['path']}; {workload}"))
+        else:
+            version = "" if row.get("version") in (None, "this checkout") else f" {row['version']}"
+            measures.append(Measure(f"per-turn overhead, {name}{version} ÷ miles-envs env API", row["ratio_vs_ours"], "×",
+                                    note=f"{row['us_per_turn']:.1f} µs/turn; {row['path']}"))
+    return measures
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    script: str
+    measures: Callable[[dict], list[Measure]]
+    quick_args: tuple[str, ...] = ()
+    runs_here: bool = True
+    about: str = ""
+
+    @property
+    def results_name(self) -> str:
+        return f"{Path(self.script).stem}.json"
+
+
+BENCHES: tuple[Bench, ...] = (
+    Bench("loop_overhead", "loop_overhead.py", loop_overhead_measures,
+          ("--episodes", "50", "--turns", "4", "--concurrent", "200", "--concurrent-turns", "2"),
+          about="env loop with the scripted engine and a trivial env: CPU per turn minus engine and env time; "
+                "then concurrent episodes through the SGLang client against the protocol server (50 ms latency), "
+                "lag of a 5 ms ticker"),
+    Bench("sandbox", "sandbox.py", sandbox_measures, ("--runs", "20", "--cold-runs", "5", "--docker-cold-runs", "2"),
+          about="print(1) through each sandbox backend, one per call (cold) or from the warm pool (pooled)"),
+    Bench("search", "search.py", search_measures, ("--scale", "2", "--rounds", "1"),
+          about="BM25 over the generated encyclopedia, in process and over HTTP /retrieve, best of rounds"),
+    Bench("embedded_throughput", "embedded_throughput.py", embedded_throughput_measures,
+          ("--concurrency", "1", "8", "--new-tokens", "8", "--sequential-requests", "2", "--repeats", "1"),
+          about="embedded engine, tiny random-init qwen3-moe on CPU: concurrent requests batched vs one at a time"),
+    Bench("spec_decode", "spec_decode.py", spec_decode_measures,
+          ("--draft-tokens", "0", "2", "--concurrency", "1", "--new-tokens", "8"),
+          about="embedded engine with MTP drafts (tiny model made draftable) vs plain decoding"),
+    Bench("r3_mismatch", "r3_mismatch.py", r3_measures, ("--samples", "2", "--max-new-tokens", "8"),
+          about="bf16 rollout vs fp32 trainer logprobs on one batch of a sharpened tiny MoE, with and without R3"),
+    Bench("mtp_acceptance", "mtp_acceptance.py", mtp_measures,
+          ("--steps", "3", "--warmup-steps", "2", "--max-new-tokens", "8"),
+          about="draft accept rate over GRPO steps on a tiny MoE, MTP layer trained online (MTP-SFT) or frozen"),
+    Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
+          about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+    Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),
+          about="one scripted workload (fixed reply, fixed observation, N turns) through each library's own env "
+                "step and message handling, each library in its own venv; see bench/peers.py for what is timed"),
+)
+
+
+def select(names: Iterable[str]) -> list[Bench]:
+    """The benches named (all when none), with close matches suggested for a typo."""
+    names = list(names)
+    if not names:
+        return list(BENCHES)
+    known = [bench.name for bench in BENCHES]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"no bench named {name!r}{hint}; known: {', '.join(known)}")
+    return [bench for bench in BENCHES if bench.name in names]
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """How one bench went: ``status`` is ran / failed / missing / stored / no results."""
+
+    bench: Bench
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    measures: list[Measure] = field(default_factory=list)
+
+
+def supported_args(script: Path, wanted: tuple[str, ...], python: str = sys.executable) -> list[str]:
+    """``--quick`` when the script takes it, else those of ``wanted`` (each flag with the values after
+    it) that its ``--help`` lists, so the runner keeps working as scripts add or drop options."""
+    help_text = subprocess.run([python, str(script), "--help"], capture_output=True, text=True, timeout=300).stdout
+    offered = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", help_text))
+    if "--quick" in offered:
+        return ["--quick"]
+    args, pending = [], list(wanted)
+    while pending:
+        flag, values = pending.pop(0), []
+        while pending and not pending[0].startswith("--"):
+            values.append(pending.pop(0))
+        if flag in offered:
+            args += [flag, *values]
+    return args
+
+
+@contextmanager
+def script_folder(results_dir: Path, bench_dir: Path = BENCH_DIR) -> Iterator[Path]:
+    """The folder to run the scripts from so that their ``results/`` is ``results_dir``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if results_dir.resolve() == (bench_dir / "results").resolve():
+        yield bench_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="miles-envs-bench-") as tmp:
+        staged = Path(tmp) / "bench"
+        shutil.copytree(bench_dir, staged, ignore=shutil.ignore_patterns("results", "__pycache__"))
+        (staged / "results").symlink_to(results_dir.resolve(), target_is_directory=True)
+        yield staged
+
+
+def run_bench(bench: Bench, folder: Path, results_dir: Path, *, quick: bool, timeout: float,
+              log_dir: Path, python: str = sys.executable) -> Outcome:
+    """Run one script (or, for a bench that cannot run here, read its stored results)."""
+    published = BENCH_DIR / "results" / bench.results_name
+    if not bench.runs_here:
+        return read_results(bench, published, "stored")
+    script = folder / bench.script
+    if not script.is_file():
+        return Outcome(bench, "missing", f"no script bench/{bench.script}")
+    args = supported_args(script, bench.quick_args, python) if quick else []
+    log = log_dir / f"{bench.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        try:
+            code = subprocess.run([python, str(script), *args], stdout=out, stderr=subprocess.STDOUT,
+                                  cwd=BENCH_DIR.parent, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return Outcome(bench, "failed", f"timed out after {timeout:g} s; log: {shown(log)}", time.time() - started)
+    seconds = time.time() - started
+    if code != 0:
+        return Outcome(bench, "failed", f"exit {code}: {_last_line(log)}; log: {shown(log)}", seconds)
+    results = results_dir / bench.results_name
+    if not results.is_file() or results.stat().st_mtime < started:
+        return Outcome(bench, "no results", f"the script wrote no {shown(results)}; log: {shown(log)}", seconds)
+    outcome = read_results(bench, results, "ran", " ".join(args))
+    outcome.seconds = seconds
+    return outcome
+
+
+def read_results(bench: Bench, path: Path, status: str, detail: str = "") -> Outcome:
+    if not path.is_file():
+        return Outcome(bench, "no results", f"no {shown(path)}")
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    detail = detail or f"results written {written}"
+    try:
+        measures = bench.measures(json.loads(path.read_text()))
+    except MissingResult as error:
+        reason = str(error)
+    except KeyError as error:
+        reason = f"no field {error}"
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        reason = str(error)
+    else:
+        return Outcome(bench, status, detail, measures=measures)
+    return Outcome(bench, "failed", f"{path.name} does not read as expected: {reason}")
+
+
+def run_benches(benches: Iterable[Bench], results_dir: Path, *, quick: bool = False, timeout: float = 3600,
+                on_start: Callable[[Bench], None] = lambda bench: None) -> list[Outcome]:
+    """Run the benches one after another (they time themselves: never in parallel)."""
+    outcomes = []
+    with script_folder(results_dir) as folder:
+        for bench in benches:
+            on_start(bench)
+            outcomes.append(run_bench(bench, folder, results_dir, quick=quick, timeout=timeout,
+                                      log_dir=results_dir / "logs"))
+    return outcomes
+
+
+def stored_outcomes(benches: Iterable[Bench], results_dir: Path) -> list[Outcome]:
+    """The table from results already on disk, running nothing."""
+    return [read_results(bench, (results_dir if bench.runs_here else BENCH_DIR / "results") / bench.results_name,
+                         "stored") for bench in benches]
+
+
+def machine_summary() -> str:
+    """CPU model, cores, OS, Python and torch: the line printed above every published table."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    parts = [f"{cpu}, {os.cpu_count()} cores", f"{platform.system()} {platform.release()}",
+             f"Python {platform.python_version()}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+def shown(path: Path) -> str:
+    """A path as the table prints it: relative to the checkout when inside it."""
+    try:
+        return str(path.resolve().relative_to(BENCH_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:200] if lines else "no output"
