@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from miles_envs.chat.delta_cache import DeltaCache
 from miles_envs.chat.template import ChatTemplate, Message
 
 # Special tokens that end an assistant turn in the families we know; the template's own end-of-turn
@@ -92,7 +93,11 @@ class ChatRenderer:
     """Chat template → token ids, turn by turn, without ever re-tokenising generated ids."""
 
     def __init__(
-        self, tokenizer: Any, chat_template_kwargs: Mapping[str, Any] | None = None, remember: int = 65536
+        self,
+        tokenizer: Any,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        remember: int = 65536,
+        cache_deltas: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self._remember = remember
@@ -102,6 +107,11 @@ class ChatRenderer:
         self.turn_end_id = self._find_turn_end_id()
         self.stop_token_ids = self._collect_stop_ids()
         self._stop_ids = frozenset(self.stop_token_ids)
+        self.delta_cache = DeltaCache()
+        if cache_deltas:
+            self.delta_cache.probe(self._probe_tail)
+        else:
+            self.delta_cache.enabled = False
 
     # -- public API ------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
@@ -126,6 +136,12 @@ class ChatRenderer:
         text = self.decode(generated_ids[:-1] if ended_by_model else generated_ids)
         turn = {"role": assistant_message.get("role", "assistant"), "content": text}
         given = list(history)
+        end = ("model", generated_ids[-1]) if ended_by_model else finish_reason
+        cache_key = self.delta_cache.key(given, assistant_message, end, text, observation, tools)
+        cached = self.delta_cache.lookup(cache_key) if cache_key is not None else None
+        if cached is not None:
+            self._remember_turn(_SeenTurn(assistant_message, text, [*given, assistant_message, *observation], tools, None))
+            return RenderedDelta(ids=list(cached), append_only=True)
         history = [self._as_generated(message) for message in given]
         before = self._reusable_rendering(given, tools)
         if before is None:
@@ -150,6 +166,8 @@ class ChatRenderer:
             closed = self.tokenizer.convert_ids_to_tokens(ids[0]) if ids and ids[0] in self._stop_ids else "nothing"
             notes.append(f"turn cut by {finish_reason}; closed with {closed}")
         self._remember_turn(_SeenTurn(assistant_message, text, [*given, assistant_message, *observation], tools, after))
+        if cache_key is not None:
+            self.delta_cache.store(cache_key, tuple(ids) if append_only and not notes else None)
         return RenderedDelta(ids=ids, append_only=append_only, note="; ".join(notes) or None)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -206,6 +224,13 @@ class ChatRenderer:
             template_token = self.tokenizer.convert_ids_to_tokens(ids[0])
             return ids[1:], f"the model ended its turn with {model_token}, the template writes {template_token}"
         return ids, f"the model ended its turn with {model_token}, the template writes none here"
+
+    def _probe_tail(self, history: list[Message], observation: list[Message]) -> str | None:
+        """The text after a fixed turn and ``observation`` (None when not append-only): the cache's probe."""
+        turn = {"role": "assistant", "content": "4"}
+        before = self.template.render(history, add_generation_prompt=True) + turn["content"]
+        after = self.template.render([*history, turn, *observation], add_generation_prompt=True)
+        return after[len(before) :] if after.startswith(before) else None
 
     def _find_turn_end_id(self) -> int | None:
         """The special token the template writes right after an assistant's text."""
