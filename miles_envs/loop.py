@@ -90,7 +90,8 @@ async def run_episode(
     status, error, reward, components = Status.COMPLETED, None, 0.0, {}
     try:
         started = time.perf_counter()
-        obs, info = await with_timeout(env.areset(seed=seed), config.env_timeout, "reset")
+        timeout = None if env.run_inline else config.env_timeout  # an inline env cannot be interrupted
+        obs, info = await with_timeout(env.areset(seed=seed), timeout, "reset")
         stats["env_s"] += time.perf_counter() - started
         tools = info.get("tools")
         messages.extend(obs)
@@ -136,9 +137,7 @@ async def run_episode(
             messages.append(turn_message)
             started = time.perf_counter()
             try:
-                obs, step_reward, terminated, truncated, info = await with_timeout(
-                    env.astep(action), config.env_timeout, "step"
-                )
+                obs, step_reward, terminated, truncated, info = await with_timeout(env.astep(action), timeout, "step")
             finally:
                 stats["env_s"] += time.perf_counter() - started
             reward += float(step_reward)
@@ -207,6 +206,8 @@ def append_generation(episode: TokenStream, gen: Generation) -> None:
 
 
 async def with_timeout(awaitable, timeout: float | None, what: str):
+    if timeout is None:
+        return await awaitable
     try:
         return await asyncio.wait_for(awaitable, timeout)
     except asyncio.TimeoutError:
