@@ -1,0 +1,3 @@
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'miles-envs[megatron]')")

@@ -1,0 +1,26 @@
+"""Tiny HF models for the megatron backend tests (2I != H, so a transposed expert weight fails)."""
+
+import torch
+
+VOCAB = 300
+
+
+def tiny_qwen3_moe(mtp: int = 1, seed: int = 0, tie: bool = False):
+    """``(hf_config, model, mtp_stack or None)`` with random weights (MTP layers not zero)."""
+    from transformers import AutoModelForCausalLM
+
+    from miles_envs.models.factory import build_config
+    from miles_envs.models.mtp import build_mtp
+
+    config = build_config("qwen3-moe", "tiny", VOCAB, mtp=mtp)
+    config.moe_intermediate_size = 24
+    config.tie_word_embeddings = tie
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    stack = None
+    if mtp:
+        stack = build_mtp(model, mtp)
+        with torch.no_grad():
+            for p in stack.layers.parameters():
+                p.normal_(0, 0.1) if p.dim() > 1 else p.normal_(1, 0.1)
+    return config, model, stack

@@ -1,0 +1,206 @@
+"""The megatron backend: the torch backend's training step on a megatron-core ``GPTModel``.
+
+``MegatronTrainer`` is a ``Trainer`` whose forward runs megatron (packed rows, R3 through
+``RouterReplay``, MTP through ``mtp_num_layers``); advantages, packing, policy losses, TIS,
+aggregation and the step structure are the torch backend's own code. The model is bf16 through
+``Float16Module`` when ``dtype="bfloat16"``, wrapped in megatron's DDP with the distributed
+optimizer (gradient clipping happens inside it). ``state_dict()`` returns HF-named weights, so the
+embedded engine's ``update_weights`` and ``save_hf_checkpoint`` take them as they are.
+
+The MTP loss is megatron's own (``MTPLossAutoScaler`` injects its gradient at the hidden states):
+a mean over the micro-batch's labelled tokens. Its backward scale is set per micro-batch to
+``micro-batch tokens / minibatch tokens``, which makes the sum over micro-batches
+``mtp_loss_scale x`` the minibatch mean, as in the torch backend (exact for one MTP depth).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from miles_envs.trainer.advantages import ADVANTAGES
+from miles_envs.trainer.batch import PackedBatch
+from miles_envs.trainer.config import TrainerConfig
+from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
+from miles_envs.trainer.megatron.forward import run_forward
+from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
+from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
+from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
+from miles_envs.trainer.mtp_sft import mtp_labels
+from miles_envs.trainer.plugins import resolve
+from miles_envs.trainer.r3 import RoutingRecord
+from miles_envs.trainer.torch_backend import ForwardResult, Trainer, pick_device
+from miles_envs.trajectory import Trajectory
+
+
+class _MegatronStep:
+    """Gives megatron's DDP + optimizer the ``zero_grad``/``step`` surface the training step uses."""
+
+    def __init__(self, ddp_model, optimizer) -> None:
+        self.ddp_model = ddp_model
+        self.optimizer = optimizer
+        self.grad_norms: list[float] = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        self.ddp_model.finish_grad_sync()
+        succeeded, grad_norm, _ = self.optimizer.step()
+        if not succeeded:
+            raise FloatingPointError("megatron optimizer skipped the step (non-finite gradients)")
+        self.grad_norms.append(float(grad_norm))
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+
+def _wrap_for_training(gpt_model, cfg: TrainerConfig, settings: MegatronSettings):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    model = Float16Module(gpt_model.config, gpt_model) if settings.bf16 else gpt_model
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.distributed_optimizer
+    )
+    ddp = DistributedDataParallel(config=gpt_model.config, ddp_config=ddp_config, module=model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            clip_grad=cfg.max_grad_norm,
+            bf16=settings.bf16,
+            params_dtype=gpt_model.config.params_dtype,
+            use_distributed_optimizer=settings.distributed_optimizer,
+        ),
+        [ddp],
+    )
+    return ddp, _MegatronStep(ddp, optimizer)
+
+
+class MegatronTrainer(Trainer):
+    """Policy-gradient trainer on megatron-core (see module docstring); GPU, or CPU with a shim."""
+
+    def __init__(
+        self,
+        hf_config,
+        hf_weights: dict[str, torch.Tensor],
+        config: TrainerConfig | None = None,
+        settings: MegatronSettings | None = None,
+    ) -> None:
+        cfg = (config or TrainerConfig()).resolved()
+        if cfg.lora_rank or cfg.kl_coef:
+            raise ValueError("the megatron backend trains full weights without a KL reference: set lora_rank=0, kl_coef=0")
+        self.config = cfg
+        self.settings = settings or MegatronSettings(
+            bf16=cfg.dtype == "bfloat16", routing_replay=cfg.r3, mtp_loss_scale=cfg.mtp_loss_scale
+        )
+        if cfg.r3 and not self.settings.routing_replay:
+            raise ValueError("r3=True needs MegatronSettings(routing_replay=True)")
+        torch.manual_seed(cfg.seed)
+        self.device = pick_device(cfg.device)
+        self.hf_config = hf_config
+        self.gpt = build_gpt_model(hf_config, self.settings)
+        if cfg.mtp_sft and not self.gpt.config.mtp_num_layers:
+            raise ValueError("mtp_sft=True needs a config with MTP layers (num_nextn_predict_layers > 0)")
+        load_hf_weights(self.gpt, hf_config, hf_weights)
+        self.model, self.optimizer = _wrap_for_training(self.gpt, cfg, self.settings)
+        self.base_model = self.model
+        self.mtp = self.ref_model = None
+        self.replay = MegatronRoutingReplay(self.gpt) if self.settings.routing_replay else None
+        self.advantage_fn = resolve("advantage", cfg.advantage, ADVANTAGES)
+        self.policy_loss_fn = resolve("policy loss", cfg.policy_loss, POLICY_LOSSES)
+        self.reward_fn = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
+        self.step = 0
+        self._mtp_logits: list[torch.Tensor] = []
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: TrainerConfig | None = None, settings: MegatronSettings | None = None, **_: Any):
+        """Build from an HF checkpoint folder, with its MTP layers when the folder stores them."""
+        from miles_envs.models.loading import load_checkpoint
+
+        loaded = load_checkpoint(path, device="cpu", dtype=torch.float32)
+        return cls(loaded.model.config, hf_state_of(loaded.model, loaded.mtp), config, settings)
+
+    # -- weights -------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []  # the megatron optimizer owns the parameters and clips their gradients
+
+    def mtp_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named weights (``mtp.*`` for the MTP layers): what ``Trainer.state_dict`` returns."""
+        return export_hf_weights(self.gpt, self.hf_config)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, batch: PackedBatch, *, replay: bool, model=None, hidden_states: bool = False) -> ForwardResult:
+        routing = self.replay.apply(batch.routed_experts, replay=replay) if self.replay else nullcontext(RoutingRecord())
+        with routing as record:
+            out = run_forward(self.model, self.gpt, batch.to(self.device))
+        if self.settings.recompute and self.replay is not None and replay and out.logits.requires_grad:
+            out.logits.register_hook(lambda grad: (self.replay.for_recompute(), grad)[1])
+        self._mtp_logits = out.mtp_logits
+        logits = out.logits if self.config.temperature == 1.0 else out.logits / self.config.temperature
+        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets.to(logits.device))
+        return ForwardResult(logprobs, entropy, record)
+
+    # -- the step ------------------------------------------------------------------------------
+    def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        self.optimizer.grad_norms.clear()
+        metrics = super().train_step(trajectories)
+        norms = self.optimizer.grad_norms
+        return metrics | {"grad_norm": sum(norms) / max(1, len(norms))}
+
+    def _micro_batch_loss(self, batch, old_logprobs, ref_logprobs, stats, mismatch, mtp_tokens) -> torch.Tensor:
+        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+        train_mtp = self.config.mtp_sft and mtp_tokens > 0
+        share = int(mtp_labels(batch, 0)[3].sum()) / mtp_tokens if train_mtp else 0.0
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(share))
+        with self._policy_only():
+            loss = super()._micro_batch_loss(batch, old_logprobs, ref_logprobs, stats, mismatch, 0)
+        if train_mtp:
+            self._mtp_stats(batch, stats)
+        return loss
+
+    @contextmanager
+    def _policy_only(self):
+        """The shared step computes the policy loss; the MTP loss is inside megatron's forward."""
+        config = self.config
+        self.config = replace(config, mtp_sft=False)
+        try:
+            yield
+        finally:
+            self.config = config
+
+    @torch.no_grad()
+    def _mtp_stats(self, batch: PackedBatch, stats) -> None:
+        """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``."""
+        loss = 0.0
+        for depth, logits in enumerate(self._mtp_logits):
+            _, _, labels, mask = (t.to(logits.device) for t in mtp_labels(batch, depth))
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+            loss += float((ce * mask).sum()) / max(1, int(mask.sum())) / len(self._mtp_logits)
+            if depth == 0:
+                tokens = int(mask.sum())
+                hits = float(((logits.argmax(-1) == labels).float() * mask).sum())
+        stats.add("mtp/loss", loss, tokens)
+        stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
+
+
+def hf_state_of(model: torch.nn.Module, mtp: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """An HF model's weights (plus its MTP stack as ``mtp.*``) in the naming the backend converts."""
+    state = dict(model.state_dict())
+    if mtp is not None:
+        shared = ("embed_tokens.", "shared_head.", "rotary_emb.")
+        state |= {f"mtp.{k}": v for k, v in mtp.state_dict().items() if not k.startswith(shared)}
+    return state

@@ -1,0 +1,95 @@
+"""One megatron forward over a ``PackedBatch`` (the torch backend's packed layout).
+
+Packed rows hold several sequences whose position ids restart at 0. megatron's local attention
+takes an explicit mask, so each row gets a block-diagonal causal mask built from ``seq_index``; the
+rotary table is indexed by the packed position ids (``PackedRotary``), so every sequence sees the
+positions it had at rollout. The result equals running each sequence alone, as the HF path does.
+
+The logits are taken from the output layer's calls (the MTP depths first, the main head last):
+with MTP the model returns its LM loss instead of logits (megatron computes the MTP loss only when
+labels are given), and its vocab-parallel cross-entropy then works in place on the logits, so the
+hook keeps a copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from miles_envs.trainer.batch import PackedBatch
+
+
+def packed_attention_mask(seq_index: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1, T, T]`` bool, True where attention is *blocked* (megatron's convention)."""
+    same = seq_index.unsqueeze(-1) == seq_index.unsqueeze(-2)
+    causal = torch.ones(seq_index.shape[-1], seq_index.shape[-1], dtype=torch.bool, device=seq_index.device).tril()
+    return ~(same & causal).unsqueeze(1)
+
+
+def mtp_loss_mask(batch: PackedBatch, depth: int) -> torch.Tensor:
+    """The loss mask handed to megatron so that its rolled masks count only same-sequence labels.
+
+    megatron rolls this mask left once per MTP depth; zeroing the first ``depth`` positions of every
+    sequence keeps a label from the next sequence out of the loss.
+    """
+    keep = batch.position_ids >= depth
+    return batch.loss_mask * keep
+
+
+class PackedRotary(nn.Module):
+    """Wraps megatron's ``RotaryEmbedding``: the table is gathered at ``positions`` ([rows, T])."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.positions: torch.Tensor | None = None
+
+    def get_rotary_seq_len(self, *args, **kwargs) -> int:
+        return self.inner.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, seq_len: int, *args, **kwargs) -> torch.Tensor:
+        if self.positions is None:
+            return self.inner(seq_len, *args, **kwargs)
+        table = self.inner(int(self.positions.max()) + 1, *args, **kwargs)  # [L, 1, 1, dim]
+        return table[:, 0, 0, :][self.positions.t()].unsqueeze(2)  # [T, rows, 1, dim]
+
+
+def install_packed_rotary(gpt_model: nn.Module) -> PackedRotary:
+    if not isinstance(gpt_model.rotary_pos_emb, PackedRotary):
+        gpt_model.rotary_pos_emb = PackedRotary(gpt_model.rotary_pos_emb)
+    return gpt_model.rotary_pos_emb
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [rows, T, vocab]
+    mtp_logits: list[torch.Tensor]  # per depth, [rows, T, vocab]
+
+
+@contextmanager
+def _capture_output_layer(gpt_model: nn.Module, copy: bool) -> Iterator[list[torch.Tensor]]:
+    calls: list[torch.Tensor] = []
+    handle = gpt_model.output_layer.register_forward_hook(lambda _m, _i, out: calls.append(out[0].clone() if copy else out[0]))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch) -> ForwardOutput:
+    """Forward ``batch`` through ``model`` (``gpt_model`` is the unwrapped ``GPTModel`` inside it)."""
+    rotary = install_packed_rotary(gpt_model)
+    depth = gpt_model.config.mtp_num_layers or 0
+    extra = {"labels": batch.targets, "loss_mask": mtp_loss_mask(batch, depth)} if depth else {}
+    rotary.positions = batch.position_ids
+    try:
+        with _capture_output_layer(gpt_model, copy=bool(depth)) as calls:
+            model(batch.input_ids, batch.position_ids, packed_attention_mask(batch.seq_index), **extra)
+    finally:
+        rotary.positions = None
+    logits = [c.transpose(0, 1) for c in calls]  # [T, rows, V] -> [rows, T, V]
+    return ForwardOutput(logits=logits[-1], mtp_logits=logits[:-1])

@@ -1,0 +1,156 @@
+"""megatron-core ``GPTModel`` built from a Hugging Face config.
+
+Supported: Qwen3-MoE (and dense Qwen3), optionally with MTP layers in the DeepSeek NextN layout
+(``num_nextn_predict_layers``). The layer spec is transformer-engine's when TE imports, megatron's
+local one otherwise (experts as ``SequentialMLP``, so weight names do not depend on grouped GEMM).
+The router keeps megatron's own top-k code path: ``moe_router_fusion`` stays off so that R3's
+``RouterReplay`` sees every top-k call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MegatronSettings:
+    """Parallel sizes and numerics of the megatron backend (from the ``--tp/--ep`` flags)."""
+
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    bf16: bool = False
+    routing_replay: bool = False  # build RouterReplay into every router (R3)
+    mtp_loss_scale: float = 0.2
+    token_dispatcher: str = "alltoall"  # "allgather" for the CPU/gloo path
+    use_cpu_initialization: bool = False
+    recompute: bool = False  # full activation recompute (REPLAY_BACKWARD replays the routing)
+    distributed_optimizer: bool = True
+
+
+SUPPORTED = ("qwen3_moe", "qwen3")
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mtp_depth(hf_config) -> int:
+    from miles_envs.models.mtp import mtp_layer_count
+
+    return mtp_layer_count(hf_config)
+
+
+def transformer_config(hf_config, settings: MegatronSettings):
+    """The megatron ``TransformerConfig`` equivalent of ``hf_config``."""
+    from megatron.core.transformer import TransformerConfig
+
+    kind = hf_config.model_type
+    if kind not in SUPPORTED:
+        raise ValueError(
+            f"the megatron backend has no mapping for model_type {kind!r}: supported {', '.join(SUPPORTED)}; "
+            "use the torch backend for other architectures"
+        )
+    if getattr(hf_config, "attention_bias", False):
+        raise ValueError("attention_bias=True is not mapped (Qwen3 checkpoints have none)")
+    values = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=settings.tensor_parallel,
+        expert_model_parallel_size=settings.expert_parallel,
+        sequence_parallel=settings.tensor_parallel > 1,
+        bf16=settings.bf16,
+        params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        use_cpu_initialization=settings.use_cpu_initialization,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+    )
+    if kind == "qwen3_moe":
+        values.update(
+            num_moe_experts=hf_config.num_experts,
+            moe_router_topk=hf_config.num_experts_per_tok,
+            moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+            # softmax over the top-k logits == softmax over all experts renormalised on the top-k
+            moe_router_pre_softmax=not hf_config.norm_topk_prob,
+            moe_router_score_function="softmax",
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type=settings.token_dispatcher,
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+            moe_enable_routing_replay=settings.routing_replay,
+        )
+        if getattr(hf_config, "mlp_only_layers", None) or getattr(hf_config, "decoder_sparse_step", 1) != 1:
+            raise ValueError("Qwen3-MoE configs with dense layers (mlp_only_layers/decoder_sparse_step) are not mapped")
+    depth = mtp_depth(hf_config)
+    if depth:
+        values.update(mtp_num_layers=depth, mtp_loss_scaling_factor=settings.mtp_loss_scale)
+    if settings.recompute:
+        values.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    if depth and "mtp_detach_heads" in known:  # megatron-core >= 0.19: MTP loss trains only the MTP layers
+        values["mtp_detach_heads"] = True
+    return TransformerConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _define_missing_te_gemm() -> None:
+    """megatron-core 0.16 reads ``moe_utils.te_general_gemm`` even when transformer-engine is absent
+    (NameError in the router); defining it as None selects its plain ``torch.mm`` path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def build_gpt_model(hf_config, settings: MegatronSettings):
+    """A ``GPTModel`` with the architecture of ``hf_config`` (weights random: load them after)."""
+    from megatron.core.models.gpt import GPTModel
+
+    _define_missing_te_gemm()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+
+    config = transformer_config(hf_config, settings)
+    use_te = have_transformer_engine()
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te) if config.mtp_num_layers else None
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_base=int(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000))),
+        mtp_block_spec=mtp_spec,
+    )
