@@ -13,6 +13,7 @@ import asyncio
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from miles_envs.agents.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Env, Message
+from miles_envs.pacing import LagWindow
 from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
 
 EnvFactory = Callable[[], Env]
@@ -36,6 +38,8 @@ class LoopConfig:
     env_timeout: float | None = 60.0
     # "truncate": a length stop ends the episode; "continue": the env still sees the cut-off reply.
     on_length: str = "truncate"
+    # Turns in flight are bounded so the event loop's lag stays near this (None: unbounded).
+    max_loop_lag: float | None = 0.01
 
 
 class TokenStream:
@@ -82,80 +86,88 @@ async def run_episode(
     seed: int | None = None,
     sampling_seed: int | None = None,
     ids: dict[str, Any] | None = None,
+    admission: AbstractAsyncContextManager[Any] | None = None,
 ) -> Trajectory:
-    """Play one episode; never raises for env or engine trouble (it is recorded in the status)."""
+    """Play one episode; never raises for env or engine trouble (it is recorded in the status).
+
+    ``admission`` is entered around the reset and around each turn (``rollout`` passes its
+    ``LagWindow``), bounding how many turns are in flight at once.
+    """
+    admission = admission or nullcontext()
     episode: TokenStream | None = None
     messages: list[Message] = []
     stats = {"tool_calls": 0, "parse_errors": 0, "generate_s": 0.0, "env_s": 0.0}
     status, error, reward, components = Status.COMPLETED, None, 0.0, {}
     try:
-        started = time.perf_counter()
-        timeout = None if env.run_inline else config.env_timeout  # an inline env cannot be interrupted
-        obs, info = await with_timeout(env.areset(seed=seed), timeout, "reset")
-        stats["env_s"] += time.perf_counter() - started
-        tools = info.get("tools")
-        messages.extend(obs)
-        episode = TokenStream(renderer.prompt_ids(messages, tools=tools))
-        stop_ids = sorted(set(config.sampling.stop_token_ids) | set(renderer.stop_token_ids))
-        max_turns = config.max_turns or env.max_turns
-        turns = 0
-        while True:
-            budget = config.max_context - len(episode.tokens)
-            if budget <= 0:
-                status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
-                break
-            sampling = replace(
-                config.sampling,
-                max_new_tokens=min(config.sampling.max_new_tokens, budget),
-                stop_token_ids=stop_ids,
-                seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
-            )
+        async with admission:
             started = time.perf_counter()
-            try:
-                gen = await engine.generate(
-                    episode.tokens, sampling, return_routed_experts=config.return_routed_experts,
-                    routed_experts_start=episode.rows_held, lora=config.lora,
-                )
-            except Exception as exc:  # transport trouble is the engine's failure, not the env's
-                status, error = Status.ABORTED, f"engine error: {type(exc).__name__}: {exc}"
-                break
-            stats["generate_s"] += time.perf_counter() - started
-            turns += 1
-            episode.add_routing(gen.routed_experts)
-            append_generation(episode, gen)
-            if gen.finish_reason == "abort":
-                status, error = Status.ABORTED, gen.error or "engine aborted the request"
-                break
-            if gen.finish_reason == "length" and config.on_length == "truncate":
-                messages.append({"role": "assistant", "content": reply_text(renderer, gen.output_ids)})
-                status = Status.TRUNCATED
-                break
-            history = list(messages)
-            turn_message, action, parsed_cleanly = parse_turn(parser, reply_text(renderer, gen.output_ids))
-            stats["tool_calls"] += len(action.get("tool_calls") or [])
-            stats["parse_errors"] += not parsed_cleanly
-            messages.append(turn_message)
-            started = time.perf_counter()
-            try:
-                obs, step_reward, terminated, truncated, info = await with_timeout(env.astep(action), timeout, "step")
-            finally:
-                stats["env_s"] += time.perf_counter() - started
-            reward += float(step_reward)
-            components = info.get("reward_components", components)
+            timeout = None if env.run_inline else config.env_timeout  # an inline env cannot be interrupted
+            obs, info = await with_timeout(env.areset(seed=seed), timeout, "reset")
+            stats["env_s"] += time.perf_counter() - started
+            tools = info.get("tools")
             messages.extend(obs)
-            if terminated or truncated:
-                status = Status.COMPLETED if terminated else Status.TRUNCATED
-                break
-            if max_turns is not None and turns >= max_turns:
-                status = Status.TRUNCATED  # the stream ends on the model's turn: nothing after it is trained on
-                break
-            delta = renderer.delta_ids(history, turn_message, gen.output_ids, gen.finish_reason, obs, tools=tools)
-            if not delta.append_only and NON_APPEND_ONLY not in episode.trajectory.flags:
-                episode.trajectory.flags.append(NON_APPEND_ONLY)
-            if len(episode.tokens) + len(delta.ids) >= config.max_context:
-                status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
-                break
-            episode.append(delta.ids, "env")
+            episode = TokenStream(renderer.prompt_ids(messages, tools=tools))
+            stop_ids = sorted(set(config.sampling.stop_token_ids) | set(renderer.stop_token_ids))
+            max_turns = config.max_turns or env.max_turns
+            turns = 0
+        while True:
+            async with admission:
+                budget = config.max_context - len(episode.tokens)
+                if budget <= 0:
+                    status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
+                    break
+                sampling = replace(
+                    config.sampling,
+                    max_new_tokens=min(config.sampling.max_new_tokens, budget),
+                    stop_token_ids=stop_ids,
+                    seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
+                )
+                started = time.perf_counter()
+                try:
+                    gen = await engine.generate(
+                        episode.tokens, sampling, return_routed_experts=config.return_routed_experts,
+                        routed_experts_start=episode.rows_held, lora=config.lora,
+                    )
+                except Exception as exc:  # transport trouble is the engine's failure, not the env's
+                    status, error = Status.ABORTED, f"engine error: {type(exc).__name__}: {exc}"
+                    break
+                stats["generate_s"] += time.perf_counter() - started
+                turns += 1
+                episode.add_routing(gen.routed_experts)
+                append_generation(episode, gen)
+                if gen.finish_reason == "abort":
+                    status, error = Status.ABORTED, gen.error or "engine aborted the request"
+                    break
+                if gen.finish_reason == "length" and config.on_length == "truncate":
+                    messages.append({"role": "assistant", "content": reply_text(renderer, gen.output_ids)})
+                    status = Status.TRUNCATED
+                    break
+                history = list(messages)
+                turn_message, action, parsed_cleanly = parse_turn(parser, reply_text(renderer, gen.output_ids))
+                stats["tool_calls"] += len(action.get("tool_calls") or [])
+                stats["parse_errors"] += not parsed_cleanly
+                messages.append(turn_message)
+                started = time.perf_counter()
+                try:
+                    obs, step_reward, terminated, truncated, info = await with_timeout(env.astep(action), timeout, "step")
+                finally:
+                    stats["env_s"] += time.perf_counter() - started
+                reward += float(step_reward)
+                components = info.get("reward_components", components)
+                messages.extend(obs)
+                if terminated or truncated:
+                    status = Status.COMPLETED if terminated else Status.TRUNCATED
+                    break
+                if max_turns is not None and turns >= max_turns:
+                    status = Status.TRUNCATED  # the stream ends on the model's turn: nothing after it is trained on
+                    break
+                delta = renderer.delta_ids(history, turn_message, gen.output_ids, gen.finish_reason, obs, tools=tools)
+                if not delta.append_only and NON_APPEND_ONLY not in episode.trajectory.flags:
+                    episode.trajectory.flags.append(NON_APPEND_ONLY)
+                if len(episode.tokens) + len(delta.ids) >= config.max_context:
+                    status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
+                    break
+                episode.append(delta.ids, "env")
     except Exception as exc:
         status = Status.FAILED
         error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -242,6 +254,7 @@ async def rollout(
     parser = parser or parser_for(renderer.tokenizer)
     factory, env_id = env_factory(envs)
     semaphore = asyncio.Semaphore(concurrency)
+    admission = LagWindow(config.max_loop_lag) if config.max_loop_lag else None
 
     async def one(task: int, member: int) -> Trajectory:
         async with semaphore:
@@ -256,7 +269,8 @@ async def rollout(
             try:
                 sampling_seed = None if config.sampling.seed is None else config.sampling.seed + task * group_size + member
                 return await run_episode(
-                    env, engine, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids
+                    env, engine, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids,
+                    admission=admission,
                 )
             finally:
                 await env.aclose()
@@ -268,6 +282,8 @@ async def rollout(
     finally:
         for task in pending:
             task.cancel()
+        if admission is not None:
+            admission.close()
 
 
 def env_factory(envs: str | EnvFactory) -> tuple[EnvFactory, str | None]:
