@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
         concurrency: int = typer.Option(256, "--concurrency"),
         seed: int = typer.Option(0, "--seed"),
         routed_experts: bool = typer.Option(False, "--routed-experts", help="record MoE routing (R3)"),
+        log: list[str] = typer.Option([], "--log", help="metrics sink: json:FILE | tensorboard:DIR | wandb:PROJECT (repeatable)"),
+        log_every: int = typer.Option(64, "--log-every", help="episodes between metric logs"),
     ) -> None:
         """Roll out N×G episodes; rerunning with the same output resumes where a killed run stopped."""
         from miles_envs.agents.engine import SamplingParams
@@ -39,6 +41,7 @@ def register(app: typer.Typer) -> None:
         from miles_envs.registry import RegistryError, spec
         from miles_envs.runner import metrics_path, run_to_file
         from miles_envs.cli.wiring import build_engine, build_renderer
+        from miles_envs.logging_sinks import open_sinks
 
         if out.suffix not in (".jsonl", ".parquet"):
             fail(f"output {out} must end in .jsonl or .parquet")
@@ -46,7 +49,8 @@ def register(app: typer.Typer) -> None:
             spec(env_id)
             renderer = build_renderer(engine, tokenizer)
             policy = build_engine(engine, renderer.tokenizer, script)
-        except (RegistryError, ValueError, FileNotFoundError) as exc:
+            sink = open_sinks(log)
+        except (RegistryError, ValueError, FileNotFoundError, ImportError) as exc:
             fail(str(exc))
         config = LoopConfig(
             sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
@@ -64,6 +68,8 @@ def register(app: typer.Typer) -> None:
                 failures = metrics.status["failed"] + metrics.status["aborted"]
                 rate = f"{summary['episodes_per_s']:.1f} ep/s  {summary['model_tokens_per_s']:.0f} tok/s  failures {failures}"
                 progress.update(bar, advance=1, rate=rate)
+                if metrics.episodes % log_every == 0:
+                    sink.log(summary, step=metrics.episodes)
 
             async def main() -> dict:
                 try:
@@ -74,6 +80,8 @@ def register(app: typer.Typer) -> None:
                 finally:
                     await policy.close()
 
-            bar_total_done = asyncio.run(main())
-        console.print_json(json.dumps({k: bar_total_done[k] for k in ("episodes", "resumed_episodes", "reward_mean", "status")}))
+            summary = asyncio.run(main())
+        sink.log(summary, step=summary["episodes"])
+        sink.close()
+        console.print_json(json.dumps({k: summary[k] for k in ("episodes", "resumed_episodes", "reward_mean", "status")}))
         console.print(f"trajectories → {out}\nmetrics → {metrics_path(out)}")

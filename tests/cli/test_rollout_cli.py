@@ -67,3 +67,11 @@ def test_bad_input_fails_fast(tmp_path):
     assert result.returncode == 1 and ".jsonl or .parquet" in result.stderr
     result = run_cli("rollout", "miles/Echo-v0", "--engine", "tcp://x", "-o", str(tmp_path / "x.jsonl"), check=False)
     assert result.returncode == 1 and "scripted" in result.stderr
+
+
+def test_metrics_sinks_receive_the_run(tmp_path):
+    out = tmp_path / "out.jsonl"
+    run_cli(*rollout_args(out, n=3), "--log", f"json:{tmp_path / 'metrics.jsonl'}", "--log-every", "2")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6, 6]
+    assert lines[-1]["episodes"] == 3 * GROUP and lines[-1]["completed_rate"] == 1.0
