@@ -11,6 +11,10 @@ Routing capture: every token fed to the main model (prompt, decoded, accepted dr
 row ``[num_hidden_layers, topk]``; rejected drafts leave none, so rows equal a teacher-forced
 forward. There is no prefix cache, so every prompt token is processed and has its row.
 
+LoRA: adapters are loaded by name (``load_lora_adapter``, or ``update_weights(..., lora=NAME)`` with
+the trainer's adapter tensors) and applied unmerged per request (``generate(..., lora=NAME)``); see
+``embedded_lora``. The MTP draft runs without the adapter, as in SGLang.
+
 Speculative decoding drafts ``draft_tokens`` tokens with the checkpoint's first MTP layer
 applied recursively (SGLang's NextN scheme); further stored MTP layers are kept for training
 and weight sync but not used for drafting.
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from miles_envs.agents.embedded_cache import BatchedKVCache
+from miles_envs.agents.embedded_lora import LoraServer, read_adapter
 from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, distributions, sample_rows
 from miles_envs.agents.engine import FinishReason, Generation, SamplingParams, SpecStats
 from miles_envs.models.loading import LoadedCheckpoint, load_checkpoint
@@ -46,6 +51,7 @@ class _Sequence:
     want_routing: bool
     routing_start: int
     deliver: Callable[[Generation], None]
+    lora: str | None = None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     routing: list[torch.Tensor] = field(default_factory=list)
@@ -88,6 +94,7 @@ class EmbeddedEngine:
         self.weight_version = weight_version
         self.is_moe = bool(moe_routers(self.model))
         self._recorder = RoutingRecorder(self.model) if self.is_moe else None
+        self._lora = LoraServer(self.model)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[_Sequence] = []
         self._running: list[_Sequence] = []
@@ -119,7 +126,7 @@ class EmbeddedEngine:
     ) -> Generation:
         self._check_open()
         if lora is not None:
-            raise ValueError("the embedded engine serves no LoRA adapters: pass lora=None")
+            self._lora.get(lora)  # unknown names fail here, in the caller
         if return_routed_experts and not self.is_moe:
             raise ValueError(
                 f"{type(self.model).__name__} is not a mixture-of-experts model: it has no routing to return "
@@ -152,6 +159,7 @@ class EmbeddedEngine:
             want_routing=return_routed_experts,
             routing_start=routed_experts_start,
             deliver=deliver,
+            lora=lora,
         )
         with self._lock:
             self._sequences[sequence.rid] = sequence
@@ -162,16 +170,29 @@ class EmbeddedEngine:
             sequence.aborted = True
             raise
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+    async def update_weights(self, source: Any, *, version: str | None = None, lora: str | None = None) -> None:
         """Load new weights between scheduler steps; ``source`` is a state dict or a checkpoint folder.
 
         State-dict keys use the live model's names; MTP tensors use either ``mtp.<MtpModel key>`` or
         the on-disk ``model.layers.{num_hidden_layers + i}.*`` names. Running sequences keep their
-        KV caches and continue under the new weights.
+        KV caches and continue under the new weights. With ``lora``, ``source`` is that adapter's new
+        weights instead (peft key names, as ``Trainer.state_dict()`` gives them under LoRA, plus any
+        ``mtp.*`` tensors) or an adapter folder, which also (re)loads the adapter's config.
         """
-        await self._call(lambda: self._load_weights(source))
+        await self._call(lambda: self._load_weights(source) if lora is None else self._load_adapter(lora, source))
         if version is not None:
             self.weight_version = str(version)
+
+    async def load_lora_adapter(self, name: str, path: str | Path) -> None:
+        """Serve the peft adapter folder ``path`` as ``name`` (replacing an adapter of that name)."""
+        await self._call(lambda: self._load_adapter(name, Path(path)))
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        await self._call(lambda: self._unload_adapter(name))
+
+    @property
+    def lora_adapters(self) -> list[str]:
+        return sorted(self._lora.adapters)
 
     async def abort(self, rid: str | None = None) -> None:
         with self._lock:
@@ -255,15 +276,17 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ model calls
 
-    def _forward(self, cache: BatchedKVCache, ids: torch.Tensor, valid: torch.Tensor, record: bool):
-        """Main-model forward appending ``ids`` to ``cache``: (normed hidden, routing rows or None)."""
+    def _forward(self, cache: BatchedKVCache, ids: torch.Tensor, valid: torch.Tensor, batch: list[_Sequence]):
+        """Main-model forward of ``batch``'s rows appending ``ids`` to ``cache``: (normed hidden,
+        routing rows or None); each row runs with its request's LoRA adapter."""
         mask, positions = cache.inputs_for(valid, self.dtype)
-        if record:
-            with self._recorder.record():
-                hidden = self._decoder(ids, mask, positions, cache)
-            routing = self._recorder.take(*ids.shape)
-        else:
-            hidden, routing = self._decoder(ids, mask, positions, cache), None
+        with self._lora.rows([s.lora for s in batch]):
+            if any(s.want_routing for s in batch):
+                with self._recorder.record():
+                    hidden = self._decoder(ids, mask, positions, cache)
+                routing = self._recorder.take(*ids.shape)
+            else:
+                hidden, routing = self._decoder(ids, mask, positions, cache), None
         cache.commit(valid)
         return hidden, routing
 
@@ -302,7 +325,7 @@ class EmbeddedEngine:
             valid[row, width - len(sequence.input_ids) :] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         cache = BatchedKVCache(len(batch), self.device)
-        hidden, routing = self._forward(cache, ids, valid, record=any(s.want_routing for s in batch))
+        hidden, routing = self._forward(cache, ids, valid, batch)
         self._sample_next(batch, hidden[:, -1])
         for row, sequence in enumerate(batch):
             if routing is not None:
@@ -344,7 +367,7 @@ class EmbeddedEngine:
             return
         ids = torch.tensor([[s.pending] for s in self._running], device=self.device)
         valid = torch.ones_like(ids, dtype=torch.bool)
-        hidden, routing = self._forward(self._cache, ids, valid, record=any(s.want_routing for s in self._running))
+        hidden, routing = self._forward(self._cache, ids, valid, self._running)
         if routing is not None:
             for row, sequence in enumerate(self._running):
                 sequence.routing.append(routing[row])
@@ -371,9 +394,7 @@ class EmbeddedEngine:
             self._extend_drafts(running, out[:, -1])
 
         ids = torch.tensor([[s.pending, *s.drafts] for s in running], device=self.device)
-        hidden, routing = self._forward(
-            self._cache, ids, torch.ones_like(ids, dtype=torch.bool), record=any(s.want_routing for s in running)
-        )
+        hidden, routing = self._forward(self._cache, ids, torch.ones_like(ids, dtype=torch.bool), running)
         targets, target_logprobs = distributions([s.sampler for s in running], self._logits(hidden))
         next_ids = torch.zeros(len(running), k + 1, dtype=torch.long, device=self.device)
         next_valid = torch.zeros(len(running), k + 1, dtype=torch.bool, device=self.device)
@@ -416,6 +437,8 @@ class EmbeddedEngine:
                 return
 
     def _retire(self) -> None:
+        if not self._running:  # e.g. a weight update before the first request: no cache exists yet
+            return
         for sequence in self._running:
             if sequence.aborted and sequence.finish is None:
                 sequence.finish = "abort"
@@ -457,6 +480,21 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ weights
 
+    def _load_adapter(self, name: str, source: Any) -> None:
+        if isinstance(source, (str, Path)):
+            self._lora.load(name, *read_adapter(source))
+            return
+        self._lora.update(name, {k: v for k, v in source.items() if not k.startswith("mtp.")})
+        mtp_state = {k: v for k, v in source.items() if k.startswith("mtp.")}
+        if mtp_state:
+            self._load_weights(mtp_state)
+
+    def _unload_adapter(self, name: str) -> None:
+        in_use = sum(s.lora == name for s in self._waiting + self._running)
+        if in_use:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {in_use} running requests: unload it when they finish")
+        self._lora.unload(name)
+
     def _load_weights(self, source: Any) -> None:
         from miles_envs.models.mtp import is_mtp_key, load_mtp_tensors, read_mtp_tensors
 
@@ -470,6 +508,8 @@ class EmbeddedEngine:
             mtp_tensors = {k: v for k, v in source.items() if is_mtp_key(k, layers)}
             mtp_state = {k[len("mtp.") :]: v for k, v in source.items() if k.startswith("mtp.")}
         unknown = set(main) - set(self.model.state_dict())
+        if any(".lora_A." in k or ".lora_B." in k for k in unknown):
+            raise ValueError("update_weights got LoRA adapter tensors: pass lora=NAME to update a served adapter")
         if unknown:
             raise ValueError(f"update_weights got keys the model does not have: {sorted(unknown)[:5]}")
         self.model.load_state_dict(main, strict=False)

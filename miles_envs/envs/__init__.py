@@ -12,7 +12,7 @@ BUILTIN_SPECS: list[dict] = [
         "id": "miles/Echo-v0",
         "entry_point": "miles_envs.envs.echo:EchoEnv",
         "max_turns": 1,
-        "description": "Repeat a phrase exactly; single turn.",
+        "description": "Repeat a phrase; reward = share of words in place (1.0 when exact); has demonstrations.",
         "tags": ["toy", "single-turn"],
     },
     {

@@ -1,0 +1,89 @@
+"""``miles-envs train``: RL on a registered env (rollout -> train -> weight sync), with a progress bar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from miles_envs.cli.common import err, fail
+
+
+class ProgressReporter:
+    """Warm-start and RL bars, with the latest loss, rollout reward and eval reward."""
+
+    def __init__(self, progress: Progress, sft_steps: int, steps: int) -> None:
+        self.progress = progress
+        self.sft = progress.add_task("warm start", total=sft_steps, info="", visible=sft_steps > 0)
+        self.rl = progress.add_task("RL", total=steps, info="")
+        self.eval = ""
+
+    def sft_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.progress.update(self.sft, completed=step, info=f"loss {metrics['sft/loss']:.3f}")
+
+    def train_step(self, metrics: dict[str, float]) -> None:
+        self.progress.update(self.rl, completed=int(metrics["step"]), info=f"reward {metrics['reward_mean']:.3f}{self.eval}")
+
+    def evaluated(self, step: int, reward: float, phase: str) -> None:
+        self.eval = f"  eval {reward:.3f}"
+        if phase == "rl":
+            self.progress.update(self.rl, completed=step, info=f"eval {reward:.3f} at step {step}")
+        self.progress.console.print(f"eval ({phase.replace('_', ' ')}) step {step}: mean reward {reward:.3f}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        env_id: str = typer.Argument(..., help="registered env id, e.g. miles/Echo-v0"),
+        model: Path = typer.Option(..., "--model", help="HF checkpoint folder (e.g. from `miles-envs init-model`)"),
+        out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics, logs; rerun to resume"),
+        steps: int = typer.Option(..., "--steps", min=1, help="RL steps in total (resumed ones count)"),
+        backend: str = typer.Option("torch", "--backend", help="torch | megatron"),
+        algo: str = typer.Option("grpo", "--algo", help="grpo | dapo | dr_grpo | rloo | gspo"),
+        r3: bool = typer.Option(False, "--r3", help="replay the rollout's MoE routing in training"),
+        mtp_sft: bool = typer.Option(False, "--mtp-sft", help="train the MTP draft layers on the rollouts"),
+        lora: int = typer.Option(0, "--lora", min=0, help="LoRA rank (0: train all weights)"),
+        lr: float = typer.Option(1e-5, "--lr"),
+        tasks_per_step: int = typer.Option(8, "--tasks-per-step", min=1),
+        group_size: int = typer.Option(4, "--group-size", min=1, help="episodes per task (GRPO group)"),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+        temperature: float = typer.Option(1.0, "--temperature"),
+        sft_warmup: int = typer.Option(0, "--sft-warmup", min=0, help="supervised steps on the env's demonstrations first"),
+        sft_lr: float = typer.Option(1e-3, "--sft-lr"),
+        sft_batch: int = typer.Option(16, "--sft-batch", min=1),
+        eval_every: int = typer.Option(0, "--eval-every", min=0, help="greedy eval on held-out seeds every K steps"),
+        eval_tasks: int = typer.Option(32, "--eval-tasks", min=1),
+        checkpoint_every: int = typer.Option(10, "--checkpoint-every", min=1),
+        engine: Optional[str] = typer.Option(None, "--engine", help="sglang://HOST:PORT (default: embedded on --model)"),
+        draft_tokens: int = typer.Option(0, "--draft-tokens", min=0, help="embedded speculative drafts (needs MTP)"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        seed: int = typer.Option(0, "--seed"),
+        log: List[str] = typer.Option(["jsonl"], "--log", help="jsonl | tensorboard | wandb:PROJECT (repeatable)"),
+    ) -> None:
+        """Train a policy on an env with RL; a rerun with the same --out resumes from its checkpoint."""
+        from miles_envs.cli.train_run import BackendUnavailable, TrainSettings, run_training
+        from miles_envs.registry import RegistryError
+
+        settings = TrainSettings(
+            env_id=env_id, model=model, out=out, steps=steps, backend=backend, algo=algo, r3=r3, mtp_sft=mtp_sft,
+            lora_rank=lora, lr=lr, tasks_per_step=tasks_per_step, group_size=group_size, max_new_tokens=max_new_tokens,
+            temperature=temperature, sft_warmup=sft_warmup, sft_lr=sft_lr, sft_batch=sft_batch, eval_every=eval_every,
+            eval_tasks=eval_tasks, checkpoint_every=checkpoint_every, engine=engine, draft_tokens=draft_tokens,
+            device=device, seed=seed, log=tuple(log),
+        )
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        try:
+            with Progress(*columns, console=err) as progress:
+                summary = asyncio.run(run_training(settings, ProgressReporter(progress, sft_warmup, steps)))
+        except (RegistryError, BackendUnavailable, ValueError, FileNotFoundError, ImportError) as exc:
+            fail(str(exc))
+        keys = ("steps_done", "eval_reward_before_warmup", "eval_reward_rl_start", "eval_reward_end",
+                "train_reward_first", "train_reward_last")
+        err.print_json(json.dumps({k: summary[k] for k in keys}))
+        err.print(f"metrics → {out / 'metrics.json'}\ncheckpoints → {out / 'checkpoints'}")
+

@@ -1,0 +1,114 @@
+"""`miles-envs train`: the demo path (warm start, RL, eval, logs, summary) and resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from miles_envs.models.factory import init_model
+
+STEPS = 4
+
+
+def train_args(model, out, *extra):
+    return ["miles/Echo-v0", "--model", str(model), "--out", str(out), "--steps", str(STEPS), "--sft-warmup", "3",
+            "--sft-batch", "4", "--tasks-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--lr", "1e-3",
+            "--eval-every", "2", "--eval-tasks", "4", "--checkpoint-every", "1", "--device", "cpu", *extra]
+
+
+def command(*args):
+    """The real ``miles-envs train`` console script, in a fresh process."""
+    return [str(Path(sys.executable).with_name("miles-envs")), "train", *args]
+
+
+def run_train(*args, check=True):
+    result = subprocess.run(command(*args), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"train {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("model"), arch="qwen3", size="tiny")
+
+
+def test_sigkill_mid_run_then_rerun_resumes_from_the_checkpoint(model, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(*train_args(model, out, "--log", "tensorboard")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() not in ("", "step_000000"):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: raise STEPS"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest.read_text().strip().removeprefix("step_"))
+    assert 1 <= killed_at < STEPS
+    assert len(read_jsonl(out / "sft.jsonl")) == 3
+
+    result = run_train(*train_args(model, out))
+    assert len(read_jsonl(out / "sft.jsonl")) == 3  # the warm start is in the checkpoint: not redone
+    steps = [int(m["step"]) for m in read_jsonl(out / "metrics.jsonl")]
+    # steps after the checkpoint may have been logged before the kill and are redone once
+    assert set(steps) == set(range(1, STEPS + 1)) and steps[-1] == STEPS and max(map(steps.count, steps)) <= 2
+    assert latest.read_text().strip() == f"step_{STEPS:06d}"
+
+    evals = read_jsonl(out / "eval.jsonl")
+    assert evals[0]["phase"] == "before_warmup" and evals[0]["step"] == 0
+    assert [e["step"] for e in evals if e["phase"] == "rl"][-1] == STEPS
+    assert all(0.0 <= e["eval/reward_mean"] <= 1.0 for e in evals)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps_done"] == STEPS and summary["env_id"] == "miles/Echo-v0"
+    assert summary["eval_reward_end"] == evals[-1]["eval/reward_mean"]
+    assert summary["eval_reward_before_warmup"] == evals[0]["eval/reward_mean"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert '"steps_done": 4' in result.stderr
+
+
+def test_lora_training_serves_the_adapter_by_name(model, tmp_path):
+    out = tmp_path / "lora"
+    run_train(*train_args(model, out, "--lora", "4"))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps_done"] == STEPS
+    assert (out / "serving" / "adapter" / "adapter_config.json").is_file()
+    checkpoint = out / "checkpoints" / f"step_{STEPS:06d}" / "model"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+
+
+def test_configuration_errors_are_clear(model, tmp_path):
+    unknown = run_train(*train_args(model, tmp_path / "a")[1:], check=False)  # no env id
+    assert unknown.returncode != 0
+    typo = run_train("miles/Ech-v0", *train_args(model, tmp_path / "b")[1:], check=False)
+    assert typo.returncode == 1 and "miles/Echo-v0" in typo.stderr
+    backend = run_train(*train_args(model, tmp_path / "c", "--backend", "jax"), check=False)
+    assert backend.returncode == 1 and "unknown backend 'jax'" in backend.stderr
+    no_demo = run_train("miles/ToolCalc-v0", *train_args(model, tmp_path / "d")[1:], check=False)
+    assert no_demo.returncode == 1 and "no demonstration" in no_demo.stderr
+
+
+def test_backend_dispatch_and_the_megatron_error_when_megatron_core_is_missing_simulated(monkeypatch):
+    """megatron-core may be installed here, so its absence is simulated by hiding it from find_spec."""
+    import importlib.util
+
+    from miles_envs.cli.train_run import BackendUnavailable, load_backend
+
+    assert load_backend("torch").__name__ == "Trainer"
+    if importlib.util.find_spec("megatron.core") is not None:
+        assert load_backend("megatron").__name__ == "MegatronTrainer"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("megatron") else real_find_spec(name, *a))
+    with pytest.raises(BackendUnavailable, match="needs megatron-core"):
+        load_backend("megatron")
