@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,8 +49,13 @@ async def train(
     checkpoint_every: int = 10,
     seed: int = 0,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    collect: Callable[[int, int, LoopConfig, int], Awaitable[list[Trajectory]]] | None = None,
 ) -> list[dict[str, float]]:
-    """Train for ``steps`` steps in total (counting resumed ones); returns this run's step metrics."""
+    """Train for ``steps`` steps in total (counting resumed ones); returns this run's step metrics.
+
+    ``collect(n, group_size, config, seed)`` replaces the in-process rollout (e.g. Ray rollout
+    workers, ``miles_envs.distributed``); ``engine`` then only receives the weight syncs.
+    """
     config = replace(loop_config or LoopConfig(), return_routed_experts=trainer.config.r3)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -60,19 +66,14 @@ async def train(
             await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
     history = []
     while trainer.step < steps:
-        trajectories = [
-            t
-            async for t in rollout(
-                env_id,
-                engine,
-                renderer,
-                parser=parser,
-                n=tasks_per_step,
-                group_size=group_size,
-                config=config,
-                seed=seed + trainer.step * tasks_per_step,
+        step_seed = seed + trainer.step * tasks_per_step
+        if collect is not None:
+            trajectories = await collect(tasks_per_step, group_size, config, step_seed)
+        else:
+            stream = rollout(
+                env_id, engine, renderer, parser=parser, n=tasks_per_step, group_size=group_size, config=config, seed=step_seed
             )
-        ]
+            trajectories = [t async for t in stream]
         metrics = {**trainer.train_step(trajectories), **rollout_metrics(trajectories)}
         await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
         history.append(metrics)

@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         seed: int = typer.Option(0, "--seed"),
         log: List[str] = typer.Option(["jsonl"], "--log", help="jsonl | tensorboard | wandb:PROJECT (repeatable)"),
+        ray: int = typer.Option(0, "--ray", min=0, help="roll out on N Ray worker actors (local cluster, or RAY_ADDRESS)"),
     ) -> None:
         """Train a policy on an env with RL; a rerun with the same --out resumes from its checkpoint."""
         from miles_envs.cli.train_run import BackendUnavailable, TrainSettings, run_training
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
             lora_rank=lora, lr=lr, tasks_per_step=tasks_per_step, group_size=group_size, max_new_tokens=max_new_tokens,
             temperature=temperature, sft_warmup=sft_warmup, sft_lr=sft_lr, sft_batch=sft_batch, eval_every=eval_every,
             eval_tasks=eval_tasks, checkpoint_every=checkpoint_every, engine=engine, draft_tokens=draft_tokens,
-            device=device, seed=seed, log=tuple(log),
+            device=device, seed=seed, log=tuple(log), ray_workers=ray,
         )
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}"))

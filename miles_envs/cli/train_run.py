@@ -55,6 +55,7 @@ class TrainSettings:
     device: str = "auto"
     seed: int = 0
     log: tuple[str, ...] = ("jsonl",)
+    ray_workers: int = 0  # > 0: rollouts on Ray actors, each with its own embedded engine
 
 
 class Reporter(Protocol):
@@ -166,6 +167,42 @@ async def build_engine(settings: TrainSettings, trainer: Any) -> SyncedEngine:
     return SyncedEngine(make_engine(settings.engine), push_to_disk)
 
 
+def ray_rollouts(settings: TrainSettings, engine: SyncedEngine) -> tuple[SyncedEngine, Callable[..., Any]]:
+    """Rollouts on ``settings.ray_workers`` Ray actors, each with its own embedded engine on ``--model``.
+
+    Returns the engine to sync (the local one, kept for eval, plus every worker's) and the
+    ``collect`` function the trainer loop calls instead of its in-process rollout.
+    """
+    if settings.engine is not None or settings.lora_rank:
+        raise ValueError("--ray runs embedded engines on the workers: drop --engine and --lora")
+    import asyncio
+    import functools
+
+    import ray
+
+    from miles_envs.agents.embedded import EmbeddedEngine
+    from miles_envs.cli.wiring import build_renderer
+    from miles_envs.distributed import distributed_rollout, start_rollout_workers
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, settings.ray_workers), include_dashboard=False, log_to_driver=False)
+    workers = start_rollout_workers(
+        settings.ray_workers,
+        functools.partial(EmbeddedEngine.from_path, str(settings.model), device="cpu"),
+        functools.partial(build_renderer, f"embedded:{settings.model}", None),
+    )
+    local = engine
+
+    async def push(_engine: Any, source: Any, version: str | None) -> None:
+        shared = ray.put(source)
+        await asyncio.gather(local.update_weights(source, version=version), *(w.update_weights.remote(shared, version) for w in workers))
+
+    async def collect(n: int, group_size: int, config: LoopConfig, seed: int):
+        return await distributed_rollout(workers, settings.env_id, n=n, group_size=group_size, config=config, seed=seed)
+
+    return SyncedEngine(local, push), collect
+
+
 async def evaluate(settings: TrainSettings, engine: Any, renderer: Any) -> float:
     """Mean reward of greedy episodes on ``eval_tasks`` held-out seeds."""
     config = LoopConfig(
@@ -217,6 +254,9 @@ async def run_training(settings: TrainSettings, reporter: Reporter) -> dict[str,
     if resume is not None:
         load_checkpoint(trainer, resume)
     engine = await build_engine(settings, trainer)
+    collect = None
+    if settings.ray_workers:
+        engine, collect = ray_rollouts(settings, engine)
     log = RunLog(out, settings.log)
     loop_config = LoopConfig(
         sampling=SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens, seed=settings.seed),
@@ -249,7 +289,7 @@ async def run_training(settings: TrainSettings, reporter: Reporter) -> dict[str,
             await train(
                 settings.env_id, engine, trainer, chunk_end, renderer=renderer, tasks_per_step=settings.tasks_per_step,
                 group_size=settings.group_size, loop_config=loop_config, out_dir=out,
-                checkpoint_every=settings.checkpoint_every, seed=settings.seed, on_step=on_train_step,
+                checkpoint_every=settings.checkpoint_every, seed=settings.seed, on_step=on_train_step, collect=collect,
             )
             if settings.eval_every:
                 await eval_now()

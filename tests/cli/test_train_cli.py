@@ -112,3 +112,19 @@ def test_backend_dispatch_and_the_megatron_error_when_megatron_core_is_missing_s
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("megatron") else real_find_spec(name, *a))
     with pytest.raises(BackendUnavailable, match="needs megatron-core"):
         load_backend("megatron")
+
+
+def test_ray_rollout_workers_on_a_local_cluster(model, tmp_path):
+    """`--ray 2`: rollouts on two Ray actors with their own embedded engines, weights synced each step."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    args = train_args(model, out, "--ray", "2")
+    args[args.index("--steps") + 1] = "2"
+    run_train(*args)
+    steps = read_jsonl(out / "metrics.jsonl")
+    assert [int(m["step"]) for m in steps] == [1, 2]
+    assert all(m["trajectories"] == 4 for m in steps)
+    # the workers sample from the trainer's weights (warm-started, so unlike --model): synced each step
+    assert all(m["mismatch/mean_abs_delta"] < 1e-4 for m in steps)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps_done"] == 2 and summary["settings"]["ray_workers"] == 2
