@@ -58,7 +58,7 @@ def markdown(outcomes: list[Outcome], machine: str, command: str) -> str:
         "",
         f"Measured on {machine}, {date.today().isoformat()}. Regenerate with `{command}` "
         "(each script prints its own table and writes `bench/results/NAME.json`; "
-        "`miles-envs bench --stored --markdown docs/performance.md` rebuilds this table from those files).",
+        "`miles-envs bench --stored --markdown README.md` rebuilds this section from those files).",
         "",
         "| measure | value | target | status | note |",
         "| --- | ---: | --- | --- | --- |",
@@ -72,6 +72,21 @@ def markdown(outcomes: list[Outcome], machine: str, command: str) -> str:
         about = f" ({outcome.bench.about})" if outcome.bench.about else ""
         lines.append(f"- `bench/{outcome.bench.script}`{about} — {outcome.status}{seconds}{detail}")
     return "\n".join(lines) + "\n"
+
+
+SECTION_START, SECTION_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_markdown(path: Path, section: str) -> None:
+    """Write the section; in a file that marks a bench section (the README), replace just that part."""
+    text = path.read_text() if path.is_file() else ""
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        tail = rest.split(SECTION_END, 1)[1]
+        path.write_text(f"{head}{SECTION_START}\n{section}{SECTION_END}{tail}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(section)
 
 
 def bench(
@@ -103,8 +118,7 @@ def bench(
     console.print(f"[dim]{machine}; results in {results_dir}[/dim]")
     if markdown_out is not None:
         command = "miles-envs bench" + "".join(f" --only {b.name}" for b in chosen if only) + (" --quick" if quick else "")
-        markdown_out.parent.mkdir(parents=True, exist_ok=True)
-        markdown_out.write_text(markdown(outcomes, machine, command))
+        write_markdown(markdown_out, markdown(outcomes, machine, command))
         console.print(f"wrote {markdown_out}")
     if any(outcome.status == "failed" for outcome in outcomes):
         raise typer.Exit(1)

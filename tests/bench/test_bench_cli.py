@@ -95,3 +95,15 @@ def test_peers_script_reports_a_library_that_cannot_run(tmp_path):
     rows = {row["library"]: row for row in json.loads((out / "peers.json").read_text())["rows"]}
     assert "us_per_turn" in rows["miles-envs"]
     assert "verifiers" in rows["verifiers"]["error"]
+
+
+def test_markdown_replaces_only_the_marked_section(tmp_path):
+    from miles_envs.cli.bench import SECTION_END, SECTION_START, write_markdown
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nintro\n\n{SECTION_START}\nold table\n{SECTION_END}\n\n## After\n")
+    write_markdown(readme, "## Performance\n\nnew table\n")
+    assert readme.read_text() == f"# Title\n\nintro\n\n{SECTION_START}\n## Performance\n\nnew table\n{SECTION_END}\n\n## After\n"
+    plain = tmp_path / "perf.md"
+    write_markdown(plain, "## Performance\n")
+    assert plain.read_text() == "## Performance\n"
