@@ -93,7 +93,6 @@ def per_turn_overhead(episodes: int, turns: int) -> dict:
     bucket: dict[str, float] = {}
     renderer = Timed(ChatRenderer(tokenizer), ("prompt_ids", "delta_ids", "decode"), bucket)
     engine = Timed(ScriptedEngine(tokenizer, ["ok"]), ("generate",), bucket)
-    env_time = {"s": 0.0}
 
     def make_env():
         env = TrivialEnv(turns)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -118,3 +118,59 @@ class Sandbox(Protocol):
 def check_language(language: str) -> None:
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; the sandbox runs {', '.join(LANGUAGES)}")
+
+
+class SessionedSandbox:
+    """The ``run``/``session`` plumbing every backend shares.
+
+    A stateless ``run`` is refused while a session is open (it would wipe the session's files); a
+    session starts the sandbox and resets it on exit. Backends implement ``start``, ``reset`` and
+    ``_execute(code, language, files, stdin, timeout, limits, *, session)``.
+    """
+
+    _in_session = False
+
+    async def run(
+        self,
+        code: str,
+        *,
+        language: Language = "python",
+        files: Files | None = None,
+        stdin: str | None = None,
+        timeout: float | None = None,
+        limits: Limits | None = None,
+    ) -> ExecResult:
+        if self._in_session:
+            raise RuntimeError("this sandbox is inside session(); run code through the session object")
+        return await self._execute(code, language, files, stdin, timeout, limits, session=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[BoundSession]:
+        if self._in_session:
+            raise RuntimeError("this sandbox already has an open session")
+        await self.start()
+        self._in_session = True
+        try:
+            yield BoundSession(self)
+        finally:
+            self._in_session = False
+            await self.reset()
+
+
+class BoundSession:
+    """A session's view of its sandbox: every run keeps the files and interpreter state."""
+
+    def __init__(self, sandbox: SessionedSandbox) -> None:
+        self.sandbox = sandbox
+
+    async def run(
+        self,
+        code: str,
+        *,
+        language: Language = "python",
+        files: Files | None = None,
+        stdin: str | None = None,
+        timeout: float | None = None,
+        limits: Limits | None = None,
+    ) -> ExecResult:
+        return await self.sandbox._execute(code, language, files, stdin, timeout, limits, session=True)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from types import ModuleType
 from typing import Any, ClassVar
 
-from miles_envs.sandbox.base import ExecResult, Files, Language, Limits, SandboxError, check_language
+from miles_envs.sandbox.base import ExecResult, Files, Limits, SandboxError, SessionedSandbox, check_language
 
 WORKDIR = "/home/user"
 
@@ -27,7 +25,7 @@ def _truncate(text: str, limit_kb: int) -> tuple[str, bool]:
     return data[:limit].decode("utf-8", "ignore"), True
 
 
-class E2BSandbox:
+class E2BSandbox(SessionedSandbox):
     """One e2b code-interpreter sandbox. ``sdk`` is the module providing ``AsyncSandbox``
     (default: ``e2b_code_interpreter``); the API key comes from ``api_key`` or ``$E2B_API_KEY``."""
 
@@ -50,7 +48,6 @@ class E2BSandbox:
         if not self.api_key:
             raise SandboxError("the e2b backend needs an API key: set E2B_API_KEY or pass api_key=")
         self._remote: Any = None
-        self._in_session = False
 
     @staticmethod
     def _import_sdk() -> ModuleType:
@@ -81,32 +78,13 @@ class E2BSandbox:
         """A fresh sandbox: e2b offers no cheaper way to drop files and kernel state together."""
         await self.close()
 
-    async def run(
-        self,
-        code: str,
-        *,
-        language: Language = "python",
-        files: Files | None = None,
-        stdin: str | None = None,
-        timeout: float | None = None,
-        limits: Limits | None = None,
-    ) -> ExecResult:
-        if self._in_session:
-            raise RuntimeError("this sandbox is inside session(); run code through the session object")
+    async def run(self, code: str, **kwargs: Any) -> ExecResult:
+        """Stateless: each run ends with a fresh cloud sandbox (see ``reset``)."""
         try:
-            return await self._execute(code, language, files, stdin, timeout, limits)
+            return await super().run(code, **kwargs)
         finally:
-            await self.reset()
-
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[_E2BSession]:
-        await self.start()
-        self._in_session = True
-        try:
-            yield _E2BSession(self)
-        finally:
-            self._in_session = False
-            await self.reset()
+            if not self._in_session:
+                await self.reset()
 
     async def _execute(
         self,
@@ -116,6 +94,8 @@ class E2BSandbox:
         stdin: str | None,
         timeout: float | None,
         limits: Limits | None,
+        *,
+        session: bool = False,  # e2b keeps kernel state either way; stateless runs reset afterwards
     ) -> ExecResult:
         check_language(language)
         if stdin:
@@ -153,20 +133,3 @@ class E2BSandbox:
         except self.sdk.CommandExitException as e:
             result = e
         return result.stdout, result.stderr, result.exit_code
-
-
-class _E2BSession:
-    def __init__(self, sandbox: E2BSandbox) -> None:
-        self.sandbox = sandbox
-
-    async def run(
-        self,
-        code: str,
-        *,
-        language: Language = "python",
-        files: Files | None = None,
-        stdin: str | None = None,
-        timeout: float | None = None,
-        limits: Limits | None = None,
-    ) -> ExecResult:
-        return await self.sandbox._execute(code, language, files, stdin, timeout, limits)

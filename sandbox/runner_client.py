@@ -10,12 +10,10 @@ import asyncio
 import marshal
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from miles_envs.sandbox.base import ExecResult, Files, Language, Limits, SandboxError, check_language
+from miles_envs.sandbox.base import ExecResult, Files, Limits, SandboxError, SessionedSandbox, check_language
 
 RUNNER_SOURCE = (Path(__file__).with_name("runner.py")).read_text()
 HEADER = struct.Struct(">I")
@@ -46,7 +44,7 @@ def encode_files(files: Files | None) -> dict[str, bytes]:
     return {name: data.encode() if isinstance(data, str) else bytes(data) for name, data in (files or {}).items()}
 
 
-class RunnerSandbox:
+class RunnerSandbox(SessionedSandbox):
     """A sandbox whose inside is the runner: one warm interpreter, one request at a time."""
 
     backend: ClassVar[str] = ""
@@ -57,7 +55,6 @@ class RunnerSandbox:
         self.timeout = timeout
         self._channel: RunnerChannel | None = None
         self._lock = asyncio.Lock()
-        self._in_session = False
 
     # -- what a backend provides ----------------------------------------------------------------
     async def _spawn(self) -> RunnerChannel:
@@ -125,32 +122,6 @@ class RunnerSandbox:
         await self.close()
 
     # -- execution ------------------------------------------------------------------------------
-    async def run(
-        self,
-        code: str,
-        *,
-        language: Language = "python",
-        files: Files | None = None,
-        stdin: str | None = None,
-        timeout: float | None = None,
-        limits: Limits | None = None,
-    ) -> ExecResult:
-        if self._in_session:
-            raise RuntimeError("this sandbox is inside session(); run code through the session object")
-        return await self._execute(code, language, files, stdin, timeout, limits, session=False)
-
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[RunnerSession]:
-        if self._in_session:
-            raise RuntimeError("this sandbox already has an open session")
-        await self.start()
-        self._in_session = True
-        try:
-            yield RunnerSession(self)
-        finally:
-            self._in_session = False
-            await self.reset()
-
     async def _execute(
         self,
         code: str,
@@ -200,22 +171,3 @@ class RunnerSandbox:
 
     def _wire_limits(self, limits: Limits) -> dict[str, Any]:
         return limits.to_wire()
-
-
-class RunnerSession:
-    """Runs code in the sandbox's persistent interpreter (bash runs in a fresh shell each time)."""
-
-    def __init__(self, sandbox: RunnerSandbox) -> None:
-        self.sandbox = sandbox
-
-    async def run(
-        self,
-        code: str,
-        *,
-        language: Language = "python",
-        files: Files | None = None,
-        stdin: str | None = None,
-        timeout: float | None = None,
-        limits: Limits | None = None,
-    ) -> ExecResult:
-        return await self.sandbox._execute(code, language, files, stdin, timeout, limits, session=True)

@@ -1,7 +1,6 @@
 """`miles-envs rollout`: output formats, metrics beside the output, and crash-safe resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from miles_envs.trajectory import Status
 from miles_envs.trajectory_io import read_trajectories
