@@ -226,15 +226,26 @@ def check_env(
                 "terminates within max_turns", first.ended,
                 "" if first.ended else f"no terminated/truncated within {limit} under the scripted policy",
             )
-            second = guarded(report, "same seed, same episode", lambda: _Episode(policy, cap).run_sync(env, seed))
-            if second is not None:
-                report.add("same seed, same episode", second.trace == first.trace, first_difference(first.trace, second.trace))
-            async_run = guarded(
-                report, "sync and async agree", lambda: run_coroutine(_Episode(policy, cap).run_async(env, seed))
+            check_replays(
+                report, first.trace,
+                lambda: _Episode(policy, cap).run_sync(env, seed),
+                lambda: _Episode(policy, cap).run_async(env, seed),
             )
-            if async_run is not None:
-                report.add("sync and async agree", async_run.trace == first.trace, first_difference(first.trace, async_run.trace))
+    check_close(report, env)
+    return finish_report(report, raise_on_failure)
 
+
+def check_replays(report: CheckReport, trace: list[str], replay: Callable[[], Any], replay_async: Callable[[], Any]) -> None:
+    """The same seed replays the same episode, through the sync and the async flavour alike."""
+    second = guarded(report, "same seed, same episode", replay)
+    if second is not None:
+        report.add("same seed, same episode", second.trace == trace, first_difference(trace, second.trace))
+    async_run = guarded(report, "sync and async agree", lambda: run_coroutine(replay_async()))
+    if async_run is not None:
+        report.add("sync and async agree", async_run.trace == trace, first_difference(trace, async_run.trace))
+
+
+def check_close(report: CheckReport, env: Env) -> None:
     def close_twice() -> bool:
         env.close()
         env.close()
@@ -242,7 +253,6 @@ def check_env(
 
     if guarded(report, "close() idempotent", close_twice):
         report.add("close() idempotent", True)
-    return finish_report(report, raise_on_failure)
 
 
 def guarded(report: CheckReport, name: str, fn: Callable[[], Any]) -> Any:

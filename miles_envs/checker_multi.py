@@ -16,16 +16,16 @@ from typing import Any
 
 from miles_envs.checker import (
     DEFAULT_STEP_CAP,
-    CheckReport,
     canonical,
+    check_close,
+    check_replays,
+    CheckReport,
+    describe_shape,
     EnvRaised,
     finish_report,
-    first_difference,
     guarded,
     message_problem,
     reset_problem,
-    run_coroutine,
-    describe_shape,
 )
 from miles_envs.env import Message, MultiAgentEnv, assistant
 
@@ -247,20 +247,10 @@ def check_multi_agent_env(
                 "terminates within max_turns", first.ended,
                 "" if first.ended else f"agents {first.live} still live after {limit} under the probe policy",
             )
-            second = guarded(report, "same seed, same episode", lambda: _MultiEpisode(env, policy, cap).run_sync(seed))
-            if second is not None:
-                report.add("same seed, same episode", second.trace == first.trace, first_difference(first.trace, second.trace))
-            async_run = guarded(
-                report, "sync and async agree", lambda: run_coroutine(_MultiEpisode(env, policy, cap).run_async(seed))
+            check_replays(
+                report, first.trace,
+                lambda: _MultiEpisode(env, policy, cap).run_sync(seed),
+                lambda: _MultiEpisode(env, policy, cap).run_async(seed),
             )
-            if async_run is not None:
-                report.add("sync and async agree", async_run.trace == first.trace, first_difference(first.trace, async_run.trace))
-
-    def close_twice() -> bool:
-        env.close()
-        env.close()
-        return True
-
-    if guarded(report, "close() idempotent", close_twice):
-        report.add("close() idempotent", True)
+    check_close(report, env)
     return finish_report(report, raise_on_failure)
