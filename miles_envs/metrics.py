@@ -36,7 +36,7 @@ class RolloutMetrics:
             s["spec_draft_tokens"] += turn.spec_draft_tokens
         for name, value in t.reward_components.items():
             self.components[name] += value
-        if t.error and "timed out" in t.error or (t.error and "did not finish within" in t.error):
+        if t.error and ("timed out" in t.error or "did not finish within" in t.error):
             s["timeouts"] += 1
 
     @property
