@@ -8,6 +8,9 @@ against a toy verifiable reward (the share of response tokens whose id is divisi
 included, are synced to the engine, and the next rollout's accept rate measures the draft. One
 run trains the MTP layer on every batch (MTP-SFT), the other leaves it frozen.
 
+The MTP layer trains in its own optimizer group at ``--mtp-lr`` (``TrainerConfig.mtp_lr``): at the
+policy's lr the draft lags the policy it has to predict (-3.3 points over 30 steps at 5e-3).
+
 The policy learning rate (5e-3) moves the policy enough to age a frozen draft without collapsing
 it (at 2e-2 the policy collapsed onto a few tokens, which any draft then predicts); the mean
 reward is reported beside the accept rate so a collapse is visible. Start and end are means over
@@ -26,6 +29,7 @@ import asyncio
 import json
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -76,7 +80,7 @@ async def run(folder: Path, args, *, mtp_sft: bool, steps: int, rl: bool, seed: 
     """``steps`` rollout -> train -> sync steps; returns per-step accept rates and rewards, and the trainer."""
     # warm-up: rewards are zeroed below, so advantages vanish and only the MTP layer learns
     config = TrainerConfig(algo="grpo", lr=args.lr if rl else args.mtp_warmup_lr, mtp_sft=mtp_sft, device=args.device,
-                           mtp_loss_scale=args.mtp_scale, max_row_tokens=1024)
+                           mtp_lr=args.mtp_lr if rl and mtp_sft else None, mtp_loss_scale=args.mtp_scale, max_row_tokens=1024)
     trainer = Trainer.from_pretrained(str(folder), config)
     engine = EmbeddedEngine.from_path(folder, device=trainer.device, draft_tokens=args.draft_tokens)
     rng = random.Random(seed)
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--mtp-warmup-lr", type=float, default=1e-2)
+    parser.add_argument("--mtp-lr", type=float, default=1e-2, help="the MTP layer's lr during RL (MTP-SFT run)")
     parser.add_argument("--mtp-scale", type=float, default=0.2)
     parser.add_argument("--head-scale", type=float, default=10.0)
     parser.add_argument("--target-mod", type=int, default=3)
@@ -135,6 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     torch.manual_seed(args.seed)
+    started = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         base = confident_model(init_model(Path(tmp) / "base", arch="qwen3-moe", size="tiny", mtp=1, seed=args.seed), args.head_scale)
@@ -159,7 +165,8 @@ def main() -> None:
         table.add_row(label, f"{row['accept_start']:.3f}", f"{row['accept_end']:.3f}", f"{row['change_points']:+.1f}",
                       f"{row['reward_start']:.3f}", f"{row['reward_end']:.3f}")
     console.print(table)
-    report = {"settings": vars(args), "warmup": warmup, "runs": results, "summary": summary}
+    machine = {"device": str(warm_trainer.device), "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - started}
+    report = {"settings": vars(args), "machine": machine, "warmup": warmup, "runs": results, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.out}")

@@ -52,6 +52,7 @@ class TrainerConfig:
     mtp_sft: bool = False
     mtp_loss_scale: float = 0.2
     mtp_detach_trunk: bool = True
+    mtp_lr: float | None = None  # the MTP draft's own learning rate (its own param group); default: lr
     lora_rank: int = 0  # > 0 trains LoRA adapters only
     lora_alpha: int | None = None  # default 2 * rank
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -64,6 +65,8 @@ class TrainerConfig:
         """A copy with the preset's defaults filled in; unknown ``algo`` is a configuration error."""
         if self.algo not in PRESETS:
             raise ValueError(f"unknown algo {self.algo!r}: choose one of {', '.join(PRESETS)}")
+        if self.mtp_lr is not None and not self.mtp_sft:
+            raise ValueError("mtp_lr is the MTP draft's learning rate under MTP-SFT: set mtp_sft=True or leave mtp_lr unset")
         defaults = {"eps_low": 0.2, "eps_high": 0.2, **PRESETS[self.algo]}
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 

@@ -85,7 +85,7 @@ class Trainer:
         self.reward_fn: Callable[[Trajectory], float] | None = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
         for param in self.mtp_parameters().values():
             param.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
 
     @classmethod
@@ -108,6 +108,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         seen = {id(p) for p in params}
         return params + [p for p in self.mtp_parameters().values() if id(p) not in seen]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The policy at ``lr``; the MTP draft in a group of its own at ``mtp_lr``, because the draft
+        has to keep up with a policy that RL moves every step."""
+        mtp = list(self.mtp_parameters().values())
+        mtp_ids = {id(p) for p in mtp}
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.trainable_parameters() if id(p) not in mtp_ids]}]
+        if mtp:
+            lr = self.config.lr if self.config.mtp_lr is None else self.config.mtp_lr
+            groups.append({"params": mtp, "lr": lr})
+        return groups
 
     # -- weights -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -208,9 +219,7 @@ class Trainer:
                     loss.backward()
                     step_loss += float(loss.detach())
                 stats.add("loss", step_loss)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                stats.add("grad_norm", grad_norm)
+                stats.add("grad_norm", self._optimizer_step())
         self.step += 1
         rewards = torch.tensor([self._reward(t) for t in trajectories])
         return {
@@ -274,12 +283,30 @@ class Trainer:
         for name, value in policy_stats.items():
             stats.add(name, value, tokens)
         loss = (per_token * batch.token_coef * mask).sum()
-        if cfg.mtp_sft and mtp_tokens:
-            mtp = mtp_sft_loss(self.mtp, result.hidden_states, batch, detach_trunk=cfg.mtp_detach_trunk)
-            loss = loss + cfg.mtp_loss_scale * mtp.loss_sum / mtp_tokens
-            stats.add("mtp/loss", mtp.loss_sum.detach() / max(1, mtp.tokens), mtp.tokens)
-            stats.add("mtp/accuracy", mtp.correct / max(1, mtp.tokens), mtp.tokens)
-        return loss
+        mtp_loss = self._mtp_loss(batch, result, mtp_tokens, stats)
+        return loss if mtp_loss is None else loss + mtp_loss
+
+    def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats: MeanAccumulator) -> torch.Tensor | None:
+        """MTP-SFT's share of the micro-batch loss, or ``None`` when there is none to add.
+
+        ``mtp_tokens`` counts the minibatch's labelled tokens, so the micro-batches sum to
+        ``mtp_loss_scale`` x the minibatch's mean cross-entropy. Called for every micro-batch after
+        the forward and before the backward; a backend whose forward already holds the MTP loss
+        overrides it to scale that loss and report its metrics.
+        """
+        cfg = self.config
+        if not (cfg.mtp_sft and mtp_tokens):
+            return None
+        mtp = mtp_sft_loss(self.mtp, result.hidden_states, batch, detach_trunk=cfg.mtp_detach_trunk)
+        stats.add("mtp/loss", mtp.loss_sum.detach() / max(1, mtp.tokens), mtp.tokens)
+        stats.add("mtp/accuracy", mtp.correct / max(1, mtp.tokens), mtp.tokens)
+        return cfg.mtp_loss_scale * mtp.loss_sum / mtp_tokens
+
+    def _optimizer_step(self) -> float:
+        """Clip the gradients to ``max_grad_norm``, step, and return the norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        return float(grad_norm)
 
 
 class _MismatchCollector:

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         algo: str = typer.Option("grpo", "--algo", help="grpo | dapo | dr_grpo | rloo | gspo"),
         r3: bool = typer.Option(False, "--r3", help="replay the rollout's MoE routing in training"),
         mtp_sft: bool = typer.Option(False, "--mtp-sft", help="train the MTP draft layers on the rollouts"),
+        mtp_lr: Optional[float] = typer.Option(None, "--mtp-lr", help="the MTP layers' own learning rate (default: --lr)"),
         lora: int = typer.Option(0, "--lora", min=0, help="LoRA rank (0: train all weights)"),
         lr: float = typer.Option(1e-5, "--lr"),
         tasks_per_step: int = typer.Option(8, "--tasks-per-step", min=1),
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
         from miles_envs.registry import RegistryError
 
         settings = TrainSettings(
-            env_id=env_id, model=model, out=out, steps=steps, backend=backend, algo=algo, r3=r3, mtp_sft=mtp_sft,
+            env_id=env_id, model=model, out=out, steps=steps, backend=backend, algo=algo, r3=r3, mtp_sft=mtp_sft, mtp_lr=mtp_lr,
             lora_rank=lora, lr=lr, tasks_per_step=tasks_per_step, group_size=group_size, max_new_tokens=max_new_tokens,
             temperature=temperature, sft_warmup=sft_warmup, sft_lr=sft_lr, sft_batch=sft_batch, eval_every=eval_every,
             eval_tasks=eval_tasks, checkpoint_every=checkpoint_every, engine=engine, draft_tokens=draft_tokens,

@@ -37,6 +37,7 @@ class TrainSettings:
     algo: str = "grpo"
     r3: bool = False
     mtp_sft: bool = False
+    mtp_lr: float | None = None
     lora_rank: int = 0
     lr: float = 1e-5
     tasks_per_step: int = 8
@@ -92,7 +93,8 @@ def trainer_config(settings: TrainSettings):
     from miles_envs.trainer import TrainerConfig
 
     return TrainerConfig(
-        algo=settings.algo, lr=settings.lr, r3=settings.r3, mtp_sft=settings.mtp_sft, lora_rank=settings.lora_rank,
+        algo=settings.algo, lr=settings.lr, r3=settings.r3, mtp_sft=settings.mtp_sft, mtp_lr=settings.mtp_lr,
+        lora_rank=settings.lora_rank,
         temperature=settings.temperature, device=settings.device, seed=settings.seed,
     )
 

@@ -62,6 +62,27 @@ def test_without_detach_the_shared_embedding_learns_from_mtp():
     assert not torch.equal(trainer.model.get_input_embeddings().weight, embed)
 
 
+def largest_change(before: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter]) -> float:
+    return max(float((p.detach() - before[n]).abs().max()) for n, p in params.items())
+
+
+def test_mtp_layers_step_at_their_own_learning_rate():
+    trainer = with_mtp(lr=1e-4, mtp_lr=1e-2)
+    trunk, mtp = dict(trainer.model.named_parameters()), trainer.mtp_parameters()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4, 1e-2]
+    assert {id(p) for p in trainer.optimizer.param_groups[1]["params"]} == {id(p) for p in mtp.values()}
+    before = {n: p.detach().clone() for n, p in [*trunk.items(), *mtp.items()]}
+    trainer.train_step([make_trajectory([5, 6, 7], [8, 9, 10], reward=1.0), make_trajectory([5, 6, 7], [11, 12, 13])])
+    # Adam's first step moves every parameter with a gradient by its group's lr (times g/|g|)
+    assert largest_change(before, mtp) == pytest.approx(1e-2, rel=1e-3)
+    assert largest_change(before, trunk) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_mtp_lr_needs_mtp_sft():
+    with pytest.raises(ValueError, match="mtp_sft=True"):
+        TrainerConfig(mtp_lr=1e-3).resolved()
+
+
 def test_mtp_sft_needs_mtp_layers(moe_model):
     with pytest.raises(ValueError, match="--mtp 1"):
         Trainer(moe_model, TrainerConfig(mtp_sft=True, device="cpu"))

@@ -15,9 +15,8 @@ a mean over the micro-batch's labelled tokens. Its backward scale is set per mic
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from dataclasses import replace
-from typing import Any, Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,27 +33,26 @@ from miles_envs.trainer.mtp_sft import mtp_labels
 from miles_envs.trainer.plugins import resolve
 from miles_envs.trainer.r3 import RoutingRecord
 from miles_envs.trainer.torch_backend import ForwardResult, Trainer, pick_device
-from miles_envs.trajectory import Trajectory
 
 
 class _MegatronStep:
-    """Gives megatron's DDP + optimizer the ``zero_grad``/``step`` surface the training step uses."""
+    """Gives megatron's DDP + optimizer the ``zero_grad``/``step`` surface the training step uses;
+    ``step`` returns the gradient norm megatron measured before clipping."""
 
     def __init__(self, ddp_model, optimizer) -> None:
         self.ddp_model = ddp_model
         self.optimizer = optimizer
-        self.grad_norms: list[float] = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none)
 
-    def step(self) -> None:
+    def step(self) -> float:
         self.ddp_model.finish_grad_sync()
         succeeded, grad_norm, _ = self.optimizer.step()
         if not succeeded:
             raise FloatingPointError("megatron optimizer skipped the step (non-finite gradients)")
-        self.grad_norms.append(float(grad_norm))
+        return float(grad_norm)
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
@@ -99,6 +97,8 @@ class MegatronTrainer(Trainer):
         cfg = (config or TrainerConfig()).resolved()
         if cfg.lora_rank or cfg.kl_coef:
             raise ValueError("the megatron backend trains full weights without a KL reference: set lora_rank=0, kl_coef=0")
+        if cfg.mtp_lr is not None:
+            raise ValueError("the megatron backend trains the MTP layers at the policy's lr: leave mtp_lr unset")
         self.config = cfg
         self.settings = settings or MegatronSettings(
             bf16=cfg.dtype == "bfloat16", routing_replay=cfg.r3, mtp_loss_scale=cfg.mtp_loss_scale
@@ -154,33 +154,20 @@ class MegatronTrainer(Trainer):
         return ForwardResult(logprobs, entropy, record)
 
     # -- the step ------------------------------------------------------------------------------
-    def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
-        self.optimizer.grad_norms.clear()
-        metrics = super().train_step(trajectories)
-        norms = self.optimizer.grad_norms
-        return metrics | {"grad_norm": sum(norms) / max(1, len(norms))}
+    def _optimizer_step(self) -> float:
+        return self.optimizer.step()  # megatron's optimizer clips (``clip_grad``) and reports the norm
 
-    def _micro_batch_loss(self, batch, old_logprobs, ref_logprobs, stats, mismatch, mtp_tokens) -> torch.Tensor:
+    def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats) -> None:
+        """The MTP loss is already in megatron's forward; set its backward scale for this micro-batch
+        (0 without MTP-SFT, which leaves the MTP layers untouched) and report its metrics."""
         from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
         train_mtp = self.config.mtp_sft and mtp_tokens > 0
         share = int(mtp_labels(batch, 0)[3].sum()) / mtp_tokens if train_mtp else 0.0
         MTPLossAutoScaler.set_loss_scale(torch.tensor(share))
-        with self._policy_only():
-            loss = super()._micro_batch_loss(batch, old_logprobs, ref_logprobs, stats, mismatch, 0)
         if train_mtp:
             self._mtp_stats(batch, stats)
-        return loss
-
-    @contextmanager
-    def _policy_only(self):
-        """The shared step computes the policy loss; the MTP loss is inside megatron's forward."""
-        config = self.config
-        self.config = replace(config, mtp_sft=False)
-        try:
-            yield
-        finally:
-            self.config = config
+        return None
 
     @torch.no_grad()
     def _mtp_stats(self, batch: PackedBatch, stats) -> None:

@@ -94,14 +94,14 @@ class _TorchStep:
         self.params = list(params)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
-        self.grad_norms: list[float] = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self) -> None:
-        self.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)))
+    def step(self) -> float:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         self.optimizer.step()
+        return grad_norm
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()

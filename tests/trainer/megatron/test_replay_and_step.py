@@ -121,3 +121,9 @@ def test_r3_needs_routing_replay_in_the_model():
     config, model, mtp = tiny_qwen3_moe(mtp=0)
     with cpu_megatron(), cpu_optimizer(), pytest.raises(ValueError, match="routing_replay=True"):
         MegatronTrainer(config, hf_state_of(model), TrainerConfig(device="cpu", r3=True), MegatronSettings(token_dispatcher="allgather", use_cpu_initialization=True))
+
+
+def test_megatron_backend_refuses_a_separate_mtp_lr():
+    config, model, mtp = tiny_qwen3_moe(mtp=1)
+    with cpu_megatron(), cpu_optimizer(), pytest.raises(ValueError, match="leave mtp_lr unset"):
+        _trainer(config, model, mtp, mtp_sft=True, mtp_lr=1e-2)
