@@ -201,9 +201,7 @@ def parse_turn(parser: Any, text: str) -> tuple[Message, Message, bool]:
 
 def reply_text(renderer: Any, output_ids: list[int]) -> str:
     """The reply as the parser and the chat history see it: without the end-of-turn token."""
-    if output_ids and output_ids[-1] in renderer.stop_token_ids:
-        output_ids = output_ids[:-1]
-    return renderer.decode(output_ids)
+    return renderer.turn_text(output_ids)
 
 
 def append_generation(episode: TokenStream, gen: Generation) -> None:

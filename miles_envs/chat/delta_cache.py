@@ -77,7 +77,9 @@ class DeltaCache:
         observation: Sequence[Message],
         tools: Sequence[Mapping[str, Any]] | None,
     ) -> Hashable | None:
-        if not self.enabled or has_reasoning(turn_message) or any(has_reasoning(m) for m in history):
+        if not self.enabled or has_reasoning(turn_message):
+            return None
+        if any(m.get("role") == "assistant" and has_reasoning(m) for m in history):
             return None
         try:
             observed = json.dumps([observation, tools], sort_keys=True)

@@ -107,6 +107,7 @@ class ChatRenderer:
         self.turn_end_id = self._find_turn_end_id()
         self.stop_token_ids = self._collect_stop_ids()
         self._stop_ids = frozenset(self.stop_token_ids)
+        self._last_turn: tuple[Sequence[int] | None, str] = (None, "")
         self.delta_cache = DeltaCache()
         if cache_deltas:
             self.delta_cache.probe(self._probe_tail)
@@ -133,7 +134,7 @@ class ChatRenderer:
         generated text instead, because only that is token-exact.
         """
         ended_by_model = bool(generated_ids) and generated_ids[-1] in self._stop_ids
-        text = self.decode(generated_ids[:-1] if ended_by_model else generated_ids)
+        text = self.turn_text(generated_ids)
         turn = {"role": assistant_message.get("role", "assistant"), "content": text}
         given = list(history)
         end = ("model", generated_ids[-1]) if ended_by_model else finish_reason
@@ -169,6 +170,19 @@ class ChatRenderer:
         if cache_key is not None:
             self.delta_cache.store(cache_key, tuple(ids) if append_only and not notes else None)
         return RenderedDelta(ids=ids, append_only=append_only, note="; ".join(notes) or None)
+
+    def turn_text(self, generated_ids: Sequence[int]) -> str:
+        """The generated text without its end-of-turn token, as parsers and the template see it.
+
+        Decoded once per generation: the loop asks for it to parse the action, then ``delta_ids``
+        needs it again for the same (unchanged) id list.
+        """
+        if generated_ids is self._last_turn[0]:
+            return self._last_turn[1]
+        ended_by_model = bool(generated_ids) and generated_ids[-1] in self._stop_ids
+        text = self.decode(generated_ids[:-1] if ended_by_model else generated_ids)
+        self._last_turn = (generated_ids, text)
+        return text
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
