@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from miles_envs.pacing import LagWindow
 from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
 
 EnvFactory = Callable[[], Env]
+T = TypeVar("T")
+E = TypeVar("E", bound=Env)
 NON_APPEND_ONLY = "non_append_only_template"
 
 
@@ -251,37 +253,59 @@ async def rollout(
     config = config or LoopConfig()
     parser = parser or parser_for(renderer.tokenizer)
     factory, env_id = env_factory(envs)
-    semaphore = asyncio.Semaphore(concurrency)
     admission = LagWindow(config.max_loop_lag) if config.max_loop_lag else None
 
     async def one(task: int, member: int) -> Trajectory:
-        async with semaphore:
-            env_seed = seed + task
-            key = episode_key(task, member)
-            ids = {"env_id": env_id, "group_id": f"{env_id}#{env_seed}", "episode_id": key}
-            try:
-                env = factory()
-            except Exception as exc:
-                error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                return Trajectory(prompt_ids=[], status=Status.FAILED, error=error, seed=env_seed, **ids)
-            try:
-                sampling_seed = None if config.sampling.seed is None else config.sampling.seed + task * group_size + member
-                return await run_episode(
-                    env, engine, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids,
-                    admission=admission,
-                )
-            finally:
-                await env.aclose()
+        env_seed = seed + task
+        ids = {"env_id": env_id, "group_id": f"{env_id}#{env_seed}", "episode_id": episode_key(task, member)}
+        env, error = make_env(factory)
+        if env is None:
+            return Trajectory(prompt_ids=[], status=Status.FAILED, error=error, seed=env_seed, **ids)
+        try:
+            sampling_seed = None if config.sampling.seed is None else config.sampling.seed + task * group_size + member
+            return await run_episode(
+                env, engine, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids,
+                admission=admission,
+            )
+        finally:
+            await env.aclose()
 
-    pending = [asyncio.ensure_future(one(t, m)) for t in range(n) for m in range(group_size) if episode_key(t, m) not in skip]
+    try:
+        async for trajectory in run_grid(one, n, group_size, concurrency, skip):
+            yield trajectory
+    finally:
+        if admission is not None:
+            admission.close()
+
+
+async def run_grid(
+    play: Callable[[int, int], Awaitable[T]], n: int, group_size: int, concurrency: int, skip: Collection[str] = ()
+) -> AsyncIterator[T]:
+    """``play(task, member)`` for every cell of the ``n`` × ``group_size`` grid not in ``skip``, at most
+    ``concurrency`` at once, yielding results as they finish (the rest are cancelled if the caller stops)."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def bounded(task: int, member: int) -> T:
+        async with semaphore:
+            return await play(task, member)
+
+    pending = [
+        asyncio.ensure_future(bounded(t, m)) for t in range(n) for m in range(group_size) if episode_key(t, m) not in skip
+    ]
     try:
         for next_done in asyncio.as_completed(pending):
             yield await next_done
     finally:
         for task in pending:
             task.cancel()
-        if admission is not None:
-            admission.close()
+
+
+def make_env(factory: Callable[[], E]) -> tuple[E | None, str | None]:
+    """A fresh env, or None and the traceback: a broken task fails its episode, not the batch."""
+    try:
+        return factory(), None
+    except Exception as exc:
+        return None, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def env_factory(envs: str | EnvFactory) -> tuple[EnvFactory, str | None]:

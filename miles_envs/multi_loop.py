@@ -14,7 +14,6 @@ exception fails the episode, an engine abort aborts it, the turn or context limi
 
 from __future__ import annotations
 
-import asyncio
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -28,8 +27,10 @@ from miles_envs.loop import (
     TokenStream,
     append_generation,
     env_factory,
+    make_env,
     parse_turn,
     reply_text,
+    run_grid,
     with_timeout,
     episode_key,
 )
@@ -284,31 +285,22 @@ async def rollout_multi(
     config = config or MultiLoopConfig()
     parser = parser or parser_for(renderer.tokenizer)
     factory, env_id = env_factory(envs)
-    semaphore = asyncio.Semaphore(concurrency)
 
     async def one(game: int, play: int) -> MultiAgentEpisode:
-        async with semaphore:
-            env_seed, key = seed + game, episode_key(game, play)
-            try:
-                env = factory()
-            except Exception as exc:
-                error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                return MultiAgentEpisode(key, {}, {}, Status.FAILED, error, seed=env_seed)
-            try:
-                seating = matchups(game, play) if callable(matchups) else matchups
-                seats = len(env.possible_agents)
-                play_seed = None if sampling_seed is None else sampling_seed + (game * group_size + play) * seats
-                return await run_multi_episode(
-                    env, seating, renderer, parser, config,
-                    seed=env_seed, sampling_seed=play_seed, episode_id=key, env_id=env_id,
-                )
-            finally:
-                await env.aclose()
+        env_seed, key = seed + game, episode_key(game, play)
+        env, error = make_env(factory)
+        if env is None:
+            return MultiAgentEpisode(key, {}, {}, Status.FAILED, error, seed=env_seed)
+        try:
+            seating = matchups(game, play) if callable(matchups) else matchups
+            seats = len(env.possible_agents)
+            play_seed = None if sampling_seed is None else sampling_seed + (game * group_size + play) * seats
+            return await run_multi_episode(
+                env, seating, renderer, parser, config,
+                seed=env_seed, sampling_seed=play_seed, episode_id=key, env_id=env_id,
+            )
+        finally:
+            await env.aclose()
 
-    pending = [asyncio.ensure_future(one(g, p)) for g in range(n) for p in range(group_size)]
-    try:
-        for next_done in asyncio.as_completed(pending):
-            yield await next_done
-    finally:
-        for task in pending:
-            task.cancel()
+    async for episode in run_grid(one, n, group_size, concurrency):
+        yield episode
