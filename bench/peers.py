@@ -48,8 +48,10 @@ class NotComparable(RuntimeError):
 
 # -- workloads: each returns a function running `episodes` episodes and returning the turns taken --
 
-def miles_envs_workload(episodes: int, turns: int):
-    from miles_envs import Env, assistant, user
+def fixed_env(turns: int):
+    """Our side of the workload: fixed prompt and observation, ``turns`` steps (imported lazily:
+    this script also runs inside the peers' own venvs)."""
+    from miles_envs import Env, user
 
     class Fixed(Env):
         run_inline = True
@@ -61,6 +63,14 @@ def miles_envs_workload(episodes: int, turns: int):
         def step(self, action):
             self.t += 1
             return [user(OBSERVATION)], 1.0, self.t >= turns, False, {}
+
+    return Fixed
+
+
+def miles_envs_workload(episodes: int, turns: int):
+    from miles_envs import assistant
+
+    Fixed = fixed_env(turns)
 
     def run() -> int:
         taken = 0
@@ -84,23 +94,13 @@ def miles_envs_workload(episodes: int, turns: int):
 def miles_envs_loop_workload(episodes: int, turns: int):
     import asyncio
 
-    from miles_envs import Env, user
     from miles_envs.agents.scripted import ScriptedEngine
     from miles_envs.chat import ChatRenderer
     from miles_envs.loop import LoopConfig, rollout
     from miles_envs.parsers import get_parser
     from miles_envs.tokenizers import load_tokenizer
 
-    class Fixed(Env):
-        run_inline = True
-
-        def reset(self, seed=None, options=None):
-            self.t = 0
-            return [user(PROMPT)], {}
-
-        def step(self, action):
-            self.t += 1
-            return [user(OBSERVATION)], 1.0, self.t >= turns, False, {}
+    Fixed = fixed_env(turns)
 
     tokenizer = load_tokenizer("qwen3")
     renderer, engine = ChatRenderer(tokenizer), ScriptedEngine(tokenizer, [REPLY])
