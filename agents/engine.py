@@ -75,6 +75,10 @@ class Generation:
     ``routed_experts`` holds rows ``[routed_experts_start, len(input_ids) + len(output_ids) - 1)``
     as ``[rows, num_layers, topk]``: one row per *processed* token (the last sampled token is never
     fed back, so it has no row). ``logprobs[i]`` is the log-probability of ``output_ids[i]``.
+
+    ``version_spans`` says which weights sampled which tokens: ``(first output index, version)``
+    pairs in increasing index order, each span running to the next one's start. A generation that
+    spans a weight update has two or more; empty means every token is ``weight_version``'s.
     """
 
     output_ids: list[int]
@@ -82,11 +86,16 @@ class Generation:
     finish_reason: FinishReason
     routed_experts: np.ndarray | None = None
     weight_version: str | None = None
+    version_spans: list[tuple[int, str]] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     spec: SpecStats | None = None
     matched_stop: int | str | None = None
     error: str | None = None
+
+    def spans(self) -> list[tuple[int, str | None]]:
+        """Version spans with the single-version case made explicit."""
+        return list(self.version_spans) or [(0, self.weight_version)]
 
 
 @runtime_checkable
