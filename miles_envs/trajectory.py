@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -43,6 +44,22 @@ class Turn:
     spec_verify_ct: int = 0
     spec_accepted_tokens: int = 0
     spec_draft_tokens: int = 0
+    # (response offset, version) where a model turn spans a weight update; empty: all weight_version's.
+    version_spans: list[tuple[int, str]] = field(default_factory=list)
+
+    def spans(self) -> list[tuple[int, int, str | None]]:
+        """``(start, end, version)`` pieces tiling this turn."""
+        starts = [(int(s), v) for s, v in self.version_spans] or [(self.start, self.weight_version)]
+        ends = [s for s, _ in starts[1:]] + [self.end]
+        return [(s, e, v) for (s, v), e in zip(starts, ends)]
+
+
+def version_number(version: str | None) -> int | None:
+    """The integer a weight version counts by (``"step-12"`` → 12, ``"3"`` → 3); None if it has none."""
+    if version is None:
+        return None
+    digits = re.search(r"(\d+)$", str(version))
+    return int(digits.group(1)) if digits else None
 
 
 def expert_dtype(num_experts: int) -> np.dtype:
@@ -90,6 +107,16 @@ class Trajectory:
     @property
     def num_turns(self) -> int:
         return sum(1 for t in self.turns if t.kind == "model")
+
+    def model_version_spans(self) -> list[tuple[int, int, str | None]]:
+        """``(start, end, version)`` over ``response_ids`` for every model token, in order."""
+        return [piece for t in self.turns if t.kind == "model" for piece in t.spans()]
+
+    @property
+    def version_range(self) -> tuple[int | None, int | None]:
+        """Oldest and newest weight version (as numbers) that sampled any token of this trajectory."""
+        numbers = [n for *_, v in self.model_version_spans() if (n := version_number(v)) is not None]
+        return (min(numbers), max(numbers)) if numbers else (None, None)
 
     # -- invariants ----------------------------------------------------------------------------
     def validate(self) -> Trajectory:
