@@ -7,10 +7,18 @@ the length limit is checked before stop tokens and stop strings, so a stop that 
 ``max_new_tokens`` still reports ``length``. Logprobs and routing are synthetic but a pure function of
 (token id, position), so a multi-turn episode gets the same rows whether asked for at once or in
 increments.
+
+Live weight updates: with ``token_delay_s > 0`` a generation emits one token per delay, so
+``update_weights`` may land mid-generation; each token is tagged with the version current when it
+was sampled (``Generation.version_spans``), and ``abort(rid)`` ends a request early with the tokens
+sampled so far (``finish_reason="abort"``, SGLang's semantics). A request resubmitted from the
+aborted one's stream (its input plus the kept partial output, or its input alone) continues the
+same reply, as a model sampling deterministically would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -37,6 +45,7 @@ class ScriptContext:
     sampling: SamplingParams
     rid: str | None = None
     lora: str | None = None
+    weight_version: str | None = None
 
 
 _CACHE_LIMIT = 65536
@@ -84,6 +93,26 @@ class _Encoded:
     stop_cut: dict[str, int | None] = field(default_factory=dict)
 
 
+@dataclass
+class _Request:
+    sampled: int = 0
+    abort_requested: bool = False
+
+
+@dataclass(eq=False)
+class _Partial:
+    """An aborted scripted reply: ``ids[:cut]`` were sampled before the abort."""
+
+    input_ids: list[int]
+    ids: list[int]
+    cut: int
+    finish: str
+    matched: int | str | None
+
+    def keys(self, seed: int | None) -> tuple[int, int]:
+        return hash((seed, tuple(self.input_ids))), hash((seed, tuple(self.input_ids + self.ids[: self.cut])))
+
+
 class ScriptedEngine:
     """An ``Engine`` that replays scripted text as real tokens; no model, microseconds per call."""
 
@@ -96,6 +125,7 @@ class ScriptedEngine:
         routing: SyntheticRouting | None = None,
         spec_draft_tokens: int = 0,
         weight_version: str = "0",
+        token_delay_s: float = 0.0,
     ) -> None:
         if not callable(replies) and not replies:
             raise ValueError("ScriptedEngine needs at least one reply (or a callable)")
@@ -107,8 +137,13 @@ class ScriptedEngine:
         self.routing = routing
         self.spec_draft_tokens = spec_draft_tokens
         self.weight_version = weight_version
+        self.token_delay_s = token_delay_s
         self._calls = itertools.count()
         self._cache: dict[ScriptedReply, _Encoded] = {}
+        self._running: dict[str, _Request] = {}
+        self._anonymous = itertools.count()
+        # (sampling seed, stream) of a possible resubmission -> the reply ids it continues, set on abort
+        self._resume: dict[int, list[_Partial]] = {}
 
     async def generate(
         self,
@@ -122,9 +157,17 @@ class ScriptedEngine:
     ) -> Generation:
         if not 0 <= routed_experts_start <= len(input_ids):
             raise ValueError(f"routed_experts_start={routed_experts_start} outside [0, {len(input_ids)}]")
-        reply = self._next_reply(ScriptContext(input_ids, next(self._calls), sampling, rid, lora))
-        encoded = self._encode(reply)
-        output_ids, finish, matched = self._finish(encoded, sampling)
+        resumed = self._take_partial(input_ids, sampling) if self._resume else None
+        if resumed is not None:
+            output_ids, finish, matched = resumed
+        else:
+            context = ScriptContext(input_ids, next(self._calls), sampling, rid, lora, self.weight_version)
+            output_ids, finish, matched = self._finish(self._encode(self._next_reply(context)), sampling)
+        spans: list[tuple[int, str]] = [(0, self.weight_version)]
+        if self.token_delay_s > 0:
+            output_ids, spans, aborted = await self._sample_slowly(input_ids, output_ids, finish, matched, sampling, rid)
+            if aborted:
+                finish, matched = "abort", None
         start = len(input_ids)
         logprobs = [synthetic_logprob(tid, start + i) for i, tid in enumerate(output_ids)]
         routed = None
@@ -135,11 +178,55 @@ class ScriptedEngine:
             logprobs=logprobs,
             finish_reason=finish,
             routed_experts=routed,
-            weight_version=self.weight_version,
+            weight_version=spans[-1][1],
+            version_spans=spans if len(spans) > 1 else [],
             prompt_tokens=len(input_ids),
             spec=self._spec(len(output_ids)),
             matched_stop=matched,
         )
+
+    async def _sample_slowly(
+        self, input_ids: list[int], ids: list[int], finish: str, matched: int | str | None, sampling: SamplingParams,
+        rid: str | None,
+    ) -> tuple[list[int], list[tuple[int, str]], bool]:
+        """Emit ``ids`` one per ``token_delay_s``: (ids sampled, version spans, aborted)."""
+        key = rid if rid is not None else f"anonymous-{next(self._anonymous)}"
+        request = self._running[key] = _Request()
+        spans: list[tuple[int, str]] = []
+        try:
+            for i in range(len(ids)):
+                await asyncio.sleep(self.token_delay_s)
+                if request.abort_requested:
+                    self._remember_partial(_Partial(input_ids, ids, i, finish, matched), sampling.seed)
+                    return ids[:i], spans or [(0, self.weight_version)], True
+                if not spans or spans[-1][1] != self.weight_version:
+                    spans.append((i, self.weight_version))
+                request.sampled = i + 1
+        finally:
+            del self._running[key]
+        return ids, spans or [(0, self.weight_version)], False
+
+    def _remember_partial(self, partial: _Partial, seed: int | None) -> None:
+        """A resubmission with or without the partial output continues this reply."""
+        if len(self._resume) >= _CACHE_LIMIT:
+            self._resume.clear()
+        for key in partial.keys(seed):
+            self._resume.setdefault(key, []).append(partial)
+
+    def _take_partial(self, input_ids: list[int], sampling: SamplingParams) -> tuple[list[int], str, int | str | None] | None:
+        """The reply an aborted request was writing, if ``input_ids`` resubmits it (identical streams queue up)."""
+        waiting = self._resume.get(hash((sampling.seed, tuple(input_ids))))
+        if not waiting:
+            return None
+        partial = waiting[0]
+        for key in partial.keys(sampling.seed):
+            queue = self._resume.get(key, [])
+            if partial in queue:
+                queue.remove(partial)
+            if not queue:
+                self._resume.pop(key, None)
+        kept = len(input_ids) - len(partial.input_ids)
+        return partial.ids[kept:], partial.finish, partial.matched
 
     def _next_reply(self, context: ScriptContext) -> ScriptedReply:
         replies = self._replies
@@ -216,7 +303,18 @@ class ScriptedEngine:
         self.weight_version = version if version is not None else str(source)
 
     async def abort(self, rid: str | None = None) -> None:
-        """Nothing is ever in flight: every call completes before it yields."""
+        """End the request ``rid`` (all requests if None) at its next token; unknown ids are ignored."""
+        for key in ([rid] if rid is not None else list(self._running)):
+            if key in self._running:
+                self._running[key].abort_requested = True
+
+    def progress(self) -> dict[str, int]:
+        """Tokens sampled so far by each running request (``token_delay_s > 0``), by request id."""
+        return {rid: request.sampled for rid, request in self._running.items()}
+
+    async def capacity(self) -> int | None:
+        """No limit on concurrent requests."""
+        return None
 
     async def health(self) -> bool:
         return True

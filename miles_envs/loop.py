@@ -22,6 +22,7 @@ import numpy as np
 from miles_envs.agents.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Env, Message
 from miles_envs.pacing import LagWindow
+from miles_envs.session import as_session
 from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
 
 EnvFactory = Callable[[], Env]
@@ -40,8 +41,15 @@ class LoopConfig:
     env_timeout: float | None = 60.0
     # "truncate": a length stop ends the episode; "continue": the env still sees the cut-off reply.
     on_length: str = "truncate"
-    # Turns in flight are bounded so the event loop's lag stays near this (None: unbounded).
+    # Client CPU work (env steps, rendering) in flight is bounded so the event loop's lag stays near
+    # this (None: unbounded). Generation requests are bounded by the engine's capacity instead.
     max_loop_lag: float | None = 0.01
+    # An aborted episode (engine trouble, never the env's) is replayed up to this many times with the same seeds.
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries}: must be 0 or more")
 
 
 class TokenStream:
@@ -92,8 +100,9 @@ async def run_episode(
 ) -> Trajectory:
     """Play one episode; never raises for env or engine trouble (it is recorded in the status).
 
-    ``admission`` is entered around the reset and around each turn (``rollout`` passes its
-    ``LagWindow``), bounding how many turns are in flight at once.
+    ``admission`` is entered around the client's CPU work (the reset, and each turn's parsing, env
+    step and rendering; ``rollout`` passes its ``LagWindow``), never across the engine call: how
+    many generations run at once is the engine's capacity (see ``miles_envs.session``).
     """
     admission = admission or nullcontext()
     episode: TokenStream | None = None
@@ -113,28 +122,28 @@ async def run_episode(
             max_turns = config.max_turns or env.max_turns
             turns = 0
         while True:
-            async with admission:
-                budget = config.max_context - len(episode.tokens)
-                if budget <= 0:
-                    status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
-                    break
-                sampling = replace(
-                    config.sampling,
-                    max_new_tokens=min(config.sampling.max_new_tokens, budget),
-                    stop_token_ids=stop_ids,
-                    seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
+            budget = config.max_context - len(episode.tokens)
+            if budget <= 0:
+                status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
+                break
+            sampling = replace(
+                config.sampling,
+                max_new_tokens=min(config.sampling.max_new_tokens, budget),
+                stop_token_ids=stop_ids,
+                seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
+            )
+            started = time.perf_counter()
+            try:  # no admission slot is held across the engine call: the engine bounds its own requests
+                gen = await engine.generate(
+                    episode.tokens, sampling, return_routed_experts=config.return_routed_experts,
+                    routed_experts_start=episode.rows_held, lora=config.lora,
                 )
-                started = time.perf_counter()
-                try:
-                    gen = await engine.generate(
-                        episode.tokens, sampling, return_routed_experts=config.return_routed_experts,
-                        routed_experts_start=episode.rows_held, lora=config.lora,
-                    )
-                except Exception as exc:  # transport trouble is the engine's failure, not the env's
-                    status, error = Status.ABORTED, f"engine error: {type(exc).__name__}: {exc}"
-                    break
-                stats["generate_s"] += time.perf_counter() - started
-                turns += 1
+            except Exception as exc:  # transport trouble is the engine's failure, not the env's
+                status, error = Status.ABORTED, f"engine error: {type(exc).__name__}: {exc}"
+                break
+            stats["generate_s"] += time.perf_counter() - started
+            turns += 1
+            async with admission:
                 episode.add_routing(gen.routed_experts)
                 append_generation(episode, gen)
                 if gen.finish_reason == "abort":
@@ -207,10 +216,13 @@ def reply_text(renderer: Any, output_ids: list[int]) -> str:
 
 
 def append_generation(episode: TokenStream, gen: Generation) -> None:
+    """The engine's ids as-is; a generation that crossed weight updates keeps its version spans."""
     spec = gen.spec
+    start = len(episode.trajectory.response_ids)
     episode.append(
         list(gen.output_ids), "model", list(gen.logprobs),
         finish_reason=gen.finish_reason, weight_version=gen.weight_version,
+        version_spans=[(start + index, version) for index, version in gen.version_spans],
         spec_verify_ct=spec.verify_ct if spec else 0,
         spec_accepted_tokens=spec.accepted_tokens if spec else 0,
         spec_draft_tokens=spec.draft_tokens if spec else 0,
@@ -247,28 +259,44 @@ async def rollout(
 
     Task ``i`` uses env seed ``seed + i``; its ``group_size`` episodes share that seed and a group
     id, and differ by sampling seed. ``skip`` holds ``episode_key(i, j)`` values already done (resume).
+    An aborted episode is replayed (same env and sampling seeds) up to ``config.retries`` times; only
+    its last attempt is yielded, with the earlier abort reasons in ``metadata["retried_aborts"]``.
+    ``engine`` may be a ``RolloutSession`` (to update weights mid-rollout under its policy); a plain
+    engine gets a default session (policy ``continue``, admission by ``engine.capacity()``).
     """
     from miles_envs.parsers import parser_for
 
     config = config or LoopConfig()
     parser = parser or parser_for(renderer.tokenizer)
     factory, env_id = env_factory(envs)
+    session = as_session(engine)
     admission = LagWindow(config.max_loop_lag) if config.max_loop_lag else None
 
-    async def one(task: int, member: int) -> Trajectory:
-        env_seed = seed + task
-        ids = {"env_id": env_id, "group_id": f"{env_id}#{env_seed}", "episode_id": episode_key(task, member)}
+    async def attempt(env_seed: int, sampling_seed: int | None, ids: dict[str, Any]) -> Trajectory:
         env, error = make_env(factory)
         if env is None:
             return Trajectory(prompt_ids=[], status=Status.FAILED, error=error, seed=env_seed, **ids)
         try:
-            sampling_seed = None if config.sampling.seed is None else config.sampling.seed + task * group_size + member
             return await run_episode(
-                env, engine, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids,
+                env, session, renderer, parser, config, seed=env_seed, sampling_seed=sampling_seed, ids=ids,
                 admission=admission,
             )
         finally:
             await env.aclose()
+
+    async def one(task: int, member: int) -> Trajectory:
+        env_seed = seed + task
+        ids = {"env_id": env_id, "group_id": f"{env_id}#{env_seed}", "episode_id": episode_key(task, member)}
+        sampling_seed = None if config.sampling.seed is None else config.sampling.seed + task * group_size + member
+        aborts: list[str | None] = []
+        while True:
+            trajectory = await attempt(env_seed, sampling_seed, ids)
+            if trajectory.status is not Status.ABORTED or len(aborts) >= config.retries:
+                break
+            aborts.append(trajectory.error)
+        if aborts:
+            trajectory.metadata["retried_aborts"] = aborts
+        return trajectory
 
     try:
         async for trajectory in run_grid(one, n, group_size, concurrency, skip):
@@ -282,22 +310,33 @@ async def run_grid(
     play: Callable[[int, int], Awaitable[T]], n: int, group_size: int, concurrency: int, skip: Collection[str] = ()
 ) -> AsyncIterator[T]:
     """``play(task, member)`` for every cell of the ``n`` × ``group_size`` grid not in ``skip``, at most
-    ``concurrency`` at once, yielding results as they finish (the rest are cancelled if the caller stops)."""
-    semaphore = asyncio.Semaphore(concurrency)
+    ``concurrency`` at once, yielding results as they finish (the rest are cancelled if the caller stops).
 
-    async def bounded(task: int, member: int) -> T:
-        async with semaphore:
-            return await play(task, member)
+    Cells are started lazily in grid order, so memory is bounded by ``concurrency``, not by the grid.
+    """
+    cells = ((t, m) for t in range(n) for m in range(group_size) if episode_key(t, m) not in skip)
+    finished: asyncio.Queue[asyncio.Future[T]] = asyncio.Queue()
+    running: set[asyncio.Future[T]] = set()
 
-    pending = [
-        asyncio.ensure_future(bounded(t, m)) for t in range(n) for m in range(group_size) if episode_key(t, m) not in skip
-    ]
+    def on_done(future: asyncio.Future[T]) -> None:
+        running.discard(future)
+        finished.put_nowait(future)
+
+    def top_up() -> None:
+        while len(running) < concurrency and (cell := next(cells, None)) is not None:
+            future = asyncio.ensure_future(play(*cell))
+            running.add(future)
+            future.add_done_callback(on_done)
+
     try:
-        for next_done in asyncio.as_completed(pending):
-            yield await next_done
+        top_up()
+        while running or not finished.empty():
+            future = await finished.get()
+            top_up()
+            yield future.result()
     finally:
-        for task in pending:
-            task.cancel()
+        for future in list(running):
+            future.cancel()
 
 
 def make_env(factory: Callable[[], E]) -> tuple[E | None, str | None]:

@@ -122,7 +122,8 @@ def test_env_exception_fails_the_episode_with_its_traceback(qwen3, renderer):
 def test_engine_abort_and_transport_errors_give_aborted(qwen3, renderer):
     t = asyncio.run(run_episode(make("miles/Echo-v0"), AbortingEngine(), renderer, get_parser("hermes"), LoopConfig()))
     assert t.status is Status.ABORTED and t.error == "server shutting down"
-    results = collect(rollout("miles/GuessNumber-v0", FlakyEngine(ScriptedEngine(qwen3, ["1"])), renderer, n=4, concurrency=1))
+    no_retries = LoopConfig(retries=0)
+    results = collect(rollout("miles/GuessNumber-v0", FlakyEngine(ScriptedEngine(qwen3, ["1"])), renderer, n=4, concurrency=1, config=no_retries))
     assert {r.status for r in results} == {Status.ABORTED}
     assert all("ConnectionError" in r.error for r in results)
 
