@@ -4,10 +4,16 @@ An advantage function takes ``rewards`` (float tensor ``[n]``) and ``groups`` (l
 equal ids = same prompt group) and returns one advantage per trajectory; every model token of a
 trajectory gets its trajectory's advantage. Custom functions with this signature plug in by import
 path (``TrainerConfig.advantage = "pkg.mod:fn"``).
+
+Only completed and truncated trajectories are scored (``scored_advantages``): an aborted episode
+(engine trouble) or a failed one (the env raised) says nothing about the policy, so it is left out
+of its group's mean and std and gets advantage 0 (and zero loss weight in the trainer). A group
+with no scored member is dropped.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -57,3 +63,27 @@ def rloo(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 ADVANTAGES: dict[str, AdvantageFn] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+
+
+SCORED_STATUSES = ("completed", "truncated")
+
+
+@dataclass
+class GroupAdvantages:
+    advantages: torch.Tensor  # one per trajectory; 0 for unscored ones
+    groups: int
+    groups_dropped: int  # groups without a single completed or truncated member
+
+
+def scored_advantages(
+    fn: AdvantageFn, rewards: torch.Tensor, group_ids: Sequence[object], statuses: Sequence[str]
+) -> GroupAdvantages:
+    """``fn`` over the completed/truncated members of each group only; the others get 0."""
+    groups = group_index(group_ids)
+    scored = torch.tensor([s in SCORED_STATUSES for s in statuses], dtype=torch.bool)
+    advantages = torch.zeros(len(rewards), dtype=torch.float32)
+    if scored.any():
+        kept = scored.nonzero().squeeze(1)
+        advantages[kept] = fn(rewards[kept], group_index(groups[kept].tolist())).float()
+    total = int(groups.max()) + 1 if groups.numel() else 0
+    return GroupAdvantages(advantages, total, total - len(set(groups[scored].tolist())))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from miles_envs.trainer.advantages import ADVANTAGES, group_index
+from miles_envs.trainer.advantages import ADVANTAGES, GroupAdvantages, scored_advantages
 from miles_envs.trainer.batch import PackedBatch, pack
 from miles_envs.trainer.config import TrainerConfig
 from miles_envs.trainer.lora import LoraSettings, adapter_state_dict, apply_lora, is_peft_model
@@ -167,8 +167,13 @@ class Trainer:
 
     # -- batch preparation ---------------------------------------------------------------------
     def advantages(self, trajectories: Sequence[Trajectory]) -> torch.Tensor:
+        return self.group_advantages(trajectories).advantages
+
+    def group_advantages(self, trajectories: Sequence[Trajectory]) -> GroupAdvantages:
+        """Group statistics over completed/truncated members only (aborted/failed get 0)."""
         rewards = torch.tensor([self._reward(t) for t in trajectories], dtype=torch.float32)
-        return self.advantage_fn(rewards, group_index([t.group_id for t in trajectories]))
+        statuses = [t.status.value for t in trajectories]
+        return scored_advantages(self.advantage_fn, rewards, [t.group_id for t in trajectories], statuses)
 
     def _reward(self, trajectory: Trajectory) -> float:
         return float(self.reward_fn(trajectory)) if self.reward_fn else float(trajectory.reward)
@@ -194,7 +199,8 @@ class Trainer:
         cfg = self.config
         if not trajectories:
             raise ValueError("train_step needs at least one trajectory")
-        advantages = self.advantages(trajectories).tolist()
+        grouped = self.group_advantages(trajectories)
+        advantages = grouped.advantages.tolist()
         chunks = [c.tolist() for c in torch.arange(len(trajectories)).tensor_split(cfg.minibatches) if len(c)]
         plan = [self._pack_minibatch([trajectories[i] for i in c], [advantages[i] for i in c]) for c in chunks]
         stats = MeanAccumulator()
@@ -230,6 +236,7 @@ class Trainer:
             "advantage_abs_mean": float(torch.tensor(advantages).abs().mean()),
             "response_tokens_mean": float(sum(t.num_model_tokens for t in trajectories) / len(trajectories)),
             "trajectories": float(len(trajectories)),
+            "groups_dropped": float(grouped.groups_dropped),
             "step": float(self.step),
         }
 

@@ -27,8 +27,13 @@ def fill_sample(sample: Any, trajectory: Trajectory, *, decode: Any = None, roll
     sample.status = type(sample).Status[fields["status"]]
     if decode is not None:
         sample.response = decode(trajectory.response_ids)
-    sample.weight_versions = [t.weight_version for t in trajectory.turns if t.kind == "model" and t.weight_version is not None]
-    sample.metadata = {**(sample.metadata or {}), **fields["metadata"], "messages": trajectory.messages}
+    # one entry per version span, so a turn that crossed a weight update lists both versions
+    sample.weight_versions = [v for *_, v in trajectory.model_version_spans() if v is not None]
+    oldest, newest = trajectory.version_range
+    sample.metadata = {
+        **(sample.metadata or {}), **fields["metadata"], "messages": trajectory.messages,
+        "oldest_weight_version": oldest, "newest_weight_version": newest,
+    }
     if rollout_id is not None:
         sample.rollout_id = rollout_id
     spec_info = getattr(sample, "spec_info", None)

@@ -50,3 +50,35 @@ def test_custom_advantage_by_import_path_and_unknown_name_is_explained():
         resolve("advantage", "grpp", ADVANTAGES)
     with pytest.raises(PluginError, match="cannot import"):
         resolve("advantage", "no_such_module_xyz:fn", ADVANTAGES)
+
+
+# statuses of a batch with infrastructure trouble: group "a" keeps two scored members, group "b" lost all
+STATUSES = ["completed", "aborted", "truncated", "failed", "aborted", "failed", "completed", "completed"]
+MIXED_REWARDS = torch.tensor([1.0, 5.0, 0.0, 9.0, 3.0, 2.0, 4.0, 4.0])
+MIXED_GROUPS = ["a", "a", "a", "a", "b", "b", "c", "c"]
+
+
+def test_aborted_and_failed_members_stay_out_of_the_group_statistics():
+    from miles_envs.trainer.advantages import scored_advantages
+
+    result = scored_advantages(grpo, MIXED_REWARDS, MIXED_GROUPS, STATUSES)
+    # group a over rewards 1 and 0 only: mean 0.5, unbiased std sqrt(0.5); c: equal rewards -> 0
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert result.advantages.tolist() == pytest.approx([a, 0.0, -a, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
+    assert (result.groups, result.groups_dropped) == (3, 1)
+    rloo_result = scored_advantages(rloo, MIXED_REWARDS, MIXED_GROUPS, STATUSES)
+    assert rloo_result.advantages.tolist() == pytest.approx([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_trainer_scores_only_completed_and_truncated_members(moe_model):
+    from miles_envs.trainer import Trainer, TrainerConfig
+    from miles_envs.trajectory import Status
+    from tests.trainer.tiny import make_trajectory
+
+    trajectories = [
+        make_trajectory([1, 2], [3, 4], reward=float(r), group_id=g, status=Status(s), error=None if s != "failed" else "env raised")
+        for r, g, s in zip(MIXED_REWARDS.tolist(), MIXED_GROUPS, STATUSES)
+    ]
+    trainer = Trainer(moe_model, TrainerConfig(algo="dr_grpo", device="cpu"))
+    assert trainer.advantages(trajectories).tolist() == pytest.approx([0.5, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert trainer.train_step(trajectories)["groups_dropped"] == 1.0
