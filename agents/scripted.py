@@ -145,6 +145,11 @@ class ScriptedEngine:
         # (sampling seed, stream) of a possible resubmission -> the reply ids it continues, set on abort
         self._resume: dict[int, list[_Partial]] = {}
 
+    @property
+    def is_moe(self) -> bool:
+        """Whether routed experts can be asked for (a ``routing`` was given)."""
+        return self.routing is not None
+
     async def generate(
         self,
         input_ids: list[int],

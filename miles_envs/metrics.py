@@ -9,6 +9,31 @@ from typing import Any
 from miles_envs.trajectory import Status, Trajectory
 
 
+SUMMED = ("tool_calls", "parse_errors", "generate_s", "env_s")
+
+
+def digest(t: Trajectory) -> dict[str, Any]:
+    """What the metrics keep of one episode: small enough to store per episode in a run's index."""
+    sums = {
+        "reward": t.reward,
+        "turns": t.num_turns,
+        "prompt_tokens": len(t.prompt_ids),
+        "response_tokens": len(t.response_ids),
+        "model_tokens": t.num_model_tokens,
+        **{key: float(t.metadata.get(key, 0.0)) for key in SUMMED},
+        "spec_verify_ct": sum(turn.spec_verify_ct for turn in t.turns),
+        "spec_accepted_tokens": sum(turn.spec_accepted_tokens for turn in t.turns),
+        "spec_draft_tokens": sum(turn.spec_draft_tokens for turn in t.turns),
+        "timeouts": int(bool(t.error) and ("timed out" in t.error or "did not finish within" in t.error)),
+    }
+    out: dict[str, Any] = {"status": t.status.value, "sums": {k: v for k, v in sums.items() if v}}
+    if t.flags:
+        out["flags"] = list(t.flags)
+    if t.reward_components:
+        out["components"] = dict(t.reward_components)
+    return out
+
+
 class RolloutMetrics:
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -19,25 +44,17 @@ class RolloutMetrics:
         self.components: defaultdict[str, float] = defaultdict(float)
 
     def add(self, t: Trajectory) -> None:
+        self.add_digest(digest(t))
+
+    def add_digest(self, d: dict[str, Any]) -> None:
+        """Accumulate one episode's ``digest`` (as stored in a run's index)."""
         self.episodes += 1
-        self.status[t.status.value] += 1
-        self.flags.update(t.flags)
-        s = self.sums
-        s["reward"] += t.reward
-        s["turns"] += t.num_turns
-        s["prompt_tokens"] += len(t.prompt_ids)
-        s["response_tokens"] += len(t.response_ids)
-        s["model_tokens"] += t.num_model_tokens
-        for key in ("tool_calls", "parse_errors", "generate_s", "env_s"):
-            s[key] += float(t.metadata.get(key, 0.0))
-        for turn in t.turns:
-            s["spec_verify_ct"] += turn.spec_verify_ct
-            s["spec_accepted_tokens"] += turn.spec_accepted_tokens
-            s["spec_draft_tokens"] += turn.spec_draft_tokens
-        for name, value in t.reward_components.items():
+        self.status[d["status"]] += 1
+        self.flags.update(d.get("flags", ()))
+        for key, value in d["sums"].items():
+            self.sums[key] += value
+        for name, value in d.get("components", {}).items():
             self.components[name] += value
-        if t.error and ("timed out" in t.error or "did not finish within" in t.error):
-            s["timeouts"] += 1
 
     @property
     def elapsed(self) -> float:

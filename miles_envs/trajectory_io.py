@@ -1,9 +1,9 @@
 """Reading and writing trajectory files: JSONL (append-only, crash-safe) and Parquet (columnar).
 
 A run writes JSONL as it goes, flushed and fsynced per batch, so a killed run loses at most the
-batch in flight and a rerun skips what is on disk. Parquet output is produced from that journal
-when the run finishes (``out.parquet`` ← ``out.parquet.journal.jsonl``), since Parquet files cannot
-be appended to safely.
+batch in flight and a rerun skips what is on disk. Parquet output is streamed from that journal in
+row groups when the run finishes (``out.parquet`` ← ``out.parquet.journal.jsonl``), since Parquet
+files cannot be appended to safely; memory stays flat whatever the run's size.
 """
 
 from __future__ import annotations
@@ -62,10 +62,18 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_jsonl(self.path)
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._handle = open(self.path, "ab")
+        self.offset = self._handle.seek(0, os.SEEK_END)
 
-    def write(self, trajectory: Trajectory) -> None:
-        self._handle.write(trajectory.to_json() + "\n")
+    def write(self, trajectory: Trajectory) -> tuple[int, int]:
+        """Append one record; returns its (byte offset, byte length) in the file."""
+        return self.write_line(trajectory.to_json())
+
+    def write_line(self, text: str) -> tuple[int, int]:
+        data = text.encode("utf-8") + b"\n"
+        self._handle.write(data)
+        start, self.offset = self.offset, self.offset + len(data)
+        return start, len(data)
 
     def flush(self) -> None:
         self._handle.flush()
@@ -113,28 +121,41 @@ def _schema():
     ])
 
 
-def write_parquet(trajectories: Iterable[Trajectory], path: Path) -> int:
+ROW_GROUP = 1024
+
+
+def write_parquet(trajectories: Iterable[Trajectory], path: Path, row_group: int = ROW_GROUP) -> int:
+    """Stream trajectories into a Parquet file, ``row_group`` rows at a time (memory stays flat)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [_row(t) for t in trajectories]
-    table = pa.Table.from_pylist(rows, schema=_schema())
     tmp = Path(str(path) + ".tmp")
-    pq.write_table(table, tmp)
+    written, rows = 0, []
+    with pq.ParquetWriter(tmp, _schema()) as writer:
+        for trajectory in trajectories:
+            rows.append(_row(trajectory))
+            if len(rows) == row_group:
+                writer.write_table(pa.Table.from_pylist(rows, schema=_schema()))
+                written, rows = written + len(rows), []
+        if rows or not written:
+            writer.write_table(pa.Table.from_pylist(rows, schema=_schema()))
+            written += len(rows)
     os.replace(tmp, path)
-    return len(rows)
+    return written
 
 
 def iter_parquet(path: Path) -> Iterator[Trajectory]:
+    """One row group at a time."""
     import pyarrow.parquet as pq
 
-    for row in pq.read_table(path).to_pylist():
-        for key in _JSON_COLUMNS:
-            row[key] = json.loads(row[key])
-        raw, shape, dtype = row.pop("routed_experts"), row.pop("routed_shape"), row.pop("routed_dtype")
-        row["turns"] = [Turn(**turn) for turn in row["turns"]]
-        row["routed_experts"] = None if raw is None else np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
-        yield Trajectory(**row)
+    for batch in pq.ParquetFile(path).iter_batches():
+        for row in batch.to_pylist():
+            for key in _JSON_COLUMNS:
+                row[key] = json.loads(row[key])
+            raw, shape, dtype = row.pop("routed_experts"), row.pop("routed_shape"), row.pop("routed_dtype")
+            row["turns"] = [Turn(**turn) for turn in row["turns"]]
+            row["routed_experts"] = None if raw is None else np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+            yield Trajectory(**row)
 
 
 def read_trajectories(path: str | Path) -> list[Trajectory]:

@@ -34,27 +34,51 @@ def register(app: typer.Typer) -> None:
         routed_experts: bool = typer.Option(False, "--routed-experts", help="record MoE routing (R3)"),
         log: list[str] = typer.Option([], "--log", help="metrics sink: json:FILE | tensorboard:DIR | wandb:PROJECT (repeatable)"),
         log_every: int = typer.Option(64, "--log-every", help="episodes between metric logs"),
+        retries: int = typer.Option(2, "--retries", help="replays of an aborted episode (engine trouble), same seeds"),
+        update_policy: str = typer.Option(
+            "continue", "--update-policy", help="weight updates mid-rollout: continue | abort_and_resume | drain"
+        ),
+        drop_partial: bool = typer.Option(
+            False, "--drop-partial", help="abort_and_resume: regenerate an aborted turn instead of keeping its tokens"
+        ),
+        drain_timeout: float = typer.Option(600.0, "--drain-timeout", help="drain: longest wait (s) for turns in flight"),
+        max_running: Optional[int] = typer.Option(
+            None, "--max-running", help="generation requests in flight (default: the engine's reported capacity)"
+        ),
     ) -> None:
-        """Roll out N×G episodes; rerunning with the same output resumes where a killed run stopped."""
+        """Roll out N×G episodes; rerunning with the same output resumes where a killed run stopped
+        (aborted episodes are played again)."""
         from miles_envs.agents.engine import SamplingParams
         from miles_envs.loop import LoopConfig
-        from miles_envs.registry import RegistryError, spec
+        from miles_envs.registry import RegistryError
         from miles_envs.runner import metrics_path, run_to_file
+        from miles_envs.session import RolloutSession, SessionConfig, UpdateNotSupported
         from miles_envs.cli.wiring import build_engine, build_renderer
         from miles_envs.logging_sinks import open_sinks
 
+        check_counts(n=n, group_size=group_size, retries=retries, concurrency=concurrency)
         if out.suffix not in (".jsonl", ".parquet"):
             fail(f"output {out} must end in .jsonl or .parquet")
         try:
-            spec(env_id)
+            session = SessionConfig(
+                update_policy=update_policy, keep_partial=not drop_partial, drain_timeout_s=drain_timeout,
+                max_running=max_running,
+            )
+            refuse_multi_agent(env_id)
             renderer = build_renderer(engine, tokenizer)
             policy = build_engine(engine, renderer.tokenizer, script)
+            if routed_experts and getattr(policy, "is_moe", None) is False:
+                raise ValueError(
+                    f"--routed-experts needs a mixture-of-experts model, and {engine} serves a dense one "
+                    "(it has no routing to record): drop --routed-experts"
+                )
+            RolloutSession(policy, session)  # an engine the policy cannot drive fails here, before any episode
             sink = open_sinks(log)
-        except (RegistryError, ValueError, FileNotFoundError, ImportError) as exc:
+        except (RegistryError, ValueError, FileNotFoundError, ImportError, UpdateNotSupported) as exc:
             fail(str(exc))
         config = LoopConfig(
             sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
-            max_turns=max_turns, max_context=max_context, return_routed_experts=routed_experts,
+            max_turns=max_turns, max_context=max_context, return_routed_experts=routed_experts, retries=retries,
         )
         columns = (
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -74,14 +98,43 @@ def register(app: typer.Typer) -> None:
             async def main() -> dict:
                 try:
                     return await run_to_file(
-                        env_id, policy, renderer, out, n=n, group_size=group_size, config=config,
+                        env_id, policy, renderer, out, n=n, group_size=group_size, config=config, session=session,
                         concurrency=concurrency, seed=seed, on_trajectory=on_trajectory,
                     )
                 finally:
                     await policy.close()
 
             summary = asyncio.run(main())
+        if summary.get("already_complete"):
+            sink.close()
+            console.print(f"already complete: {summary['episodes']} episodes in {out} (metrics → {metrics_path(out)})")
+            return
         sink.log(summary, step=summary["episodes"])
         sink.close()
-        console.print_json(json.dumps({k: summary[k] for k in ("episodes", "resumed_episodes", "reward_mean", "status")}))
+        keys = ("episodes", "new_episodes", "resumed_episodes", "retried_from_disk", "reward_mean", "status")
+        console.print_json(json.dumps({k: summary[k] for k in keys}))
         console.print(f"trajectories → {out}\nmetrics → {metrics_path(out)}")
+        aborted = summary["status"].get("aborted", 0)
+        if summary["new_episodes"] and aborted == summary["episodes"]:
+            reason = (summary.get("abort_reason") or "no reason given").strip().splitlines()[-1]
+            fail(f"every episode was aborted ({aborted}); last reason: {reason}. Rerun the command to retry them.")
+
+
+def check_counts(**counts: int) -> None:
+    """Counts that must be positive, checked before anything is built."""
+    flags = {"n": "-n", "group_size": "--group-size", "retries": "--retries", "concurrency": "--concurrency"}
+    for name, value in counts.items():
+        if value < 1:
+            fail(f"{flags[name]} {value}: must be at least 1")
+
+
+def refuse_multi_agent(env_id: str) -> None:
+    from miles_envs.env import MultiAgentEnv
+    from miles_envs.registry import spec
+
+    factory = spec(env_id).load()
+    if isinstance(factory, type) and issubclass(factory, MultiAgentEnv):
+        raise ValueError(
+            f"{env_id} is a multi-agent env and `rollout` plays single-agent envs: "
+            "run it with the multi-agent loop (miles_envs.multi_loop.rollout_multi)"
+        )

@@ -42,7 +42,8 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_n_episodes(tmp_path):
     for t in episodes:
         t.validate()
     metrics = json.loads((tmp_path / "out.jsonl.metrics.json").read_text())
-    assert metrics["resumed_episodes"] >= partial - 1 and metrics["episodes"] == N * GROUP - metrics["resumed_episodes"]
+    assert metrics["resumed_episodes"] >= partial - 1 and metrics["new_episodes"] == N * GROUP - metrics["resumed_episodes"]
+    assert metrics["episodes"] == N * GROUP  # the metrics describe the whole output, resumed part included
     assert "trajectories" in result.stderr
 
 
