@@ -56,7 +56,9 @@ def register(app: typer.Typer) -> None:
         from miles_envs.cli.wiring import build_engine, build_renderer
         from miles_envs.logging_sinks import open_sinks
 
-        check_counts(n=n, group_size=group_size, retries=retries, concurrency=concurrency)
+        check_counts(n=n, group_size=group_size, retries=retries, concurrency=concurrency, max_running=max_running)
+        if not drain_timeout > 0:
+            fail(f"--drain-timeout {drain_timeout:g}: must be positive (seconds)")
         if out.suffix not in (".jsonl", ".parquet"):
             fail(f"output {out} must end in .jsonl or .parquet")
         try:
@@ -120,12 +122,12 @@ def register(app: typer.Typer) -> None:
             fail(f"every episode was aborted ({aborted}); last reason: {reason}. Rerun the command to retry them.")
 
 
-def check_counts(**counts: int) -> None:
-    """Counts that must be positive, checked before anything is built."""
-    flags = {"n": "-n", "group_size": "--group-size", "retries": "--retries", "concurrency": "--concurrency"}
+def check_counts(**counts: int | None) -> None:
+    """Counts that must be positive (when given), checked before anything is built."""
     for name, value in counts.items():
-        if value < 1:
-            fail(f"{flags[name]} {value}: must be at least 1")
+        if value is not None and value < 1:
+            flag = "-n" if name == "n" else "--" + name.replace("_", "-")
+            fail(f"{flag} {value}: must be at least 1")
 
 
 def refuse_multi_agent(env_id: str) -> None:
