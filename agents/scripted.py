@@ -169,7 +169,7 @@ class ScriptedEngine:
             context = ScriptContext(input_ids, next(self._calls), sampling, rid, lora, self.weight_version)
             output_ids, finish, matched = self._finish(self._encode(self._next_reply(context)), sampling)
         spans: list[tuple[int, str]] = [(0, self.weight_version)]
-        if self.token_delay_s > 0:
+        if self.paced:
             output_ids, spans, aborted = await self._sample_slowly(input_ids, output_ids, finish, matched, sampling, rid)
             if aborted:
                 finish, matched = "abort", None
@@ -190,6 +190,15 @@ class ScriptedEngine:
             matched_stop=matched,
         )
 
+    @property
+    def paced(self) -> bool:
+        """Whether tokens come one at a time (so updates and aborts can land mid-generation)."""
+        return self.token_delay_s > 0
+
+    async def _next_token(self) -> None:
+        """Wait until the next token is sampled (a subclass may model a batched server here)."""
+        await asyncio.sleep(self.token_delay_s)
+
     async def _sample_slowly(
         self, input_ids: list[int], ids: list[int], finish: str, matched: int | str | None, sampling: SamplingParams,
         rid: str | None,
@@ -200,7 +209,7 @@ class ScriptedEngine:
         spans: list[tuple[int, str]] = []
         try:
             for i in range(len(ids)):
-                await asyncio.sleep(self.token_delay_s)
+                await self._next_token()
                 if request.abort_requested:
                     self._remember_partial(_Partial(input_ids, ids, i, finish, matched), sampling.seed)
                     return ids[:i], spans or [(0, self.weight_version)], True

@@ -20,15 +20,19 @@ adding what a real RL schedule needs:
     ``stats.drain_timeouts``).
 
   No policy loses an episode: an abort the session asked for is never reported to the loop.
-- **Admission by server capacity.** At most ``max_running`` generation requests are in flight
-  (default: ``engine.capacity()``, e.g. SGLang's ``max_running_requests``; unbounded when the
-  engine reports none). The slot is held exactly across the engine call.
+- **Admission by server capacity.** At most ``max_running`` generation requests are in flight;
+  by default the engine's ``capacity()`` (e.g. SGLang's ``max_running_requests``) plus
+  ``queue_headroom`` (25%): the few requests waiting in the server's own queue refill a finished
+  sequence's slot at once instead of after the client's turnaround (env step, rendering, HTTP), so
+  the server's batch stays full. Unbounded when the engine reports no capacity. The slot is held
+  exactly across the engine call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,13 +53,16 @@ class SessionConfig:
     update_policy: str = "continue"
     keep_partial: bool = True  # abort_and_resume: keep tokens sampled before the abort (old version)
     drain_timeout_s: float = 600.0  # drain / abort_and_resume: longest wait for in-flight generations
-    max_running: int | None = None  # generation requests in flight; None: the engine's capacity()
+    max_running: int | None = None  # generation requests in flight; None: from the engine's capacity()
+    queue_headroom: float = 0.25  # requests beyond the reported capacity, queued at the server
 
     def __post_init__(self) -> None:
         if self.update_policy not in UPDATE_POLICIES:
             raise ValueError(f"unknown update policy {self.update_policy!r}: choose from {', '.join(UPDATE_POLICIES)}")
         if not self.drain_timeout_s > 0:
             raise ValueError(f"drain_timeout_s={self.drain_timeout_s}: must be positive")
+        if self.queue_headroom < 0:
+            raise ValueError(f"queue_headroom={self.queue_headroom}: must be 0 or more")
         if self.max_running is not None and self.max_running < 1:
             raise ValueError(f"max_running={self.max_running}: must be at least 1 (or None for the engine's capacity)")
 
@@ -202,8 +209,8 @@ class RolloutSession:
                 return
             limit = self.config.max_running
             reported = getattr(self.engine, "capacity", None)
-            if limit is None and callable(reported):
-                limit = await reported()
+            if limit is None and callable(reported) and (capacity := await reported()) is not None:
+                limit = math.ceil(capacity * (1 + self.config.queue_headroom))
             if limit is not None:
                 self._slots = asyncio.Semaphore(int(limit))
             self.max_running = limit

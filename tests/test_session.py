@@ -207,11 +207,20 @@ async def test_generations_are_bounded_by_capacity_and_cpu_admission_never_holds
     bounded = RolloutSession(engine(qwen3), SessionConfig(max_running=2))
     await play(bounded, None)
     assert bounded.stats.peak_running == 2 and await bounded.capacity() == 2
+    # a reported capacity of 4 slots, plus a quarter more waiting in the server's queue
+    reported = RolloutSession(FourSlots(qwen3, reply, token_delay_s=TICK))
+    await play(reported, None)
+    assert reported.stats.peak_running == 5 and await reported.capacity() == 5
     # one CPU slot at a time, yet all six generations are on the engine together
     free = RolloutSession(engine(qwen3))
     trajectories = await play(free, asyncio.Semaphore(1))
     assert free.stats.peak_running == 6 and await free.capacity() is None
     assert {t.status for t in trajectories} == {Status.COMPLETED}
+
+
+class FourSlots(ScriptedEngine):
+    async def capacity(self):
+        return 4
 
 
 class FixedEngine:
