@@ -201,6 +201,32 @@ def peers_measures(data: dict) -> list[Measure]:
     return measures
 
 
+def rl_runtime_measures(data: dict) -> list[Measure]:
+    measures = []
+    lost = data.get("lost_tokens")
+    if lost:
+        policies = lost["policies"]
+        for name in ("continue", "abort_and_resume"):
+            measures.append(Measure(f"tokens lost per weight update, {name}", policies[name]["lost_tokens_per_update"],
+                                    "tokens", at_most(0), note=f"{policies[name]['lost_episodes']:g} episodes lost"))
+        baseline = policies["abort-all baseline"]
+        measures.append(Measure("tokens lost per weight update, abort-all baseline", baseline["lost_tokens_per_update"],
+                                "tokens", note=f"{baseline['lost_episodes']:g} episodes lost"))
+    busy = data.get("server_busy")
+    if busy:
+        for name, row in busy["admission"].items():
+            target = at_least(0.95) if name.startswith("capacity") else None
+            measures.append(Measure(f"server busy fraction, {busy['concurrent_episodes']} episodes, admission by {name}",
+                                    row["busy_fraction"], "", target, note=f"{busy['slots']} slots"))
+    rss = data.get("peak_rss")
+    if rss:
+        smallest, largest = rss["runs"][0], rss["runs"][-1]
+        measures.append(Measure(f"peak RSS, {largest['episodes']:,} ÷ {smallest['episodes']:,} episodes",
+                                rss["peak_ratio_largest_to_smallest"], "×", at_most(1.1),
+                                note=f"{largest['peak_rss_mb']:.0f} MB vs {smallest['peak_rss_mb']:.0f} MB"))
+    return measures
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -241,6 +267,10 @@ BENCHES: tuple[Bench, ...] = (
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),
           about="one scripted workload (fixed reply, fixed observation, N turns) through each library's own env "
                 "step and message handling, each library in its own venv; see bench/peers.py for what is timed"),
+    Bench("rl_runtime", "rl_runtime.py", rl_runtime_measures,
+          ("--repeats", "1", "--concurrent", "500", "--busy-seconds", "10", "--rss-sizes", "2000", "20000"),
+          about="weight updates landing on 256 episodes of a throughput-model server (per update policy vs "
+                "aborting all), 5,000 concurrent episodes over HTTP against it, whole runs at two sizes"),
 )
 
 
