@@ -138,6 +138,13 @@ class Trajectory:
             expected = 1 if turn.kind == "model" else 0
             if any(m != expected for m in self.loss_mask[turn.start : turn.end]):
                 raise TrajectoryError(f"{turn.kind} turn {turn.start}..{turn.end} has loss_mask != {expected}")
+            starts = [int(start) for start, _ in turn.version_spans]
+            if starts and (turn.kind != "model" or starts[0] != turn.start or starts != sorted(set(starts))
+                           or starts[-1] >= max(turn.end, turn.start + 1)):
+                raise TrajectoryError(
+                    f"{turn.kind} turn {turn.start}..{turn.end}: version spans {turn.version_spans} must start at the "
+                    "turn's start and increase inside it (model turns only)"
+                )
             position = turn.end
         if self.turns and position != n:
             raise TrajectoryError(f"turn spans end at {position}, response has {n} tokens")

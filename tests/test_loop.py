@@ -170,3 +170,24 @@ def test_unknown_env_id_fails_fast(renderer, qwen3):
 
     with pytest.raises(EnvNotFound, match="did you mean"):
         collect(rollout("miles/Eco-v0", ScriptedEngine(qwen3, ["x"]), renderer))
+
+
+def test_groups_come_out_whole_and_lost_groups_are_dropped_and_counted(qwen3, renderer):
+    from miles_envs.groups import GroupCounts, complete_groups
+
+    class LosesTask1(FlakyEngine):
+        """Aborts every generation of task 1 (sampling seeds 2 and 3: task × group size + member)."""
+
+        async def generate(self, input_ids, sampling, **kw):
+            if sampling.seed in (2, 3):
+                return Generation(output_ids=[], logprobs=[], finish_reason="abort", error="server restarting")
+            return await self.inner.generate(input_ids, sampling, **kw)
+
+    counts = GroupCounts()
+    config = LoopConfig(retries=1, sampling=SamplingParams(seed=0), max_turns=1)
+    stream = rollout("miles/GuessNumber-v0", LosesTask1(ScriptedEngine(qwen3, ["50"])), renderer, n=3, group_size=2,
+                     config=config, concurrency=1)
+    groups = collect(complete_groups(stream, 2, counts))
+    assert (counts.complete, counts.dropped) == (2, 1)
+    assert sorted(sorted(t.episode_id for t in g) for g in groups) == [["0:0", "0:1"], ["2:0", "2:1"]]
+    assert all(len({t.group_id for t in g}) == 1 for g in groups)

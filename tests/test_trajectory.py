@@ -112,3 +112,15 @@ def test_expert_dtype_is_the_smallest_that_fits():
     assert expert_dtype(256) == np.uint8
     assert expert_dtype(257) == np.uint16
     assert expert_dtype(70000) == np.uint32
+
+
+def test_version_spans_must_tile_their_model_turn():
+    def with_spans(spans):
+        return Trajectory(prompt_ids=[1], response_ids=[5, 6, 7, 8], loss_mask=[1, 1, 1, 0], logprobs=[-1.0, -1.0, -1.0, 0.0],
+                          turns=[Turn("model", 0, 3, weight_version="step-2", version_spans=spans), Turn("env", 3, 4)])
+
+    good = with_spans([(0, "step-1"), (2, "step-2")]).validate()
+    assert good.model_version_spans() == [(0, 2, "step-1"), (2, 3, "step-2")] and good.version_range == (1, 2)
+    for bad in ([(1, "step-1")], [(0, "step-1"), (0, "step-2")], [(0, "step-1"), (3, "step-2")]):
+        with pytest.raises(TrajectoryError, match="version spans"):
+            with_spans(bad).validate()
