@@ -1,12 +1,13 @@
-"""Admission of episode turns by event-loop lag, so one process can hold many thousands of episodes.
+"""Admission of client CPU work by event-loop lag, so one process can hold many thousands of episodes.
 
-Every turn costs the client CPU (rendering, HTTP, JSON). With thousands of episodes in flight,
-turns that become ready together run back to back and the event loop stalls for seconds: timers
-fire late, health checks and progress freeze, request timeouts trip. ``LagWindow`` bounds how many
-turns may be in flight, and sizes that bound by additive-increase / multiplicative-decrease on the
-measured loop lag, like TCP's congestion window: the window grows while the loop keeps up and
-halves when it falls behind. The bound settles where the client's CPU saturates, so throughput is
-kept while the lag stays near its target.
+Every turn costs the client CPU (parsing, the env step, rendering the observation). With thousands
+of episodes, turns whose generations return together run back to back and the event loop stalls
+for seconds: timers fire late, health checks and progress freeze, request timeouts trip.
+``LagWindow`` bounds how many episodes may be doing client work at once, and sizes that bound by
+additive-increase / multiplicative-decrease on the measured loop lag, like TCP's congestion window:
+the window grows while the loop keeps up and halves when it falls behind. It is never held across
+a generation request: a slot held while the server works would starve the server (the requests
+in flight are bounded by the server's capacity instead, see ``miles_envs.session``).
 """
 
 from __future__ import annotations
