@@ -113,3 +113,33 @@ async def test_spec_counters_and_weight_version(qwen3):
     assert gen.weight_version == "v0"
     await engine.update_weights("/ckpt/step-3", version="v3")
     assert (await engine.generate([1], SamplingParams())).weight_version == "v3"
+
+
+async def test_paced_generation_reports_version_spans_and_aborts_with_its_partial_output(qwen3):
+    import asyncio
+
+    engine = ScriptedEngine(qwen3, [ANSWER], weight_version="step-0", token_delay_s=0.001)
+    full = qwen3.encode(ANSWER, add_special_tokens=False) + [IM_END]
+
+    async def when_sampled(n):
+        while engine.progress().get("r1", 0) < n:
+            await asyncio.sleep(0)
+
+    async def update_after_two():
+        await when_sampled(2)
+        await engine.update_weights("/ckpt", version="step-1")
+
+    gen, _ = await asyncio.gather(engine.generate([1, 2], SamplingParams(), rid="r1"), update_after_two())
+    assert gen.output_ids == full and gen.finish_reason == "stop"
+    assert gen.version_spans == [(0, "step-0"), (2, "step-1")] and gen.weight_version == "step-1"
+
+    async def abort_after_three():
+        await when_sampled(3)
+        await engine.abort("r1")
+
+    partial, _ = await asyncio.gather(engine.generate([7], SamplingParams(), rid="r1"), abort_after_three())
+    assert (partial.output_ids, partial.finish_reason) == (full[:3], "abort")
+    assert partial.logprobs == [synthetic_logprob(t, 1 + i) for i, t in enumerate(full[:3])]
+    # resubmitted from the kept stream, the reply goes on where it stopped
+    rest = await engine.generate([7, *full[:3]], SamplingParams())
+    assert rest.output_ids == full[3:] and rest.finish_reason == "stop"
