@@ -119,7 +119,6 @@ class RolloutSession:
         kept: list[int] = []
         start = routed_experts_start
         while True:
-            await self._open.wait()
             request_rid = rid if rid is not None and not pieces else uuid.uuid4().hex
             gen = await self._submit(
                 list(input_ids) + kept, replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)),
@@ -191,6 +190,7 @@ class RolloutSession:
     async def _submit(self, input_ids: list[int], sampling: SamplingParams, *, rid: str, **options: Any) -> Generation:
         await self._ensure_slots()
         async with self._slots if self._slots is not None else contextlib.nullcontext():
+            await self._open.wait()  # checked with the slot in hand: nothing starts while an update is held
             self._running.add(rid)
             self._idle.clear()
             self.stats.peak_running = max(self.stats.peak_running, len(self._running))
