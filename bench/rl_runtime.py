@@ -15,7 +15,10 @@ ramp-up excluded). Server time is the model's clock (modelled step times plus re
 for work), so a server process starved of CPU by the client on a shared machine is not mistaken
 for a client that fails to keep the server fed. Admission by the server's capacity (the session's
 default: the reported slots plus 25% waiting in the server's queue) beside the old admission (the
-client-lag window held across the network await).
+client-lag window held across the network await). The old admission's figure depends on the
+client's event-loop lag: on a quiet machine its window grows until the server is full; when the
+loop lags (a loaded machine, heavy env steps) the window halves and the server starves. The load
+average during the run is recorded beside the figures.
 
 Part 3, peak RSS of a whole ``rollout`` run to JSONL (scripted engine, Echo env, 256 at once), one
 subprocess per size, resident memory sampled every 0.2 s while the run goes (the import-time peak
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -321,7 +325,8 @@ def server_busy(renderer, concurrent: int, slots: int, seconds: float) -> dict:
                 start, end, finished = asyncio.run(drive_server(url, renderer, concurrent, slots, admission, seconds))
                 time.sleep(0.6)
                 out[admission] = {"busy_fraction": busy_fraction(stats_file, start, end, slots), "wall_s": end - start,
-                                  "client_cpu_s": time.process_time() - cpu, "episodes_finished": finished}
+                                  "client_cpu_s": time.process_time() - cpu, "episodes_finished": finished,
+                                  "load_average_1min": os.getloadavg()[0]}
             finally:
                 server.terminate()
                 server.wait()
@@ -402,7 +407,7 @@ def main() -> None:
         print(f"\n{args.concurrent} concurrent episodes, {args.slots} server slots")
         for name, row in results["server_busy"]["admission"].items():
             print(f"  {name:36} busy {row['busy_fraction']:6.1%}  wall {row['wall_s']:6.1f} s  "
-                  f"client CPU {row['client_cpu_s']:6.1f} s  episodes finished {row['episodes_finished']}")
+                  f"client CPU {row['client_cpu_s']:6.1f} s  load average {row['load_average_1min']:.1f}")
     if "rss" not in args.skip:
         results["peak_rss"] = peak_rss(args.rss_sizes)
         print()
