@@ -148,14 +148,19 @@ class Trainer:
         )
         hooks = self.ref_replay if model is self.ref_model else self.replay
         routing = hooks.apply(batch.routed_experts, replay=replay) if hooks else nullcontext(RoutingRecord())
+        # The vocabulary projection dominates small models' cost: project only the positions some
+        # row trains on (prompt and env tokens carry no loss); the others read 0.
+        keep = batch.loss_mask.any(dim=0).nonzero().flatten()
         try:
             with routing as record:
-                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep)
         finally:
             if hook is not None:
                 hook.remove()
         logits = out.logits if self.config.temperature == 1.0 else out.logits / self.config.temperature
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets)
+        kept_logprobs, kept_entropy = token_logprobs_and_entropy(logits, batch.targets[:, keep])
+        logprobs = kept_logprobs.new_zeros(batch.targets.shape).index_copy(1, keep, kept_logprobs)
+        entropy = kept_entropy.new_zeros(batch.targets.shape).index_copy(1, keep, kept_entropy)
         return ForwardResult(logprobs, entropy, record, captured[-1] if captured else None)
 
     @torch.no_grad()
