@@ -201,6 +201,17 @@ def peers_measures(data: dict) -> list[Measure]:
     return measures
 
 
+def embedded_prefix_measures(data: dict) -> list[Measure]:
+    last = field_at(data, "per_turn")[-1]
+    workload = f"{data.get('tasks')} x {data.get('group')} episodes of {field_at(data, 'turns')} turns; {data.get('model', '')} on CPU"
+    return [
+        Measure(f"embedded prefix cache, turn {last['turn']} prefill CPU: cached ÷ uncached", field_at(data, "last_turn_prefill_ratio"),
+                "×", below(1), f"{last['new_tokens']} new of {last['prompt_tokens']} prompt tokens"),
+        Measure("embedded prefix cache: rollout tokens per CPU second, cached ÷ uncached", field_at(data, "cpu_ratio"), "×",
+                above(1), f"{field_at(data, 'tok_per_cpu_s_cached'):.0f} vs {field_at(data, 'tok_per_cpu_s_uncached'):.0f}; {workload}"),
+    ]
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -228,6 +239,9 @@ BENCHES: tuple[Bench, ...] = (
     Bench("embedded_throughput", "embedded_throughput.py", embedded_throughput_measures,
           ("--concurrency", "1", "8", "--new-tokens", "8", "--sequential-requests", "2", "--repeats", "1"),
           about="embedded engine, tiny random-init qwen3-moe on CPU: concurrent requests batched vs one at a time"),
+    Bench("embedded_prefix", "embedded_prefix.py", embedded_prefix_measures,
+          ("--size", "tiny", "--tasks", "2", "--group", "2", "--repeats", "1"),
+          about="embedded engine on a 10-turn GuessNumber: turn-N prefill CPU and rollout tokens/s, prefix cache on vs off"),
     Bench("spec_decode", "spec_decode.py", spec_decode_measures,
           ("--draft-tokens", "0", "2", "--concurrency", "1", "--new-tokens", "8"),
           about="embedded engine with MTP drafts (tiny model made draftable) vs plain decoding"),

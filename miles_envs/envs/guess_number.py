@@ -1,7 +1,7 @@
 """``miles/GuessNumber-v0``: a multi-turn guessing game with a verifiable reward.
 
-``miles/GuessNumber7-v0`` is the same game on 1..7 with 3 guesses; its feedback restates the
-interval still possible, and its demonstrations guess at random inside it: a valid but weak
+``miles/GuessNumber7-v0`` is the same game on 1..7 with 3 guesses; its prompt and feedback list
+the numbers still possible, and its demonstrations guess one of them at random: a valid but weak
 strategy. Bisection wins every game, random consistent guessing about two in three (0.68), so a
 warm start on the demonstrations leaves room that only the reward can show the way to.
 """
@@ -25,20 +25,21 @@ class GuessNumberEnv(Env):
     The game ends when the number is found or ``max_guesses`` guesses are spent.
     ``demo_strategy`` picks what :meth:`demonstration` teaches: ``bisect`` (optimal) or ``random``
     (a uniform guess among the numbers the feedback still allows, seeded by ``reset``'s seed).
-    ``say_range`` adds that interval to the feedback ("higher: 5 to 7").
+    ``list_left`` lists the numbers still possible in the prompt and the feedback ("higher: 5 6 7"),
+    for small ranges.
     """
 
     max_turns = 8
     run_inline = True
 
     def __init__(self, low: int = 1, high: int = 100, max_guesses: int = 7, demo_strategy: str = "bisect",
-                 say_range: bool = False) -> None:
+                 list_left: bool = False) -> None:
         if low >= high:
             raise ValueError(f"low ({low}) must be below high ({high})")
         if demo_strategy not in DEMO_STRATEGIES:
             raise ValueError(f"unknown demo_strategy {demo_strategy!r}: choose one of {', '.join(DEMO_STRATEGIES)}")
         self.low, self.high, self.max_guesses = low, high, max_guesses
-        self.demo_strategy, self.say_range = demo_strategy, say_range
+        self.demo_strategy, self.list_left = demo_strategy, list_left
         self.possible = (low, high)
         self.secret: int | None = None
         self.guesses = 0
@@ -51,8 +52,9 @@ class GuessNumberEnv(Env):
         self._demo_rng = random.Random(rng.random())
         self.guesses = self.formatted = 0
         self.possible = (self.low, self.high)
+        numbers = f"one of {self._left()}" if self.list_left else f"from {self.low} to {self.high}"
         prompt = (
-            f"Guess my integer from {self.low} to {self.high} in {self.max_guesses} guesses. "
+            f"Guess my integer, {numbers}, in {self.max_guesses} guesses. "
             "Reply with one number; I answer 'higher' or 'lower'."
         )
         return [system("Number guessing game."), user(prompt)], {}
@@ -75,14 +77,17 @@ class GuessNumberEnv(Env):
             low, high = (max(low, guess + 1), high) if guess < self.secret else (low, min(high, guess - 1))
             self.possible = (low, high)
             reply = "higher" if guess < self.secret else "lower"
-            if self.say_range:
-                reply += f": {low} to {high}"
+            if self.list_left:
+                reply += f": {self._left()}"
         if over and not correct:
             reply += f" Out of guesses: the number was {self.secret}."
         components = {"correct": float(correct), "format": self.formatted / self.guesses}
         reward = 0.9 * components["correct"] + 0.1 * components["format"] if over else 0.0
         info = {"reward_components": components} if over else {}
         return [user(reply)], reward, over, False, info
+
+    def _left(self) -> str:
+        return " ".join(str(n) for n in range(self.possible[0], self.possible[1] + 1))
 
     def demonstration(self, history: list[Message]) -> Message:
         """The reply of ``demo_strategy`` given the conversation so far: a teacher for warm starts."""
