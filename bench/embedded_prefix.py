@@ -1,6 +1,7 @@
 """Embedded-engine prefix reuse on a 10-turn env: per-turn prefill cost and rollout tokens/s.
 
-Workload: ``GuessNumberEnv(max_guesses=10)`` played by a random-init Qwen3 (real vocabulary)
+Workload: ``GuessNumberEnv(max_guesses=10)`` played by a random-init Qwen3 (real vocabulary; a reply
+cut at ``--new-tokens`` still goes to the env, ``on_length="continue"``)
 through the real env loop, so every turn's input is the previous input + the model's reply + the
 env's answer, and groups share their prompt. Two engines on the same checkpoint, one with the
 prefix cache and one without (``prefix_cache_tokens=0``), in this one process.
@@ -47,7 +48,7 @@ def ten_turn_env() -> GuessNumberEnv:
 
 
 async def play(engine: EmbeddedEngine, renderer, tasks: int, group: int, new_tokens: int, seed: int = 0):
-    config = LoopConfig(sampling=SamplingParams(max_new_tokens=new_tokens), max_turns=TURNS)
+    config = LoopConfig(sampling=SamplingParams(max_new_tokens=new_tokens), max_turns=TURNS, on_length="continue")
     return [t async for t in rollout(ten_turn_env, engine, renderer, n=tasks, group_size=group, config=config, seed=seed)]
 
 

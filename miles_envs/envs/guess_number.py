@@ -15,7 +15,7 @@ from typing import Any
 from miles_envs.env import Env, Message, ResetResult, StepResult, system, user
 
 _NUMBER = re.compile(r"-?\d+")
-DEMO_STRATEGIES = ("bisect", "random")
+DEMO_STRATEGIES = ("bisect", "random", "scan")
 
 
 class GuessNumberEnv(Env):
@@ -23,8 +23,9 @@ class GuessNumberEnv(Env):
 
     Reward = 0.9·correct + 0.1·format, where format is the fraction of replies holding a number.
     The game ends when the number is found or ``max_guesses`` guesses are spent.
-    ``demo_strategy`` picks what :meth:`demonstration` teaches: ``bisect`` (optimal) or ``random``
-    (a uniform guess among the numbers the feedback still allows, seeded by ``reset``'s seed).
+    ``demo_strategy`` picks what :meth:`demonstration` teaches: ``bisect`` (optimal), ``random`` (a
+    uniform guess among the numbers the feedback still allows) or ``scan`` (the lowest of them, or
+    one time in two a random one of them); the random draws are seeded by ``reset``'s seed.
     ``list_left`` lists the numbers still possible in the prompt and the feedback ("higher: 5 6 7"),
     for small ranges.
     """
@@ -102,5 +103,11 @@ class GuessNumberEnv(Env):
                 low = last_guess + 1
             elif last_guess is not None and content.startswith("lower"):
                 high = last_guess - 1
-        guess = (low + high) // 2 if self.demo_strategy == "bisect" else self._demo_rng.randint(low, max(low, high))
+        high = max(low, high)
+        if self.demo_strategy == "bisect":
+            guess = (low + high) // 2
+        elif self.demo_strategy == "scan" and self._demo_rng.random() < 0.5:
+            guess = low
+        else:
+            guess = self._demo_rng.randint(low, high)
         return {"role": "assistant", "content": str(guess)}
