@@ -1,9 +1,9 @@
 """``miles/GuessNumber-v0``: a multi-turn guessing game with a verifiable reward.
 
 ``miles/GuessNumber7-v0`` is the same game on 1..7 with 3 guesses; its prompt and feedback list
-the numbers still possible, and its demonstrations guess one of them at random: a valid but weak
-strategy. Bisection wins every game, random consistent guessing about two in three (0.68), so a
-warm start on the demonstrations leaves room that only the reward can show the way to.
+the numbers still possible, and its demonstrations guess the lowest of them (or, one time in two,
+a random one): a valid but weak strategy. Bisection wins every game, a pure upward scan three in
+seven, so a warm start on the demonstrations leaves room that only the reward can show the way to.
 """
 
 from __future__ import annotations
