@@ -145,7 +145,7 @@ async def test_malformed_json_aborts_with_a_clear_error(server, client):
 
 
 async def test_connect_error_aborts(client):
-    async with SGLangEngine("http://127.0.0.1:9", context_length=256, retries=1, backoff_s=0.01) as dead:
+    async with SGLangEngine("http://127.0.0.1:9", context_length=256, retries=1, backoff_s=0.01, restart_deadline_s=0.2) as dead:
         gen = await dead.generate([1, 2], SamplingParams())
         assert gen.finish_reason == "abort" and "ConnectError" in gen.error
         assert not await dead.health()
