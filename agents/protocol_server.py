@@ -14,6 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
 import uuid
 from collections import deque
 from typing import Any
@@ -24,7 +29,7 @@ from miles_envs.agents.engine import Engine, Generation
 from miles_envs.agents.sglang_wire import generate_response, sampling_from_request
 from miles_envs.serving import DELAY_KEY, Fault, FaultLayer, HTTPServer, ServerLimits, in_thread, json_body, read_body, send_reply
 
-__all__ = ["Fault", "ProtocolServer", "main"]
+__all__ = ["Fault", "ProtocolServer", "ServerProcess", "main"]
 
 _Reply = tuple[int, bytes, bytes]  # status, body, content type
 _JSON, _TEXT = b"application/json", b"text/plain"
@@ -72,6 +77,7 @@ class ProtocolServer:
         self._bodies: deque[bytes] = deque(maxlen=keep_requests)
         self.lora_adapters: dict[str, str] = {}
         self._in_flight: dict[str, asyncio.Task[Generation]] = {}
+        self._in_engine: set[str] = set()  # rids past the server's own latency/pause, now inside the engine
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._routes = self._route_table()
@@ -215,6 +221,7 @@ class ProtocolServer:
             if delay:
                 await asyncio.sleep(delay)
             await self._resumed.wait()
+            self._in_engine.add(rid)
             return await self.engine.generate(
                 input_ids,
                 sampling,
@@ -230,6 +237,7 @@ class ProtocolServer:
             await asyncio.wait({task})
         finally:
             self._in_flight.pop(rid, None)
+            self._in_engine.discard(rid)
         if task.cancelled():
             generation = Generation([], [], "abort", error="Aborted by /abort_request")
         elif task.exception() is not None:
@@ -274,6 +282,9 @@ class ProtocolServer:
         }
         if self.routing_shape is not None:
             info["num_hidden_layers"], info["num_experts_per_tok"] = self.routing_shape
+        capacity = getattr(self.engine, "capacity", None)
+        if capacity is not None and (slots := await capacity()) is not None:
+            info["max_running_requests"] = slots
         return _json_reply(200, info)
 
     async def _model_info(self, payload: dict[str, Any]) -> _Reply:
@@ -303,8 +314,10 @@ class ProtocolServer:
         else:
             targets = [rid] if rid in self._in_flight else []
         for target in targets:
-            self._in_flight[target].cancel()
-            await self.engine.abort(target)
+            if target in self._in_engine:
+                await self.engine.abort(target)  # the engine returns what it sampled so far
+            else:
+                self._in_flight[target].cancel()  # nothing sampled yet
         return _text(200)
 
     async def _update_weights_from_disk(self, payload: dict[str, Any]) -> _Reply:
@@ -359,35 +372,105 @@ class ProtocolServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m miles_envs.agents.protocol_server``: a scripted engine behind the protocol."""
+    """``python -m miles_envs.agents.protocol_server``: a scripted engine behind the protocol.
+
+    With ``--slots`` the engine is paced by a ``ThroughputModel`` (a GPU-like server). SIGTERM or
+    Ctrl-C shut it down gracefully; SIGKILL is what a crash looks like.
+    """
     from miles_envs.agents.scripted import ScriptedEngine
+    from miles_envs.agents.throughput_model import ThroughputModel
+    from miles_envs.serving import run_forever
     from miles_envs.tokenizers import load_tokenizer
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tokenizer", default="qwen3", help="known short name or a tokenizer directory")
-    parser.add_argument("--reply", action="append", help="scripted reply text (repeat for several)")
+    parser.add_argument("--reply", action="append", help="scripted reply text (repeat for several; the n-th observation gets the n-th)")
+    parser.add_argument("--reply-by-turn", action="store_true",
+                        help="choose the reply by how many tool responses the prompt holds (deterministic under retries)")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--context-length", type=int, default=32768)
+    parser.add_argument("--weight-version", default="0")
+    parser.add_argument("--slots", type=int, default=0, help="pace like a GPU server with this many concurrent sequences")
+    parser.add_argument("--decode-ms", type=float, default=10.0, help="decode step time with one sequence running")
+    parser.add_argument("--decode-ms-per-running", type=float, default=0.1, help="added step time per running sequence")
+    parser.add_argument("--prefill-us-per-token", type=float, default=2.0)
+    parser.add_argument("--update-pause-ms", type=float, default=500.0, help="admission pause of a weight update")
     args = parser.parse_args(argv)
 
-    engine = ScriptedEngine(load_tokenizer(args.tokenizer), args.reply or ["Done."])
+    tokenizer = load_tokenizer(args.tokenizer)
+    replies = args.reply or ["Done."]
+    if args.reply_by_turn:
+        marker = tokenizer.convert_tokens_to_ids("<tool_response>")
+        chosen = list(replies)
+        replies = lambda context: chosen[min(context.input_ids.count(marker), len(chosen) - 1)]  # noqa: E731
+    engine: Engine = ScriptedEngine(tokenizer, replies, weight_version=args.weight_version)
+    if args.slots:
+        engine = ThroughputModel(
+            engine, slots=args.slots, decode_s=args.decode_ms / 1e3, decode_s_per_running=args.decode_ms_per_running / 1e3,
+            prefill_s_per_token=args.prefill_us_per_token / 1e6, update_pause_s=args.update_pause_ms / 1e3,
+            weight_version=args.weight_version,
+        )
     server = ProtocolServer(
-        engine,
-        host=args.host,
-        port=args.port,
-        latency_s=args.latency_ms / 1000.0,
-        context_length=args.context_length,
+        engine, host=args.host, port=args.port, latency_s=args.latency_ms / 1000.0,
+        context_length=args.context_length, weight_version=args.weight_version,
     )
+    run_forever(server, lambda s: print(f"listening on {s.url}", flush=True))
 
-    async def serve() -> None:
-        async with server:
-            print(f"listening on {server.url}", flush=True)
-            await asyncio.Event().wait()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+class ServerProcess:
+    """The protocol server as a child process on a fixed port, for crash and restart tests.
+
+    ``start()`` returns the URL (the first start may use port 0; restarts reuse the port it got),
+    ``kill()`` sends SIGKILL to the process id, ``stop()`` SIGTERM (graceful).
+    """
+
+    def __init__(self, args: list[str], *, port: int = 0, startup_timeout_s: float = 60.0) -> None:
+        self.args, self.port, self.startup_timeout_s = list(args), port, startup_timeout_s
+        self.process: Any = None
+
+    def start(self) -> str:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"the server process {self.process.pid} is still running")
+        command = [sys.executable, "-m", "miles_envs.agents.protocol_server", "--port", str(self.port), *self.args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = _read_line(self.process.stdout, self.startup_timeout_s)
+        if not line.startswith("listening on "):
+            self.process.kill()
+            raise RuntimeError(f"the protocol server did not start: {line!r}")
+        url = line.split()[-1]
+        self.port = int(url.rsplit(":", 1)[1])
+        return url
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_line(stream: Any, timeout_s: float) -> str:
+    """One line from a child's stdout, or '' when it stays silent past the timeout."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            return ""
+    return stream.readline().strip()
 
 
 if __name__ == "__main__":
