@@ -302,8 +302,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def run_forever(service: S, on_ready: Callable[[S], None]) -> None:
-    """Serve in this process until SIGINT/SIGTERM, then shut down gracefully (for CLIs and subprocesses)."""
+def run_forever(service: S, on_ready: Callable[[S], None], on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve in this process until SIGINT/SIGTERM, then shut down gracefully (for CLIs and subprocesses).
+
+    ``on_stop`` runs in the serving loop after the server stopped (release what the app held).
+    """
     import signal
 
     async def main() -> None:
@@ -317,6 +320,8 @@ def run_forever(service: S, on_ready: Callable[[S], None]) -> None:
             await stop.wait()
         finally:
             await service.stop()
+            if on_stop is not None:
+                await on_stop()
 
     loop = _new_loop()
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 
 import typer
@@ -44,6 +42,7 @@ def register(app: typer.Typer) -> None:
         """Serve a checkpoint with the embedded engine behind SGLang's native HTTP protocol."""
         from miles_envs.agents.embedded import EmbeddedEngine
         from miles_envs.agents.protocol_server import ProtocolServer
+        from miles_envs.serving import run_forever
         from miles_envs.models.routing import moe_routers
 
         try:
@@ -62,13 +61,4 @@ def register(app: typer.Typer) -> None:
             routing_shape=(config.num_hidden_layers, config.num_experts_per_tok) if moe_routers(engine.model) else None,
         )
 
-        async def serve() -> None:
-            try:
-                async with server:
-                    console.print(f"listening on {server.url}", highlight=False)
-                    await asyncio.Event().wait()
-            finally:
-                await engine.close()
-
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve())
+        run_forever(server, lambda s: console.print(f"listening on {s.url}", highlight=False), on_stop=engine.close)
