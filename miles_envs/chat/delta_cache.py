@@ -20,11 +20,12 @@ after a short fixed history instead of the whole conversation (``local_render`` 
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
+
+import orjson
 
 Message = Mapping[str, Any]
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
@@ -42,6 +43,7 @@ class DeltaCache:
         self.enabled = True
         self.hits = self.misses = self.verified = self.local = 0
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._last_tools: tuple[Any, bytes] = (object(), b"")
 
     def probe(self, tail_after: Callable[[list[Message], list[Message]], str | None]) -> None:
         """Turn the cache off unless the template's tail is the same after two different histories.
@@ -88,10 +90,17 @@ class DeltaCache:
         if any(m.get("role") == "assistant" and has_reasoning(m) for m in history):
             return None
         try:
-            observed = json.dumps([observation, tools], sort_keys=True)
-        except (TypeError, ValueError):
+            observed = orjson.dumps(observation, option=orjson.OPT_SORT_KEYS)
+            tools_seen = self._tools_json(tools)
+        except TypeError:  # orjson.JSONEncodeError is a TypeError
             return None
-        return (end, text != text.strip(), observed)
+        return (end, text != text.strip(), observed, tools_seen)
+
+    def _tools_json(self, tools: Sequence[Mapping[str, Any]] | None) -> bytes:
+        """The tools' JSON, kept for the last tools object (an episode passes the same one every turn)."""
+        if tools is not self._last_tools[0]:
+            self._last_tools = (tools, orjson.dumps(tools, option=orjson.OPT_SORT_KEYS))
+        return self._last_tools[1]
 
     def lookup(self, key: Hashable) -> Any | None:
         """The stored delta, or None on a miss and on the hits chosen for verification."""

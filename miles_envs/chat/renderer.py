@@ -47,6 +47,7 @@ import orjson
 
 from miles_envs.chat.delta_cache import DeltaCache
 from miles_envs.chat.segment_encoder import SegmentEncoder
+from miles_envs.chat.skeleton import Skeletons
 from miles_envs.chat.template import ChatTemplate, Message
 
 # Special tokens that end an assistant turn in the families we know; the template's own end-of-turn
@@ -110,6 +111,7 @@ class ChatRenderer:
         self._seen: OrderedDict[int, _SeenTurn] = OrderedDict()
         self.template = ChatTemplate(tokenizer, chat_template_kwargs)
         self.segments = SegmentEncoder(tokenizer)
+        self.skeletons = Skeletons(lambda messages, tools: self.template.render(messages, tools, add_generation_prompt=True))
         self.turn_end_id = self._find_turn_end_id()
         self.stop_token_ids = self._collect_stop_ids()
         self._stop_ids = frozenset(self.stop_token_ids)
@@ -135,7 +137,11 @@ class ChatRenderer:
             return self.encode(self.template.render(messages, tools, add_generation_prompt=True))
         ids = self._prompts.get(key)
         if ids is None:
-            ids = self._prompts[key] = self.encode(self.template.render(messages, tools, add_generation_prompt=True))
+            questions = [(i, "content") for i, m in enumerate(messages) if m.get("role") == "user"]
+            text = self.skeletons.render(messages, questions, tools)
+            if text is None:
+                text = self.template.render(messages, tools, add_generation_prompt=True)
+            ids = self._prompts[key] = self.encode(text)
             while len(self._prompts) > _PROMPT_CACHE:
                 self._prompts.popitem(last=False)
         else:
@@ -213,12 +219,24 @@ class ChatRenderer:
     def _local_tail(self, turn: Message, observation: Sequence[Message]) -> str | None:
         """The text after ``turn`` and ``observation`` rendered after a short fixed history (None if not append-only there).
 
-        Valid only where the delta cache's probe found the template local: the same tail after any history.
+        Valid only where the delta cache's probe found the template local: the same tail after any
+        history and (as the cache's key already assumes) after any turn text with the same ending.
+        A stripped turn is rendered as a fixed text, so the observation's skeleton can be reused.
         """
         if self._short_before is None:
             self._short_before = self.template.render(_SHORT_HISTORY, None, add_generation_prompt=True)
-        after = self.template.render([*_SHORT_HISTORY, turn, *observation], None, add_generation_prompt=True)
-        prefix = self._short_before + turn["content"]
+        text = turn["content"]
+        after = None
+        if text == text.strip() and text:
+            text = "ok"
+            messages = [*_SHORT_HISTORY, {**turn, "content": text}, *observation]
+            start = len(_SHORT_HISTORY) + 1
+            holes = [(i, k) for i in range(start, len(messages)) for k in ("content", "tool_call_id") if k in messages[i]]
+            after = self.skeletons.render(messages, holes, None)
+        if after is None:
+            text = turn["content"]
+            after = self.template.render([*_SHORT_HISTORY, turn, *observation], None, add_generation_prompt=True)
+        prefix = self._short_before + text
         return after[len(prefix) :] if after.startswith(prefix) else None
 
     def _local_delta(self, turn: Message, observation: Sequence[Message], generated_ids: Sequence[int], finish_reason: str) -> tuple[int, ...] | None:
