@@ -6,7 +6,7 @@ is the per-request cost. Bodies carry 1 KB to 64 KB of token ids; responses carr
 with logprobs, and optionally the routing rows of one turn (96 rows of a 48-layer top-8 MoE, base64
 int32, as SGLang sends them). Medians over repeats, with the spread (min–max).
 
-Candidates: httpx (the previous client: stdlib json, sharded pools), httpx + orjson, aiohttp +
+Candidates: httpx (the previous client: stdlib json, sharded pools; and one plain pool), httpx + orjson, aiohttp +
 orjson, h11 on asyncio streams + orjson, httptools in an asyncio.Protocol (``agents.http_pool``) +
 orjson and + msgspec; then the whole ``SGLangEngine.generate`` (request building, transport,
 parsing into a ``Generation``) on the chosen one.
@@ -77,14 +77,41 @@ def request_body(kb: int) -> dict:
             "return_logprob": True, "stream": False}
 
 
-def _httpx_client(url: str):
+def _httpx_client(url: str, connections: int = 64):
     import httpx
 
-    return httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=64), timeout=60)
+    return httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=connections), timeout=60)
+
+
+class HttpxSharded:
+    """The previous client: stdlib json through httpx, connections spread over small AsyncClients of
+    8 (one large pool rescans every connection per request), a LIFO stack of slots choosing one."""
+
+    name = "httpx + json, sharded pools (previous client)"
+
+    def __init__(self, url: str) -> None:
+        self.clients = [_httpx_client(url, 8) for _ in range(8)]
+        self.slots = [shard for shard in reversed(range(8)) for _ in range(8)]
+        self.free = asyncio.Event()
+
+    async def post(self, path: str, body: dict) -> dict:
+        while not self.slots:
+            self.free.clear()
+            await self.free.wait()
+        shard = self.slots.pop()
+        try:
+            return (await self.clients[shard].post(path, json=body)).json()
+        finally:
+            self.slots.append(shard)
+            self.free.set()
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
 
 class Httpx:
-    name = "httpx + json (as before)"
+    name = "httpx + json, one pool"
 
     def __init__(self, url: str) -> None:
         self.client = _httpx_client(url)
@@ -97,7 +124,7 @@ class Httpx:
 
 
 class HttpxOrjson(Httpx):
-    name = "httpx + orjson"
+    name = "httpx + orjson, one pool"
 
     async def post(self, path: str, body: dict) -> dict:
         import orjson
@@ -226,7 +253,7 @@ class Engine:
         await self.engine.close()
 
 
-CANDIDATES = [Httpx, HttpxOrjson, AiohttpOrjson, H11Streams, PoolOrjson, PoolMsgspec, Engine]
+CANDIDATES = [HttpxSharded, Httpx, HttpxOrjson, AiohttpOrjson, H11Streams, PoolOrjson, PoolMsgspec, Engine]
 
 
 # ----------------------------------------------------------------------------- measurement
