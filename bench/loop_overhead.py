@@ -302,17 +302,30 @@ class FixedTurns(FixedEnv):
         return [user("again")], 1.0, self.t >= self.turns, False, {}
 
 
-def concurrent_episodes(episodes: int, turns: int) -> dict:
+def concurrent_episodes(episodes: int, turns: int, event_loop: str) -> dict:
+    """The rollout process runs on ``event_loop`` (uvloop is what production rollout and SGLang servers use)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     server = ServerChild("Fixed observation", latency_ms=50)
     try:
-        return asyncio.run(_concurrent(server.url, episodes, turns))
+        if event_loop == "uvloop":
+            import uvloop
+
+            result = uvloop.run(_concurrent(server.url, episodes, turns))
+        else:
+            result = asyncio.run(_concurrent(server.url, episodes, turns))
+        return {**result, "event_loop": event_loop}
     finally:
         server.close()
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def _has_uvloop() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def main() -> None:
@@ -321,6 +334,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=10000)
     parser.add_argument("--concurrent-turns", type=int, default=3)
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop" if _has_uvloop() else "asyncio",
+                        help="event loop of the rollout process in the concurrent part")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,7 +356,7 @@ def main() -> None:
         finally:
             server.close()
         through_http[name] = _median_row(runs, ("client_us", "server_us", "full_turn_us", "env_us", "full_turn_with_env_us"))
-    concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns)
+    concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop)
     report(in_process, through_http, concurrent, args)
 
 
@@ -368,7 +383,7 @@ def report(in_process: dict, through_http: dict, concurrent: dict, args) -> None
     console.print(table)
     windows = [s["window"] for s in concurrent["admission_window_over_time"] if s["window"] is not None]
     console.print(
-        f"{concurrent['episodes']} concurrent episodes × {concurrent['turns_per_episode']} turns, 50 ms latency: "
+        f"{concurrent['episodes']} concurrent episodes × {concurrent['turns_per_episode']} turns, 50 ms latency ({concurrent['event_loop']}): "
         f"wall {concurrent['wall_s']:.2f} s (target ≤ 3, ideal {concurrent['ideal_wall_s']:.2f}), "
         f"loop lag p50 {concurrent['loop_lag_p50_ms']:.1f} ms / p99 {concurrent['loop_lag_p99_ms']:.1f} ms (target < 50), "
         f"completed {concurrent['completed']}; admission window min/median/max "
