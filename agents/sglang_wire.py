@@ -190,11 +190,12 @@ def parse_generate_response(
         raise ProtocolError(
             f"output_token_logprobs has {len(entries)} entries but completion_tokens is {completion}"
         )
-    if any(entry[0] is None for entry in entries):
-        raise ProtocolError("output_token_logprobs holds a null logprob")
-    output_ids = [int(entry[1]) for entry in entries]
-    logprobs = [float(entry[0]) for entry in entries]
-    if "output_ids" in body and list(body["output_ids"]) != output_ids:
+    try:
+        logprobs = [float(entry[0]) for entry in entries]
+        output_ids = [int(entry[1]) for entry in entries]
+    except TypeError as exc:
+        raise ProtocolError(f"output_token_logprobs holds a null logprob or token id: {exc}") from exc
+    if "output_ids" in body and body["output_ids"] != output_ids:
         raise ProtocolError("output_ids disagree with the token ids in output_token_logprobs")
 
     routed = None
