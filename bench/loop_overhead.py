@@ -2,11 +2,12 @@
 
 Part 1, in process: GuessNumber, ToolCalc, LookupChain and Search (observations that vary per
 episode and turn) plus a fixed-observation env, driven by scripted policies through ``ScriptedEngine``.
-Per turn: the loop thread's CPU, the engine's and the env's own CPU (timing proxies), chat rendering,
-and the rest (loop machinery). "Turn overhead" = total minus engine and env.
+Per turn: the loop thread's CPU, the engine's and the env's own CPU (construction, reset and steps,
+timing proxies), chat rendering, and the rest (loop machinery). "Turn overhead" = total minus
+engine and env.
 Part 2, through HTTP: the same loop against the protocol server in another process (GuessNumber and
 ToolCalc), 64 episodes at a time: client-process CPU + server-process CPU (``/proc/<pid>/stat``) per
-turn, and the same less the env step's own CPU from part 1.
+turn, and the same less the env's own CPU (construction, reset, steps) from part 1.
 Part 3: 10,000 concurrent episodes × 3 turns through ``SGLangEngine`` against the protocol server
 with 50 ms latency: wall time, event-loop lag p50/p99 (a 5 ms ticker's lateness), and the loop's
 admission window sampled over time.
@@ -141,13 +142,16 @@ class Timed:
 
 
 def _timed_env_factory(env_id, bucket):
-    """Envs whose ``astep`` (what the loop calls) is timed; run at concurrency 1, so nothing else
-    runs on the loop thread while a step awaits."""
+    """Envs whose construction, ``areset`` and ``astep`` (what the loop calls) are timed; run at
+    concurrency 1, so nothing else runs on the loop thread while a step awaits."""
     from miles_envs.registry import make
 
     def make_env():
+        t0 = time.thread_time()
         env = make(env_id) if isinstance(env_id, str) else env_id()
-        env.astep = Timed(env, ("astep",), bucket).astep
+        bucket["make"] = bucket.get("make", 0.0) + time.thread_time() - t0
+        timed = Timed(env, ("areset", "astep"), bucket)
+        env.areset, env.astep = timed.areset, timed.astep
         return env
     return make_env
 
@@ -171,7 +175,7 @@ def in_process_turn(name: str, episodes: int, tokenizer) -> dict:
     summary = metrics.summary()
     turns = summary["turns_mean"] * episodes
     per = lambda s: s / turns * 1e6  # noqa: E731
-    env_cpu = bucket.get("astep", 0.0)
+    env_cpu = bucket.get("make", 0.0) + bucket.get("areset", 0.0) + bucket.get("astep", 0.0)
     rendering = bucket.get("prompt_ids", 0.0) + bucket.get("delta_ids", 0.0) + bucket.get("turn_text", 0.0)
     return {
         "turns": int(turns), "statuses": summary["status"],
@@ -219,7 +223,7 @@ class ServerChild:
 
 def http_turn(name: str, episodes: int, tokenizer, server: ServerChild) -> dict:
     """Client process CPU (all threads) + server process CPU per turn, 64 episodes at a time; the
-    env step is inside (part 1 measures it apart)."""
+    env is inside (part 1 measures it apart)."""
     env_id, _ = ENVS[name]
     renderer = ChatRenderer(tokenizer)
 
@@ -348,7 +352,7 @@ def main() -> None:
         finally:
             server.close()
         through_http[name] = _median_row(runs, ("client_us", "server_us", "full_turn_us"))
-        env_us = in_process[name]["env_us"]  # the env step's own CPU, measured in part 1
+        env_us = in_process[name]["env_us"]  # the env's own CPU, measured in part 1
         through_http[name].update(env_us=env_us, full_turn_without_env_us=through_http[name]["full_turn_us"] - env_us)
     concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop)
     report(in_process, through_http, concurrent, args)
@@ -360,7 +364,7 @@ def report(in_process: dict, through_http: dict, concurrent: dict, args) -> None
 
     console = Console(width=160)
     table = Table(title=f"in-process turn, µs CPU per model turn (median of {args.repeats}; loop thread)")
-    for column in ("env", "turn overhead", "of which rendering", "engine", "env step", "delta cache hits", "target"):
+    for column in ("env", "turn overhead", "of which rendering", "engine", "env (make, reset, step)", "delta cache hits", "target"):
         table.add_column(column, justify="right")
     for name, row in in_process.items():
         table.add_row(name, f"{row['turn_overhead_us']:.0f} ({row['turn_overhead_us_min']:.0f}–{row['turn_overhead_us_max']:.0f})",
@@ -368,7 +372,7 @@ def report(in_process: dict, through_http: dict, concurrent: dict, args) -> None
                       f"{row['delta_cache_hit_rate']:.0%}", "≤ 50")
     console.print(table)
     table = Table(title="full turn through SGLangEngine + protocol server, µs CPU per turn (both processes)")
-    for column in ("env", "client (loop, rendering, env, HTTP)", "server", "full turn", "of which env step", "full turn − env step", "target"):
+    for column in ("env", "client (loop, rendering, env, HTTP)", "server", "full turn", "of which env", "full turn − env", "target"):
         table.add_column(column, justify="right")
     for name, row in through_http.items():
         table.add_row(name, f"{row['client_us']:.0f}", f"{row['server_us']:.0f}",

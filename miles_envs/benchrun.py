@@ -94,9 +94,9 @@ def loop_overhead_measures(data: dict) -> list[Measure]:
         for env, row in field_at(data, "in_process_turn").items()
     ]
     measures += [
-        Measure(f"full turn through HTTP, {env}: client + server CPU less the env step", field_at(row, "full_turn_without_env_us"),
+        Measure(f"full turn through HTTP, {env}: client + server CPU less the env", field_at(row, "full_turn_without_env_us"),
                 "µs/turn", at_most(300),
-                f"client {row['client_us']:.0f}, server {row['server_us']:.0f}, env step {row['env_us']:.0f} µs")
+                f"client {row['client_us']:.0f}, server {row['server_us']:.0f}, env {row['env_us']:.0f} µs")
         for env, row in field_at(data, "through_http").items()
     ]
     return measures + [
