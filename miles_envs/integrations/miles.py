@@ -86,6 +86,32 @@ def _engine(args: Any) -> Engine:
     return _engines[key]
 
 
+class PrefixCacheMeter:
+    """The engine, counting one trajectory's prompt and prefix-cached tokens over all its turns for
+    Miles' ``Sample.prefix_cache_info`` (its prefix-cache hit-rate metric reads these)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cached_tokens = 0
+        self.prompt_tokens = 0
+
+    async def generate(self, input_ids: list[int], sampling: Any, **options: Any) -> Any:
+        generation = await self.engine.generate(input_ids, sampling, **options)
+        self.prompt_tokens += generation.prompt_tokens or len(input_ids)
+        self.cached_tokens += generation.cached_tokens
+        return generation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def fill(self, sample: Any) -> Any:
+        info = getattr(sample, "prefix_cache_info", None)
+        if info is not None:
+            info.cached_tokens += self.cached_tokens
+            info.total_prompt_tokens += self.prompt_tokens
+        return sample
+
+
 def _arg(args: Any, name: str, default: Any = None) -> Any:
     value = getattr(args, name, None)
     return default if value is None else value
@@ -132,13 +158,14 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any]) -> A
     try:
         if env.multi_agent:
             return await _generate_multi(args, sample, env, env_id, renderer, parser, config, seed)
+        meter = PrefixCacheMeter(_engine(args))
         trajectory = await run_episode(
-            env, _engine(args), renderer, parser, config, seed=seed,
+            env, meter, renderer, parser, config, seed=seed,
             ids={"env_id": env_id, "group_id": f"{env_id}#{seed}", "episode_id": str(sample.index)},
         )
     finally:
         await env.aclose()
-    return fill_sample(sample, trajectory, decode=renderer.decode)
+    return meter.fill(fill_sample(sample, trajectory, decode=renderer.decode))
 
 
 async def _generate_multi(args, sample, env, env_id, renderer, parser, config: LoopConfig, seed) -> list[Any]:
@@ -146,12 +173,12 @@ async def _generate_multi(args, sample, env, env_id, renderer, parser, config: L
     ``--env-agent`` trains one seat and keeps its own return."""
     from miles_envs.multi_loop import AgentPolicy, MultiLoopConfig, run_multi_episode
 
-    policy = AgentPolicy(_engine(args), config.sampling)
+    meters = {agent: PrefixCacheMeter(_engine(args)) for agent in env.possible_agents}
     multi_config = MultiLoopConfig(
         max_turns=config.max_turns, max_context=config.max_context, return_routed_experts=config.return_routed_experts
     )
     episode = await run_multi_episode(
-        env, {agent: policy for agent in env.possible_agents}, renderer, parser, multi_config,
+        env, {agent: AgentPolicy(meter, config.sampling) for agent, meter in meters.items()}, renderer, parser, multi_config,
         seed=seed, episode_id=str(sample.index), env_id=env_id,
     )
     seat = _arg(args, "env_agent")
@@ -163,7 +190,8 @@ async def _generate_multi(args, sample, env, env_id, renderer, parser, config: L
     else:
         reward = sum(episode.returns.values()) / max(len(episode.returns), 1)
     sample.metadata = {**(sample.metadata or {}), "agent_returns": dict(episode.returns)}
-    return siblings(sample, trajectories, reward=reward, decode=renderer.decode)
+    samples = siblings(sample, trajectories, reward=reward, decode=renderer.decode)
+    return [meters[t.agent_id].fill(s) for s, t in zip(samples, trajectories)]
 
 
 generate.add_arguments = add_arguments
