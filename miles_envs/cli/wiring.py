@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from miles_envs.cli.common import missing_extra
+from miles_envs.cli.common import missing_extra, quiet_loaders
 
 DEFAULT_TOKENIZER = "qwen3"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -85,6 +85,7 @@ def build_engine(engine_spec: str, tokenizer: Any, script: Path | None = None):
             raise ValueError(f"--script {script}: cannot read it as JSON ({error})") from error
         if not isinstance(replies, list) or not replies or not all(isinstance(r, str) for r in replies):
             raise ValueError(f"{script}: the script must be a non-empty JSON list of reply strings")
+    quiet_loaders()  # an embedded model's loading bars would interleave with the command's own
     try:
         return make_engine(engine_spec, tokenizer=tokenizer, replies=replies)
     except ImportError as error:
