@@ -130,7 +130,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold]{env_spec.id}[/] ({env_spec.source})")
         console.print(f"entry point: {env_spec.entry_point}\nkwargs: {env_spec.kwargs}\nmax turns: {env_spec.class_max_turns() or '-'}")
         console.print(f"tags: {', '.join(env_spec.tags) or '-'}\ndescription: {env_spec.description or '-'}")
-        console.print(f"\n{inspect.getdoc(factory) or '(no docstring)'}")
+        own_doc = vars(factory).get("__doc__") if inspect.isclass(factory) else factory.__doc__  # not a base class's
+        console.print(f"\n{inspect.cleandoc(own_doc) if own_doc else '(no docstring)'}")
         tools = reset_info.get("tools")
         if tools:
             console.print("\n[bold]tools[/]")

@@ -37,7 +37,7 @@ def check_model_folder(path: str | Path, what: str) -> Path:
     if not folder.exists():
         raise ValueError(f"{what} {folder} does not exist; create one with `miles-envs init-model {folder}`")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{what} {folder} is not a model folder (no config.json); give a checkpoint folder")
+        raise ValueError(f"{what} {folder} has no config.json: give a checkpoint folder (e.g. from `miles-envs init-model`)")
     return folder
 
 
