@@ -89,13 +89,18 @@ def clear_output_folder(path: Path) -> None:
 
 @contextlib.contextmanager
 def removed_on_failure(path: Path) -> Iterator[None]:
-    """Delete ``path`` if the block fails, when the block created it: no half-written output stays."""
-    existed = path.exists()
+    """For a block that writes ``path`` from scratch (a new path, an empty folder, or a file it
+    replaces): if the block fails, nothing it wrote stays; a folder that existed before is kept, empty."""
+    existed = path.is_dir()
     try:
         yield
     except BaseException:
-        if not existed:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if existed:
+            clear_output_folder(path)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         raise
 
 
