@@ -64,6 +64,9 @@ def check_output_folder(path: Path, option: str, *, force: bool = False) -> None
     elif path.is_dir():
         if any(path.iterdir()) and not force:
             fail(f"{option} {path} is not empty; choose a new folder, or pass --force to replace its contents")
+        here = Path.cwd().resolve()
+        if force and (path.resolve() in (here, *here.parents, Path.home().resolve())):
+            fail(f"{option} {path} holds the working directory (or is your home); --force empties only a folder of its own")
         _check_creatable(path, path, option)
         return
     _check_creatable(path.parent, path, option)

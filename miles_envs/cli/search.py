@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace what --out holds"),
     ) -> None:
         """Build a BM25 index over a JSONL corpus and save it (versioned) to DIR."""
+        if out.resolve() in corpus.resolve().parents:
+            fail(f"--out {out} holds the corpus {corpus}; write the index to a folder of its own")
         check_output_folder(out, "--out", force=force)
         from miles_envs.search.bm25 import BM25Index
         from miles_envs.search.documents import read_corpus

@@ -115,6 +115,8 @@ CASES = [
     case("unwritable", "init-model", "init-model", "afile/m", says="is a file, not a folder"),
     case("unwritable", "init-model", "init-model", "/proc/m", says="cannot write under /proc"),
     case("conflicting", "init-model", "init-model", "full", says=["not empty", "--force"]),
+    case("conflicting", "init-model", "init-model", ".", "--force", says="holds the working directory"),
+    case("conflicting", "init-model", "init-model", "..", "--force", cwd="full", says="holds the working directory"),
     case("missing", "init-model", "init-model", "m", blocked=("torch",), says="pip install 'miles-envs[embedded]'"),
     # serve-engine
     case("missing", "serve-engine", "serve-engine", says="Missing argument"),
@@ -144,6 +146,7 @@ CASES = [
     case("unwritable", "index-build", "index", "build", "corpus.jsonl", "-o", "afile", says="is a file"),
     case("unwritable", "index-build", "index", "build", "corpus.jsonl", "-o", "/proc/idx", says="cannot write under /proc"),
     case("conflicting", "index-build", "index", "build", "corpus.jsonl", "-o", "full", says=["not empty", "--force"]),
+    case("conflicting", "index-build", "index", "build", "corpus.jsonl", "-o", ".", "--force", says="holds the corpus"),
     case("missing", "index-build", "index", "build", "corpus.jsonl", "-o", "idx", blocked=("bm25s",),
          says="pip install 'miles-envs[search]'"),
     case("missing", "index-query", "index", "query", "full", says="Missing argument"),
