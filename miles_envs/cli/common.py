@@ -91,17 +91,22 @@ def clear_output_folder(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def removed_on_failure(path: Path) -> Iterator[None]:
-    """For a block that writes ``path`` from scratch (a new path, an empty folder, or a file it
-    replaces): if the block fails, nothing it wrote stays; a folder that existed before is kept, empty."""
-    existed = path.is_dir()
+def removed_on_failure(path: Path, *, make_parent: bool = False) -> Iterator[None]:
+    """For a block that writes ``path`` anew (absent, an empty folder, or a file it replaces): if the
+    block fails, nothing it wrote stays. Folders made for it go; a folder that existed is kept, empty.
+    ``make_parent`` creates the missing folders above a file first."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    existed_as_folder = path.is_dir()
     try:
+        if make_parent:
+            path.parent.mkdir(parents=True, exist_ok=True)
         yield
     except BaseException:
-        if existed:
+        made = missing[-1] if missing else None
+        if made is not None and made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
+        elif existed_as_folder:
             clear_output_folder(path)
-        elif path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         raise

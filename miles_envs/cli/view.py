@@ -45,7 +45,7 @@ def view(
             loaded_tokenizer = None if tokenizer is None else load_checked_tokenizer(tokenizer)
         except ValueError as exc:
             fail(str(exc))
-    with removed_on_failure(output):
+    with removed_on_failure(output, make_parent=True):
         stats = write_page(
             track(trajectories, "encoding episodes"), output, tokenizer=loaded_tokenizer, include_routing=routing, title=file.name,
         )

@@ -22,6 +22,13 @@ def test_a_new_folder_is_removed_when_writing_it_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_folders_made_above_a_new_folder_go_too(tmp_path):
+    with pytest.raises(Interrupted), removed_on_failure(tmp_path / "models" / "demo"):
+        (tmp_path / "models" / "demo").mkdir(parents=True)
+        raise Interrupted
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_that_existed_is_kept_but_emptied(tmp_path):
     (tmp_path / "model").mkdir()
     write_then_fail(tmp_path / "model")
@@ -55,3 +62,14 @@ def test_success_keeps_everything(tmp_path):
 def test_missing_extra_names_the_extra_to_install(error, advice):
     message = missing_extra(error)
     assert message == advice if advice is None else message.endswith(advice)
+
+
+def test_a_file_in_new_folders_gets_them_and_a_failure_takes_them_away(tmp_path):
+    page = tmp_path / "new" / "deeper" / "page.html"
+    with pytest.raises(Interrupted), removed_on_failure(page, make_parent=True):
+        page.write_text("<html>half")
+        raise Interrupted
+    assert list(tmp_path.iterdir()) == []
+    with removed_on_failure(page, make_parent=True):
+        page.write_text("<html></html>")
+    assert page.read_text() == "<html></html>"
