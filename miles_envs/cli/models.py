@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
     def init_model_cmd(
         path: Path = typer.Argument(..., help="new (or empty) folder to write the checkpoint into"),
         arch: str = typer.Option("qwen3-moe", "--arch", help="qwen3-moe, qwen3 or deepseek-v3"),
-        size: str = typer.Option("tiny", "--size", help="tiny or small (both run on CPU)"),
+        size: str = typer.Option("tiny", "--size", help="tiny or small (both run on CPU), or medium"),
         mtp: int = typer.Option(0, "--mtp", min=0, help="MTP draft layers to add (DeepSeek-V3 NextN layout)"),
         tokenizer: str = typer.Option("qwen3", "--tokenizer", help="qwen3, qwen2_5, llama3 or deepseek_v3"),
         seed: int = typer.Option(0, "--seed"),

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import copy
 import json
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -67,23 +68,24 @@ def _parser(tokenizer_path: str):
     return parser_for(_renderer(tokenizer_path).tokenizer)
 
 
-_engines: dict[tuple[str, int], Engine] = {}
+# One SGLang client per router and event loop (an httpx client is bound to its loop). Keyed by the
+# loop object, weakly: a new loop may reuse a closed one's id(), never its identity.
+_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Engine]] = weakref.WeakKeyDictionary()
 
 
 def _engine(args: Any) -> Engine:
-    """One SGLang client per router and event loop (an httpx client is bound to its loop)."""
     from miles_envs.agents.sglang import SGLangEngine
 
     url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
-    key = (url, id(asyncio.get_running_loop()))
-    if key not in _engines:
+    clients = _engines.setdefault(asyncio.get_running_loop(), {})
+    if url not in clients:
         routing = bool(getattr(args, "use_rollout_routing_replay", False))
-        _engines[key] = SGLangEngine(
+        clients[url] = SGLangEngine(
             url,
             num_layers=getattr(args, "num_layers", None) if routing else None,
             topk=getattr(args, "moe_router_topk", None) if routing else None,
         )
-    return _engines[key]
+    return clients[url]
 
 
 class PrefixCacheMeter:
@@ -234,9 +236,8 @@ async def _rollout_async(args: Any, groups: list[list[Any]]) -> list[list[Any]]:
 
 async def _release_engines() -> None:
     """Close this loop's clients (a rollout step runs on its own loop)."""
-    loop_id = id(asyncio.get_running_loop())
-    for key in [k for k in _engines if k[1] == loop_id]:
-        await _engines.pop(key).close()
+    for client in _engines.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
 
 
 def _sample_class() -> type:
