@@ -105,8 +105,8 @@ class BusyClock:
         self.busy = 0.0
         self._since = self._read_at = time.perf_counter()
 
-    def _tick(self) -> None:
-        now = time.perf_counter()
+    def _tick(self, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
         if self.active:
             self.busy += now - self._since
         self._since = now
@@ -120,8 +120,8 @@ class BusyClock:
         self.active -= 1
 
     def fraction(self) -> float:
-        self._tick()
         now = time.perf_counter()
+        self._tick(now)
         elapsed, busy = now - self._read_at, self.busy
         self._read_at, self.busy = now, 0.0
         return busy / elapsed if elapsed > 0 else 0.0
