@@ -219,3 +219,18 @@ def test_serving_checkpoints_keep_only_the_newest(tmp_path):
     (tmp_path / "adapter").mkdir()
     prune_serving(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "step-10", "step-11"]  # by number, not by name
+
+
+def test_a_resumed_run_continues_its_wandb_run(model, tmp_path):
+    """W&B in offline mode (no account here): each run writes ``wandb/offline-run-<time>-<id>``."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "wb"
+    args = ["miles/Echo-v0", "--model", str(model), "--out", str(out), "--tasks-per-step", "1", "--group-size", "2",
+            "--max-new-tokens", "4", "--checkpoint-every", "1", "--device", "cpu", "--log", "wandb:miles-envs-test"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for steps in ("1", "2"):
+        result = subprocess.run(command(*args, "--steps", steps), capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
