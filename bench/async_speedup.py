@@ -26,9 +26,10 @@ speed-up is synchronous wall time over asynchronous wall time, per ``max_stalene
 are reported beside it: dropping is what bounded staleness costs on a long tail.
 
 **Real run**: a tiny random-init Qwen3 warm-started on ``miles/Echo-v0`` demonstrations, then
-``--real-steps`` GRPO steps with the embedded engine and the torch trainer, once synchronously and
-once asynchronously (staleness 1), from the same warm-started weights; the per-step rollout reward
-curves of both are reported.
+``--real-steps`` GRPO steps of ``--real-tasks`` x 8 episodes with the embedded engine and the torch
+trainer, once synchronously and once asynchronously (staleness 1), from the same warm-started
+weights; the per-step rollout reward curves of both are reported, with the standard error of a
+step's mean as the noise they are compared against.
 
     .venv/bin/python bench/async_speedup.py     # prints tables, writes bench/results/async_speedup.json
 """
@@ -274,7 +275,7 @@ async def real_run(args: argparse.Namespace, console: Console) -> dict[str, Any]
             engine = EmbeddedEngine.from_path(folder, device="cpu")
             await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
             loop_config = LoopConfig(sampling=SamplingParams(max_new_tokens=8, seed=0))
-            common = dict(renderer=renderer, tasks_per_step=8, group_size=8, loop_config=loop_config, seed=0)
+            common = dict(renderer=renderer, tasks_per_step=args.real_tasks, group_size=8, loop_config=loop_config, seed=0)
             torch.manual_seed(0)
             started = time.perf_counter()
             try:
@@ -286,6 +287,7 @@ async def real_run(args: argparse.Namespace, console: Console) -> dict[str, Any]
             finally:
                 await engine.close()
             curves[mode] = {"reward": [m["reward_mean"] for m in history], "wall_s": time.perf_counter() - started,
+                            "reward_se": [m["reward_std"] / math.sqrt(m["trajectories"]) for m in history],
                             "token_staleness_mean": statistics.fmean(m.get("staleness/tokens_mean", 0.0) for m in history)}
     sync, asyn = curves["sync"]["reward"], curves["async"]["reward"]
     diffs = [a - s for s, a in zip(sync, asyn)]
@@ -293,10 +295,10 @@ async def real_run(args: argparse.Namespace, console: Console) -> dict[str, Any]
         "reward_mean_sync": statistics.fmean(sync),
         "reward_mean_async": statistics.fmean(asyn),
         "reward_diff_mean": statistics.fmean(diffs),
-        # the per-step noise of a rollout reward mean: the spread of step-to-step changes within a run
-        "step_noise_sd": statistics.pstdev([b - a for run in (sync, asyn) for a, b in zip(run, run[1:])]) / math.sqrt(2),
+        # the noise of one step's reward mean: its standard error over the step's episodes, averaged
+        "step_noise_sd": statistics.fmean(se for mode in curves.values() for se in mode["reward_se"]),
     }
-    table = Table(title=f"real run: tiny qwen3 on {env_id}, embedded engine + torch trainer, 8 x 8 episodes per step")
+    table = Table(title=f"real run: tiny qwen3 on {env_id}, embedded engine + torch trainer, {args.real_tasks} x 8 episodes per step")
     table.add_column("step", justify="right")
     table.add_column("sync reward", justify="right")
     table.add_column("async reward (staleness 1)", justify="right")
@@ -304,7 +306,7 @@ async def real_run(args: argparse.Namespace, console: Console) -> dict[str, Any]
         table.add_row(str(i), f"{s:.3f}", f"{a:.3f}")
     console.print(table)
     console.print(f"mean reward sync {summary['reward_mean_sync']:.3f}, async {summary['reward_mean_async']:.3f} "
-                  f"(difference {summary['reward_diff_mean']:+.3f}; step-to-step noise sd {summary['step_noise_sd']:.3f}); "
+                  f"(difference {summary['reward_diff_mean']:+.3f}; standard error of a step's mean {summary['step_noise_sd']:.3f}); "
                   f"wall sync {curves['sync']['wall_s']:.0f} s, async {curves['async']['wall_s']:.0f} s")
     return {"curves": curves, "summary": summary, "steps": args.real_steps, "warmup_steps": args.real_warmup}
 
@@ -325,15 +327,16 @@ def main() -> None:
     parser.add_argument("--tool-median-ms", type=float, default=40.0)
     parser.add_argument("--tool-sigma", type=float, default=1.0)
     parser.add_argument("--train-ms", type=float, default=600.0)
-    parser.add_argument("--real-steps", type=int, default=8)
-    parser.add_argument("--real-warmup", type=int, default=60)
+    parser.add_argument("--real-steps", type=int, default=10)
+    parser.add_argument("--real-tasks", type=int, default=4)
+    parser.add_argument("--real-warmup", type=int, default=150)
     parser.add_argument("--real-lr", type=float, default=2e-3)
     parser.add_argument("--no-real", action="store_true", help="skip the real embedded-engine run")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer steps and repeats)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats, args.staleness, args.real_steps, args.real_warmup = 4, 1, [1, 2], 2, 5
-    console = Console()
+    console = Console(width=160)
     results: dict[str, Any] = {"settings": vars(args), "simulated": asyncio.run(simulated(args, console))}
     if not args.no_real:
         results["real"] = asyncio.run(real_run(args, console))

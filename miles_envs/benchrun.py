@@ -214,7 +214,7 @@ def async_speedup_measures(data: dict) -> list[Measure]:
         summary = field_at(data, "real.summary")
         measures.append(Measure(
             "async (staleness 1) − sync real run: mean rollout reward", summary["reward_diff_mean"],
-            note=f"sync {summary['reward_mean_sync']:.3f}, async {summary['reward_mean_async']:.3f}; step-to-step noise sd "
+            note=f"sync {summary['reward_mean_sync']:.3f}, async {summary['reward_mean_async']:.3f}; standard error of a step "
                  f"{summary['step_noise_sd']:.3f}; tiny qwen3 on miles/Echo-v0, {field_at(data, 'real.steps')} steps"))
     return measures
 

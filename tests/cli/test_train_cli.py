@@ -122,11 +122,13 @@ def test_backend_dispatch_and_the_megatron_error_when_megatron_core_is_missing_s
         load_backend("megatron")
 
 
-def test_ray_rollout_workers_on_a_local_cluster(model, tmp_path):
-    """`--ray 2`: rollouts on two Ray actors with their own embedded engines, weights synced each step."""
+@pytest.mark.parametrize("schedule", [(), ("--async", "--max-staleness", "0")], ids=["sync", "async"])
+def test_ray_rollout_workers_on_a_local_cluster(model, tmp_path, schedule):
+    """`--ray 2`: rollouts on two Ray actors with their own embedded engines, weights synced each step
+    (asynchronously: groups stream from the workers; staleness 0 keeps every token on-policy)."""
     pytest.importorskip("ray")
     out = tmp_path / "ray"
-    args = train_args(model, out, "--ray", "2")
+    args = train_args(model, out, "--ray", "2", *schedule)
     args[args.index("--steps") + 1] = "2"
     run_train(*args)
     steps = read_jsonl(out / "metrics.jsonl")
