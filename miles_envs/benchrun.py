@@ -85,19 +85,35 @@ def field_at(data: Any, path: str) -> Any:
 # -- what each script's results mean --------------------------------------------------------------
 
 def loop_overhead_measures(data: dict) -> list[Measure]:
-    per_turn, concurrent = field_at(data, "per_turn"), field_at(data, "concurrent")
+    concurrent = field_at(data, "concurrent")
     episodes = int(field_at(concurrent, "episodes"))
     scale_note = "" if episodes >= 10_000 else "target is set for 10,000 episodes"
-    return [
-        Measure("loop overhead per turn, incl. chat rendering", field_at(per_turn, "loop_overhead_us_per_turn_core"),
-                "µs/turn/core", at_most(50)),
-        Measure("loop overhead per turn, loop machinery alone",
-                field_at(per_turn, "loop_overhead_excl_rendering_us_per_turn_core"), "µs/turn/core", at_most(50)),
+    measures = [
+        Measure(f"in-process turn, {env}: loop + rendering", field_at(row, "turn_overhead_us"), "µs/turn", at_most(50),
+                f"rendering {row['rendering_us']:.0f} µs; delta cache hits {row['delta_cache_hit_rate']:.0%}")
+        for env, row in field_at(data, "in_process_turn").items()
+    ]
+    measures += [
+        Measure(f"full turn through HTTP, {env}: client + server CPU less the env", field_at(row, "full_turn_without_env_us"),
+                "µs/turn", at_most(300),
+                f"client {row['client_us']:.0f}, server {row['server_us']:.0f}, env {row['env_us']:.0f} µs")
+        for env, row in field_at(data, "through_http").items()
+    ]
+    return measures + [
         Measure(f"{episodes:,} concurrent episodes, 50 ms latency: event-loop lag p99",
                 field_at(concurrent, "loop_lag_p99_ms"), "ms", below(50), scale_note),
-        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s",
-                note=f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
-                     f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s", at_most(3),
+                f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
+                f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+    ]
+
+
+def client_overhead_measures(data: dict) -> list[Measure]:
+    rows = [r for r in field_at(data, "rows") if r["client"].startswith("SGLangEngine")]
+    return [
+        Measure(f"SGLang client CPU per /generate, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
+                at_most(100) if r["response"] == "logprobs" else None, f"min–max {r['cpu_us_min']:.0f}–{r['cpu_us_max']:.0f}")
+        for r in rows
     ]
 
 
@@ -329,10 +345,14 @@ class Bench:
 
 BENCHES: tuple[Bench, ...] = (
     Bench("loop_overhead", "loop_overhead.py", loop_overhead_measures,
-          ("--episodes", "50", "--turns", "4", "--concurrent", "200", "--concurrent-turns", "2"),
-          about="env loop with the scripted engine and a trivial env: CPU per turn minus engine and env time; "
-                "then concurrent episodes through the SGLang client against the protocol server (50 ms latency), "
-                "lag of a 5 ms ticker"),
+          ("--episodes", "20", "--repeats", "1", "--concurrent", "200", "--concurrent-turns", "2"),
+          about="env loop on GuessNumber, ToolCalc, LookupChain, Search with scripted policies: CPU per turn minus "
+                "engine and env; the same turn through the SGLang client and the protocol server (both processes' "
+                "CPU); then concurrent episodes against the protocol server (50 ms latency), lag of a 5 ms ticker"),
+    Bench("client_overhead", "client_overhead.py", client_overhead_measures,
+          ("--requests", "50", "--repeats", "1"),
+          about="client CPU per /generate against a canned server in another process: HTTP clients and JSON codecs "
+                "side by side, then the whole SGLangEngine.generate"),
     Bench("sandbox", "sandbox.py", sandbox_measures, ("--runs", "20", "--cold-runs", "5", "--docker-cold-runs", "2"),
           about="print(1) through each sandbox backend, one per call (cold) or from the warm pool (pooled)"),
     Bench("search", "search.py", search_measures, ("--scale", "2", "--rounds", "1"),
