@@ -321,6 +321,24 @@ def embedded_prefix_measures(data: dict) -> list[Measure]:
     ]
 
 
+def async_speedup_measures(data: dict) -> list[Measure]:
+    """Speed-up per staleness bound on the simulated workload; the real run's reward gap beside its noise."""
+    measures = [
+        Measure(f"async training, max staleness {row['max_staleness']}: wall-clock speed-up over sync", row["speedup"], "×",
+                at_least(2.5) if row["max_staleness"] <= 2 else None,
+                f"{row['speedup_min']:.2f}–{row['speedup_max']:.2f}× over repeats; {100 * row['dropped_frac']:.1f}% of groups "
+                "dropped as stale; simulated long-tail agent workload")
+        for row in field_at(data, "simulated.rows")
+    ]
+    if "real" in data:
+        summary = field_at(data, "real.summary")
+        measures.append(Measure(
+            "async (staleness 1) − sync real run: mean rollout reward", summary["reward_diff_mean"],
+            note=f"sync {summary['reward_mean_sync']:.3f}, async {summary['reward_mean_async']:.3f}; standard error of a step "
+                 f"{summary['step_noise_sd']:.3f}; tiny qwen3 on miles/Echo-v0, {field_at(data, 'real.steps')} steps"))
+    return measures
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -368,6 +386,9 @@ BENCHES: tuple[Bench, ...] = (
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
           about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+    Bench("async_speedup", "async_speedup.py", async_speedup_measures,
+          about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
+                "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
           results="gpu/run1-r3/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "
