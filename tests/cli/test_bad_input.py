@@ -95,8 +95,8 @@ CASES = [
     case("wrong-typed", "list", "list", cwd="broken", says="not valid TOML"),
     # info
     case("missing", "info", "info", says="Missing argument"),
-    case("out-of-range", "info", "info", "miles/GuessNumbr-v0", says="did you mean: miles/GuessNumber-v0?"),
-    case("wrong-typed", "info", "info", "GuessNumber", says="did you mean: miles/GuessNumber-v0?"),
+    case("out-of-range", "info", "info", "miles/GuessNumbr-v0", says="did you mean: miles/GuessNumber-v0, miles/GuessNumber7-v0?"),
+    case("wrong-typed", "info", "info", "GuessNumber", says="did you mean: miles/GuessNumber-v0, miles/GuessNumber7-v0?"),
     case("conflicting", "info", "info", "demo/Stale-v0", says=["does not accept", "may be stale", "--override"]),
     case("missing", "info", "info", "demo/Gone-v0", says=["does not exist", "may be stale"]),
     # check

@@ -142,8 +142,8 @@ def test_max_turns_comes_from_the_spec_else_the_class(miles_home):
 @pytest.mark.parametrize(
     ("typed", "suggested"),
     [
-        ("miles/GuessNumbr-v0", ["miles/GuessNumber-v0"]),
-        ("miles/GuessNumber-v1", ["miles/GuessNumber-v0"]),
+        ("miles/GuessNumbr-v0", ["miles/GuessNumber-v0", "miles/GuessNumber7-v0"]),
+        ("miles/GuessNumber-v1", ["miles/GuessNumber-v0", "miles/GuessNumber7-v0"]),
         ("mile/Echo-v0", ["miles/Echo-v0"]),
         ("miles/guessnumber-v0", ["miles/GuessNumber-v0"]),
         ("miles/TicTacTo-v0", ["miles/TicTacToe-v0"]),
