@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from miles_envs.sandbox.base import Limits
+from miles_envs.sandbox.reaper import current_run, state_key
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT_NAME = "miles-envs-sandbox"
@@ -40,7 +41,7 @@ class SandboxCgroup:
         parent = _parent()
         if parent is None:
             return None
-        path = parent / uuid.uuid4().hex
+        path = parent / f"{state_key()}.{current_run().id}.{uuid.uuid4().hex[:8]}"  # read by the reaper
         try:
             path.mkdir()
             (path / "memory.max").write_text(str(limits.memory_mb * 1024 * 1024))
