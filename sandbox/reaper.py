@@ -16,6 +16,7 @@ and runs of other state folders, are never touched.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
@@ -92,7 +93,16 @@ def _new_run() -> Run:
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
     final = root / run_id
     staging.rename(final)
-    return Run(run_id, final, os.getpid(), fd)
+    run = Run(run_id, final, os.getpid(), fd)
+    atexit.register(_remove_run_dir, run)
+    return run
+
+
+def _remove_run_dir(run: Run) -> None:
+    """At a normal exit the run directory goes; after a crash the reaper removes it."""
+    if run.pid == os.getpid():
+        shutil.rmtree(run.dir, ignore_errors=True)
+        os.close(run._lock_fd)
 
 
 def run_alive(run_id: str) -> bool:
@@ -167,7 +177,8 @@ def run_containers(client: Any, run_id: str | None = None) -> list[Any]:
     labels = [SANDBOX_LABEL, f"{HOST_LABEL}={socket.gethostname()}", f"{STATE_LABEL}={state_dir()}"]
     if run_id is not None:
         labels.append(f"{RUN_LABEL}={run_id}")
-    return client.containers.list(all=True, filters={"label": labels})
+    # sparse: no inspect per container, which would race with containers being removed.
+    return client.containers.list(all=True, sparse=True, filters={"label": labels})
 
 
 def run_mounts(run_id: str) -> list[str]:
@@ -228,7 +239,7 @@ def reap_dead_runs(docker: Any = None) -> dict[str, int]:
             removed["processes"] += len(pids)
     if docker is not None:
         for container in run_containers(docker):
-            run_id = container.labels.get(RUN_LABEL)
+            run_id = (container.attrs.get("Labels") or {}).get(RUN_LABEL)
             if run_id and not run_alive(run_id):
                 dead.add(run_id)
                 try:
