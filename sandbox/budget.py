@@ -33,10 +33,11 @@ class BudgetMeter:
         self.runs = 0
         self.seconds = 0.0
 
-    def refusal(self) -> str | None:
-        """Why the next execution is refused, or None while budget remains."""
+    def refusal(self, *, run: bool = True) -> str | None:
+        """Why the next execution is refused, or None while budget remains. ``run=False`` asks for
+        an execution that spends only time (a file read, say), not one of the counted runs."""
         budget = self.budget
-        if budget.runs is not None and self.runs >= budget.runs:
+        if run and budget.runs is not None and self.runs >= budget.runs:
             return f"no runs left ({budget.runs} used)"
         if budget.seconds is not None and self.seconds >= budget.seconds:
             return f"no sandbox time left ({budget.seconds:g} s used)"
@@ -48,8 +49,8 @@ class BudgetMeter:
             return default
         return max(min(default, self.budget.seconds - self.seconds), 0.0)
 
-    def charge(self, result: ExecResult) -> None:
-        self.runs += 1
+    def charge(self, result: ExecResult, *, run: bool = True) -> None:
+        self.runs += run
         self.seconds += result.duration
 
     def usage(self) -> dict[str, float]:
