@@ -61,16 +61,10 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 # -- one cell, in its own process ------------------------------------------------------------------
 def tree_pss_bytes(root: int) -> int:
-    from miles_envs.sandbox.reaper import _proc_table
+    from miles_envs.sandbox.reaper import ProcessTree
 
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, parent in table.items():
-        children.setdefault(parent, []).append(pid)
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, ()))
+    total = 0
+    for pid in ProcessTree().below(root):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

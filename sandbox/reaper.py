@@ -123,7 +123,7 @@ def run_alive(run_id: str) -> bool:
 
 
 # -- finding what a run left -----------------------------------------------------------------------
-def _proc_table() -> dict[int, int]:
+def process_parents() -> dict[int, int]:
     """pid -> parent pid for every process we can see."""
     table = {}
     for entry in os.listdir("/proc"):
@@ -149,26 +149,34 @@ def _run_of(pid: int) -> str | None:
     return None
 
 
+class ProcessTree:
+    """A snapshot of the process table that answers "this process and everything below it"."""
+
+    def __init__(self) -> None:
+        self.parents = process_parents()
+        self.children: dict[int, list[int]] = {}
+        for pid, parent in self.parents.items():
+            self.children.setdefault(parent, []).append(pid)
+
+    def below(self, root: int) -> list[int]:
+        """``root`` and all its descendants, parents first."""
+        found, index = [root], 0
+        while index < len(found):
+            found += self.children.get(found[index], ())
+            index += 1
+        return found
+
+
 def run_processes() -> dict[str, set[int]]:
     """Run id -> the processes it started (marked) and all their descendants, for the runs of
     this state folder."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, parent in table.items():
-        children.setdefault(parent, []).append(pid)
+    tree = ProcessTree()
     found: dict[str, set[int]] = {}
     root = state_dir()
-    for pid in table:
+    for pid in tree.parents:
         marker = _run_of(pid)
-        if marker is None or Path(marker).parent != root:
-            continue
-        run_id = Path(marker).name
-        tree, stack = found.setdefault(run_id, set()), [pid]
-        while stack:
-            current = stack.pop()
-            if current not in tree:
-                tree.add(current)
-                stack.extend(children.get(current, ()))
+        if marker is not None and Path(marker).parent == root:
+            found.setdefault(Path(marker).name, set()).update(tree.below(pid))
     return found
 
 

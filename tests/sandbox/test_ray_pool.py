@@ -23,6 +23,7 @@ ray = pytest.importorskip("ray")
 
 from miles_envs.envs.code_exec import CodeExecEnv  # noqa: E402
 from miles_envs.sandbox.ray_pool import RaySandboxPool  # noqa: E402
+from miles_envs.sandbox.reaper import ProcessTree  # noqa: E402
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
 FIB = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a"
@@ -38,24 +39,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, parents first."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    found, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
-
-
 def _kill_tree(process: subprocess.Popen) -> None:
-    for pid in _tree(process.pid):
+    for pid in ProcessTree().below(process.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
