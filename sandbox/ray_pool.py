@@ -2,11 +2,13 @@
 
 Each node gets one actor pinned to it that holds that node's own :class:`SandboxPool` (``local``
 bubblewrap or ``docker``), so sandboxes start and run where the actor lives and only code and
-results cross the network. Calls go to the live node with the fewest calls in flight. When a node
-dies (the actor dies with it, or stops answering within the execution timeout plus a grace), it is
-dropped: a stateless ``run`` is retried on another node, a session on it fails cleanly (its
-runs return a sandbox error saying the state is lost) and new sessions go elsewhere. No call waits
-longer than its timeout plus the grace, so a lost node never hangs an episode.
+results cross the network. Calls go to the live node with the least load (calls in flight plus
+sessions open). When a node dies (its actor dies with it, or a call runs past its timeout plus a
+grace and a ping then goes unanswered for the grace) it is dropped: a stateless ``run`` is retried
+on another node, a session on it fails cleanly (its runs return a sandbox error saying the state is
+lost) and new sessions go elsewhere. A call to a dead node ends within its timeout plus twice the
+grace, so a lost node never hangs an episode; a call queued on a busy node waits as long as the
+node answers pings.
 
     pool = RaySandboxPool("local", size_per_node=8)   # ray.init(...) first
     await pool.start()
@@ -213,13 +215,26 @@ class RaySandboxPool:
         return min(rotated, key=lambda node: node.load)
 
     async def _call(self, node: _Node, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """One actor call, bounded in time; NodeLost (and the node dropped) when the node is gone."""
+        """One actor call; NodeLost (and the node dropped) when the node is gone.
+
+        A call may wait long in a busy node's queue, so running past its timeout plus the grace
+        is not proof of death: the node is then pinged, and dropped only if the ping goes
+        unanswered for the grace too.
+        """
         import ray
 
-        limit = (self.timeout if timeout is None else timeout) + self.call_grace_s
+        patience = (self.timeout if timeout is None else timeout) + self.call_grace_s
         node.in_flight += 1
         try:
-            result = await asyncio.wait_for(getattr(node.actor, method).remote(*args), limit)
+            reply = asyncio.wrap_future(getattr(node.actor, method).remote(*args).future())
+            while True:
+                done, _ = await asyncio.wait({reply}, timeout=patience)
+                if done:
+                    result = reply.result()
+                    break
+                ping = asyncio.wrap_future(node.actor.node_id.remote().future())
+                await asyncio.wait_for(ping, self.call_grace_s)
+                patience = self.call_grace_s
         except (ray.exceptions.RayActorError, asyncio.TimeoutError) as error:
             self._drop(node, error)
             raise NodeLost(node.id) from error

@@ -165,6 +165,14 @@ def test_codeexec_episodes_run_on_both_nodes_and_survive_a_node_kill(cluster):
         assert [reward for reward, _ in repos] == [1.0] * 4
         assert set(pool.stats) == {cluster.head_node, cluster.worker_node} and min(pool.stats.values()) >= 4
 
+        # Calls queued on a busy node past their timeout plus grace: the node answers pings, so it stays.
+        busy = RaySandboxPool("local", size_per_node=1, timeout=1.0, call_grace_s=1.0)
+        await busy.start()
+        queued = await asyncio.gather(*(busy.run("import time; time.sleep(1.5); print('ok')", timeout=3.0)
+                                        for _ in range(6)))
+        assert [r.stdout for r in queued] == ["ok\n"] * 6 and busy.lost == [] and len(busy.live_nodes) == 2
+        await busy.close()
+
         # One session per node, each holding a file; then episodes and both sessions inside a 4 s
         # execution when the worker node is killed.
         async with AsyncExitStack() as stack:
