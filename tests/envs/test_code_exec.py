@@ -302,3 +302,14 @@ def test_repo_family_passes_miles_envs_check():
                            "--kwargs", '{"family": "repo"}'], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAIL" not in done.stdout
+
+
+async def test_sandbox_seconds_budget_cuts_the_run_and_then_refuses(pool):
+    env = CodeExecEnv(pool, max_runs=None, sandbox_s=0.5)
+    await env.areset(options={"problem_id": "fibonacci"})
+    first, *_ = await env.astep({"role": "assistant", "tool_calls": [python_call("import time; time.sleep(3)")]})
+    second, *_ = await env.astep({"role": "assistant", "tool_calls": [python_call("print(1)")]})
+    assert first[0]["content"] == "[timed out: the run was killed]"  # cut at the 0.5 s left, not the 10 s timeout
+    assert second[0]["content"] == "Error: no sandbox time left (0.5 s used). Reply with your solution."
+    _, reward, _, _, info = await env.astep(answer(REFERENCE["fibonacci"]))
+    assert reward == 1.0 and info["sandbox_runs"] == 1 and 0.5 <= info["sandbox_seconds"] < 3
