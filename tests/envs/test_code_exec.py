@@ -313,3 +313,42 @@ async def test_sandbox_seconds_budget_cuts_the_run_and_then_refuses(pool):
     assert second[0]["content"] == "Error: no sandbox time left (0.5 s used). Reply with your solution."
     _, reward, _, _, info = await env.astep(answer(REFERENCE["fibonacci"]))
     assert reward == 1.0 and info["sandbox_runs"] == 1 and 0.5 <= info["sandbox_seconds"] < 3
+
+
+async def test_repo_episodes_through_the_rollout_loop_with_tool_calls_as_tokens(pool):
+    """The whole stack: a scripted model writes hermes tool calls as text, the loop parses them,
+    the env edits the repo in the sandbox, and the repo's tests give the reward."""
+    import re
+
+    from miles_envs.agents.scripted import ScriptedEngine
+    from miles_envs.chat import ChatRenderer
+    from miles_envs.loop import LoopConfig, rollout
+    from miles_envs.tokenizers import load_tokenizer
+    from miles_envs.trajectory import Status
+
+    qwen3 = load_tokenizer("qwen3")
+
+    def engineer(context):
+        text = qwen3.decode(context.input_ids)
+        turn = text.count("<|im_start|>assistant") - 1
+        task = next(name for name, marker in (("inventory", "Store.remove"), ("slugify", "slugify"), ("intervals", "merge"))
+                    if marker in text)
+        path, fixed = FIXED_SOURCES[task]
+        if task == "slugify":
+            separator = re.search(r"joined by a single '(.)'", text).group(1)
+            fixed = fixed.replace("{separator_line}", f"SEPARATOR = {separator!r}")
+        calls = [{"name": "write_file", "arguments": {"path": path, "content": fixed}},
+                 {"name": "run", "arguments": {"command": "python3 -m unittest 2>&1 | tail -n 1"}}]
+        if turn < len(calls):
+            return f"<tool_call>\n{json.dumps(calls[turn])}\n</tool_call>"
+        return "The tests pass now."
+
+    trajectories = [t async for t in rollout(lambda: CodeExecEnv(pool, family="repo"), ScriptedEngine(qwen3, engineer),
+                                             ChatRenderer(qwen3), n=6, config=LoopConfig(max_turns=6), seed=0)]
+    assert sorted(t.status for t in trajectories) == [Status.COMPLETED] * 6
+    assert [t.reward for t in trajectories] == [1.0] * 6
+    for t in trajectories:
+        assert [turn.kind for turn in t.turns].count("model") == 3
+        tool_outputs = [m["content"] for m in t.messages if m["role"] == "tool"]
+        assert tool_outputs[0].startswith("Wrote ") and tool_outputs[1] == "OK"
+        assert 0 < sum(t.loss_mask) < len(t.loss_mask)  # tool results are env tokens
