@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 from miles_envs.sandbox.base import Limits
-from miles_envs.sandbox.reaper import current_run, state_key
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT_NAME = "miles-envs-sandbox"
@@ -37,11 +36,12 @@ class SandboxCgroup:
         self.path = path
 
     @classmethod
-    def create(cls, limits: Limits) -> SandboxCgroup | None:
+    def create(cls, limits: Limits, prefix: str = "") -> SandboxCgroup | None:
+        """A new cgroup named ``prefix`` + a random part, or None where cgroups are not writable."""
         parent = _parent()
         if parent is None:
             return None
-        path = parent / f"{state_key()}.{current_run().id}.{uuid.uuid4().hex[:8]}"  # read by the reaper
+        path = parent / f"{prefix}{uuid.uuid4().hex[:8]}"
         try:
             path.mkdir()
             (path / "memory.max").write_text(str(limits.memory_mb * 1024 * 1024))

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from miles_envs.sandbox.base import Limits, SandboxError
 from miles_envs.sandbox.cgroups import SandboxCgroup
-from miles_envs.sandbox.reaper import RUN_ENV, current_run, reap_once
+from miles_envs.sandbox.reaper import RUN_ENV, cgroup_prefix, current_run, reap_once
 from miles_envs.sandbox.runner_client import RUNNER_SOURCE, RunnerChannel, RunnerSandbox
 
 NOBODY = 65534
@@ -104,7 +104,7 @@ class LocalSandbox(RunnerSandbox):
         ]  # fmt: skip
 
     async def _spawn(self) -> RunnerChannel:
-        self._cgroup = SandboxCgroup.create(self.limits)
+        self._cgroup = SandboxCgroup.create(self.limits, prefix=cgroup_prefix())
         self._process = await asyncio.create_subprocess_exec(
             *self.command(),
             stdin=asyncio.subprocess.PIPE,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from miles_envs.sandbox.cgroups import CGROUP_ROOT, PARENT_NAME, SandboxCgroup
+
 RUN_ENV = "MILES_ENVS_SANDBOX_RUN"
 RUN_LABEL = "miles-envs.run"
 HOST_LABEL = "miles-envs.host"
@@ -200,9 +202,12 @@ def run_mounts(run_id: str) -> list[str]:
     return mounts
 
 
-def run_cgroups(run_id: str | None = None) -> list[Path]:
-    from miles_envs.sandbox.cgroups import CGROUP_ROOT, PARENT_NAME
+def cgroup_prefix() -> str:
+    """How this run's cgroups are named: ``<state folder key>.<run id>.``, read back by the reaper."""
+    return f"{state_key()}.{current_run().id}."
 
+
+def run_cgroups(run_id: str | None = None) -> list[Path]:
     parent = CGROUP_ROOT / PARENT_NAME
     if not parent.is_dir():
         return []
@@ -232,6 +237,21 @@ def _kill(pids: set[int]) -> None:
             pass
 
 
+def _remove_container(container: Any) -> bool:
+    """Force-remove; False when it is already gone or another reaper is removing it."""
+    import docker
+
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as error:
+        if error.status_code == 409:  # removal already in progress
+            return False
+        raise
+    return True
+
+
 def _unmount(point: str) -> None:
     subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
@@ -250,18 +270,12 @@ def reap_dead_runs(docker: Any = None) -> dict[str, int]:
             run_id = (container.attrs.get("Labels") or {}).get(RUN_LABEL)
             if run_id and not run_alive(run_id):
                 dead.add(run_id)
-                try:
-                    container.remove(force=True)
+                if _remove_container(container):
                     removed["containers"] += 1
-                except Exception as error:  # already gone, or removal in progress
-                    if "No such container" not in str(error) and "already in progress" not in str(error):
-                        raise
     for cgroup in run_cgroups():
         run_id = cgroup.name.split(".")[1]
         if not run_alive(run_id):
             dead.add(run_id)
-            from miles_envs.sandbox.cgroups import SandboxCgroup
-
             SandboxCgroup(cgroup).remove()
             removed["cgroups"] += 1
     root = state_dir()
