@@ -152,6 +152,24 @@ async def _repo_episode(pool) -> tuple[float, dict]:
     return reward, info
 
 
+def test_each_node_runs_its_own_docker_backend(cluster):
+    """Runs before the node-kill test (file order), while both nodes are up."""
+    from .conftest import docker_unavailable
+
+    reason = docker_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+    async def scenario():
+        async with RaySandboxPool("docker", size_per_node=1, timeout=20) as pool:
+            results = await asyncio.gather(*(pool.run(f"print({i} ** 2)") for i in range(6)))
+            assert [r.stdout for r in results] == [f"{i ** 2}\n" for i in range(6)]
+            assert set(pool.stats) == {cluster.head_node, cluster.worker_node}
+            assert {m["created"] for m in (await pool.metrics()).values()} == {1}
+
+    asyncio.run(scenario())
+
+
 def test_codeexec_episodes_run_on_both_nodes_and_survive_a_node_kill(cluster):
     async def scenario():
         pool = RaySandboxPool("local", size_per_node=3, timeout=20, call_grace_s=10)
