@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miles_envs.sandbox.admission import LatencyStats, QueuedSlots, StartGate
-from miles_envs.sandbox.base import ExecResult, Sandbox, SandboxSession
+from miles_envs.sandbox.base import ExecResult, Sandbox, SandboxError, SandboxSession
 from miles_envs.sandbox.factory import make_sandbox
 
 
@@ -41,6 +41,7 @@ class SandboxPool:
     """Warm sandboxes of one backend. ``backend`` is a name for :func:`make_sandbox` (extra keyword
     arguments go to it) or a zero-argument factory returning a sandbox. ``gate`` shares one start
     admission between pools; without it the pool has its own (``max_starting``, ``start_budget_s``).
+    ``wait_budget_s`` bounds how long a caller waits for a free sandbox (None: as long as it takes).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class SandboxPool:
         health_check_s: float = 30.0,
         max_starting: int = 4,
         start_budget_s: float = 60.0,
+        wait_budget_s: float | None = None,
         gate: StartGate | None = None,
         **sandbox_kwargs: Any,
     ) -> None:
@@ -70,6 +72,8 @@ class SandboxPool:
         self.health_check_s = health_check_s
         self.stats = PoolStats()
         self.gate = gate or StartGate(max_starting, start_budget_s)
+        self.wait_budget_s = wait_budget_s
+        self.wait_timeouts = 0
         self.wait = LatencyStats()
         self._idle: list[_Warm] = []
         self._slots = QueuedSlots(size)
@@ -112,6 +116,7 @@ class SandboxPool:
             "queue_depth": self._slots.waiting,
             "queue_depth_max": self._slots.waiting_max,
             **self.wait.summary("wait"),
+            "wait_timeouts": self.wait_timeouts,
             **self.gate.metrics(),
             "created": self.stats.created,
             "reused": self.stats.reused,
@@ -135,7 +140,14 @@ class SandboxPool:
         if self._closed:
             raise RuntimeError("the sandbox pool is closed")
         requested = time.monotonic()
-        await self._slots.acquire()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.wait_budget_s)
+        except asyncio.TimeoutError:
+            self.wait_timeouts += 1
+            raise SandboxError(
+                f"no sandbox free within wait_budget_s={self.wait_budget_s:g} s (pool size {self.size}, "
+                f"{self._slots.waiting} callers waiting); raise size or wait_budget_s, or run fewer episodes at once"
+            ) from None
         try:
             warm = await self._take()
             self.wait.record(time.monotonic() - requested)

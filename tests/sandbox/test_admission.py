@@ -74,6 +74,17 @@ async def test_start_over_budget_fails_cleanly_and_leaves_nothing():
     assert leftovers(current_run().id)["processes"] == []
 
 
+async def test_waiting_longer_than_the_wait_budget_is_a_clear_error():
+    async with SandboxPool("local", size=1, wait_budget_s=0.2, limits=TEST_LIMITS, timeout=5) as pool:
+        async with pool.session() as held:
+            with pytest.raises(SandboxError, match=r"no sandbox free within wait_budget_s=0.2 s \(pool size 1"):
+                async with pool.session():
+                    pass
+            assert (await held.run("print('still mine')")).stdout == "still mine\n"
+        assert pool.metrics()["wait_timeouts"] == 1 and pool.metrics()["queue_depth"] == 0
+        assert (await pool.run("print(2)")).stdout == "2\n"  # the slot was not lost
+
+
 def test_gate_and_budget_reject_bad_settings():
     with pytest.raises(ValueError, match="max_starting"):
         StartGate(max_starting=0)
