@@ -97,6 +97,7 @@ class EmbeddedEngine:
         self._lora = LoraServer(self.model)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[_Sequence] = []
+        self._admitting: list[_Sequence] = []  # out of _waiting, not yet running: a failure must still answer them
         self._running: list[_Sequence] = []
         self._cache: BatchedKVCache | None = None
         self._mtp_cache: BatchedKVCache | None = None
@@ -256,7 +257,7 @@ class EmbeddedEngine:
                     self._waiting.append(item)
                 elif item is not None:
                     item()
-            for sequence in self._waiting + self._running:
+            for sequence in self._waiting + self._admitting + self._running:
                 sequence.aborted = True
                 sequence.finish = sequence.finish or "abort"
                 self._deliver(sequence, error=None if self._failure is None else repr(self._failure))
@@ -317,6 +318,7 @@ class EmbeddedEngine:
         if room <= 0 or not self._waiting:
             return
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
+        self._admitting = batch
         width = max(len(s.input_ids) for s in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         valid = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -346,6 +348,7 @@ class EmbeddedEngine:
             if mtp_cache is not None:
                 self._mtp_cache.concat(mtp_cache)
         self._running.extend(batch)
+        self._admitting = []
 
     def _first_drafts(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
         for sequence in batch:

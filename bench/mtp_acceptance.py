@@ -18,6 +18,8 @@ the first and last third of the steps, since a step's accept rate varies by seve
 
 Random init is nearly uniform over the vocabulary, where any draft is accepted; the LM head is
 scaled by ``--head-scale`` so next-token distributions are confident, as in a trained model.
+This is a toy (one seed, random-init model): the measurement on a trained MoE is
+``bench/gpu/mtp_sft_rl.py``.
 
     .venv/bin/python bench/mtp_acceptance.py     # prints a table, writes bench/results/mtp_acceptance.json
 """

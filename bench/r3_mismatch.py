@@ -10,7 +10,8 @@ stream, so nothing it does changes a logprob measurably. The default checkpoint 
 sharpened like a trained model: expert weights x``--expert-scale`` (experts dominate the MLP
 output) and the tied embedding/LM head x``--head-scale`` (confident next-token distributions).
 How much a routing flip moves a logprob depends on these scales, so the absolute numbers (and
-the ratio) are properties of this toy, not a prediction for a real model.
+the ratio) are properties of this toy, not a prediction for a real model: the measurement on a
+trained MoE is ``bench/gpu/r3_trained.py``.
 
     .venv/bin/python bench/r3_mismatch.py            # prints a table, writes bench/results/r3_mismatch.json
 """

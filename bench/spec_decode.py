@@ -3,7 +3,8 @@
 The target is a tiny Qwen3-MoE with one MTP layer made draftable (``miles_envs.models.toy``: main
 residual branches scaled by ``--residual-scale``, MTP passing the next token's embedding through),
 so the draft is right part of the time, as a trained one would be. Each setting decodes the same
-requests (greedy and sampled); tokens/s are measured in this run on the same machine.
+requests (greedy and sampled); tokens/s are measured in this run on the same machine. The draft is
+a toy: the measurement with a trained model's own MTP layer is ``bench/gpu/spec_trained.py``.
 
     .venv/bin/python bench/spec_decode.py [--draft-tokens 0 1 2 3] [--concurrency 1 8]
 """

@@ -157,46 +157,139 @@ def embedded_throughput_measures(data: dict) -> list[Measure]:
 
 
 def spec_decode_measures(data: dict) -> list[Measure]:
-    """Per temperature and concurrency, the best draft length against no speculation."""
+    """Per temperature and concurrency, the best draft length against no speculation (toy draft)."""
     best: dict[tuple[float, int], dict] = {}
     for row in field_at(data, "rows"):
         key = (row["temperature"], row["concurrency"])
         if row["draft_tokens"] > 0 and (key not in best or row["speedup"] > best[key]["speedup"]):
             best[key] = row
     return [
-        Measure(f"MTP speculative decoding, T={t:g}, {c} concurrent: tokens/s vs no speculation", row["speedup"], "×",
-                note=f"{row['draft_tokens']} draft tokens, accept rate {row['accept_rate']:.2f}, "
-                     f"{row['tok_s']:.0f} tokens/s; {data.get('model', '')} on CPU")
+        Measure(f"MTP speculative decoding, toy draft, T={t:g}, {c} concurrent: tokens/s vs no speculation", row["speedup"],
+                "×", note=f"{row['draft_tokens']} draft tokens, accept rate {row['accept_rate']:.2f}, {row['tok_s']:.0f} "
+                          f"tokens/s; toy: random-init target made draftable; {data.get('model', '')} on CPU")
         for (t, c), row in sorted(best.items())
     ]
 
 
 def r3_measures(data: dict) -> list[Measure]:
-    note = (f"k3_kl {field_at(data, 'without_r3.k3_kl'):.2e} → {field_at(data, 'with_r3.k3_kl'):.2e}; "
-            f"{data.get('model', 'tiny MoE')}")
-    return [Measure("R3: rollout/trainer k3_kl reduction", field_at(data, "k3_kl_reduction"), "×", at_least(3), note)]
+    note = (f"toy: random-init weights scaled (the ratio follows the scale); k3_kl "
+            f"{field_at(data, 'without_r3.k3_kl'):.2e} → {field_at(data, 'with_r3.k3_kl'):.2e}; {data.get('model', 'tiny MoE')}")
+    return [Measure("R3: rollout/trainer k3_kl reduction (toy model)", field_at(data, "k3_kl_reduction"), "×", None, note)]
+
+
+def _change_se(history: list[dict], third: int) -> float:
+    """Standard error of (mean of the last third − mean of the first third) of per-step accept rates."""
+    import statistics
+
+    first, last = [h["accept_rate"] for h in history[:third]], [h["accept_rate"] for h in history[-third:]]
+    if min(len(first), len(last)) < 2:
+        return float("nan")
+    return (statistics.variance(first) / len(first) + statistics.variance(last) / len(last)) ** 0.5
 
 
 def mtp_measures(data: dict) -> list[Measure]:
     steps = field_at(data, "settings.steps")
-    with_sft, without = field_at(data, "summary.with_mtp_sft"), field_at(data, "summary.without_mtp_sft")
-    return [
-        Measure(f"MTP draft accept rate change over {steps} RL steps, with MTP-SFT", with_sft["change_points"],
-                "points", at_least(-2), f"{with_sft['accept_start']:.3f} → {with_sft['accept_end']:.3f}"),
-        Measure(f"MTP draft accept rate change over {steps} RL steps, without MTP-SFT", without["change_points"],
-                "points", below(0), f"{without['accept_start']:.3f} → {without['accept_end']:.3f}"),
-    ]
+    runs = data.get("runs", {})
+
+    def measure(label: str, target: Target | None) -> Measure:
+        row = field_at(data, f"summary.{label}")
+        se = _change_se(runs[label], max(1, steps // 3)) if label in runs else float("nan")
+        spread = "" if se != se else f" ± {100 * se:.1f} (1 SE)"
+        name = "with" if label == "with_mtp_sft" else "without"
+        return Measure(f"MTP draft accept rate change over {steps} RL steps, {name} MTP-SFT (toy model)",
+                       row["change_points"], "points", target,
+                       f"toy: random-init tiny MoE, head scaled, one seed{spread}; "
+                       f"{row['accept_start']:.3f} → {row['accept_end']:.3f}")
+
+    return [measure("with_mtp_sft", None), measure("without_mtp_sft", None)]
+
+
+def gpu_machine(data: dict) -> str:
+    """The machine line every GPU row carries: card, torch, transformers, megatron-core."""
+    machine = data.get("machine") or {key: data.get(key) for key in ("card", "torch", "megatron_core")}
+    parts = [str(machine.get("card")), f"torch {machine.get('torch')}"]
+    if machine.get("transformers"):
+        parts.append(f"transformers {machine['transformers']}")
+    parts.append(f"megatron-core {machine.get('megatron_core') or 'not used'}")
+    return ", ".join(parts)
+
+
+def _ci(stats: dict, scale: float = 1.0, digits: str = ".2f") -> str:
+    low, high = stats["ci95"]
+    return f"95% CI [{low * scale:{digits}}, {high * scale:{digits}}]"
 
 
 def megatron_gpu_measures(data: dict) -> list[Measure]:
-    card = field_at(data, "card")
+    card, machine = field_at(data, "card"), gpu_machine(data)
     return [
         Measure(f"Megatron on {card}: step time, R3 on", field_at(data, "step_seconds_r3_on_median"), "s",
-                note=f"{field_at(data, 'tokens_per_step')} tokens/step"),
-        Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s"),
-        Measure(f"Megatron on {card}: MFU, R3 on", field_at(data, "mfu_r3_on"), note=data.get("mfu_note", "")),
-        Measure(f"Megatron on {card}: step time R3 on ÷ off", field_at(data, "r3_overhead_ratio"), "×"),
-        Measure(f"Megatron on {card}: R3 k3_kl reduction", field_at(data, "k3_kl_reduction"), "×", at_least(3)),
+                note=f"{field_at(data, 'tokens_per_step')} tokens/step; {machine}"),
+        Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s", note=machine),
+        Measure(f"Megatron on {card}: MFU, R3 on", field_at(data, "mfu_r3_on"), note=f"{data.get('mfu_note', '')}; {machine}"),
+        Measure(f"Megatron on {card}: step time R3 on ÷ off", field_at(data, "r3_overhead_ratio"), "×", note=machine),
+        Measure(f"Megatron on {card}: R3 k3_kl reduction (toy model)", field_at(data, "k3_kl_reduction"), "×", None,
+                f"toy: random-init weights scaled ×10 (the ratio follows the scale); {machine}"),
+    ]
+
+
+def gpu_pretrain_measures(data: dict) -> list[Measure]:
+    final, training = field_at(data, "held_out.final"), field_at(data, "training")
+    model, machine = field_at(data, "model"), gpu_machine(data)
+    entropy = final["expert_load_entropy"]
+    shape = (f"{model['layers']} layers, hidden {model['hidden']}, {model['experts']} experts top-{model['topk']}, 1 MTP layer; "
+             f"{training['steps']} steps × {training['batch'] * training['seq']} tokens in {training['train_s']:.0f} s")
+    return [
+        Measure("trained MoE: held-out next-token loss", final["lm_loss"], "nats", note=f"{shape}; {machine}"),
+        Measure("trained MoE: held-out next-token top-1", final["lm_top1"], note=machine),
+        Measure("trained MoE: held-out MTP-layer top-1 (token t+2)", final["mtp_top1"], note=machine),
+        Measure("trained MoE: expert-load entropy, lowest layer (1 = uniform)", min(entropy), note=f"per layer {entropy}; {machine}"),
+    ]
+
+
+def gpu_r3_measures(data: dict) -> list[Measure]:
+    summary, machine = field_at(data, "summary"), gpu_machine(data)
+    tokens = summary["response_tokens_per_seed"]
+    measures = []
+    for precision in ("bf16", "fp32"):
+        reduction = summary[f"{precision}_k3_kl_reduction"]
+        off, on = summary[f"{precision}_without_r3"], summary[f"{precision}_with_r3"]
+        low, high = reduction["ci95"]
+        measures.append(Measure(
+            f"R3 on the trained MoE: k3_kl reduction, bf16 rollout vs {precision} trainer", reduction["ratio"], "×",
+            Target("≥ 3 with a 95% CI above 1", lambda v, low=low: v >= 3 and low > 1),
+            f"95% CI [{low:.2f}, {high:.2f}] over {reduction['n']} seeds × {min(tokens)}+ response tokens; k3_kl "
+            f"{off['k3_kl']['mean']:.1e} → {on['k3_kl']['mean']:.1e}; mean |Δlogprob| {off['mean_abs_delta']['mean']:.4f} → "
+            f"{on['mean_abs_delta']['mean']:.4f}; |Δ| > ln 2: {off['extreme_frac']['mean']:.1e} → {on['extreme_frac']['mean']:.1e}; "
+            f"router disagreement {off['router_disagreement']['mean']:.4f} ({_ci(off['router_disagreement'], digits='.4f')}); "
+            f"{machine}"))
+    return measures
+
+
+def gpu_spec_measures(data: dict) -> list[Measure]:
+    machine = gpu_machine(data)
+    return [
+        Measure(f"MTP speculative decoding on the trained MoE, T={row['temperature']:g}, {row['concurrency']} concurrent: "
+                f"tokens/s vs plain", row["speedup"]["ratio"], "×",
+                Target("≥ 1.3 with a 95% CI above 1", lambda v, low=row["speedup"]["ci95"][0]: v >= 1.3 and low > 1),
+                f"{_ci(row['speedup'])} over {row['speedup']['n']} repeats; {row['draft_tokens']} draft tokens, accept rate "
+                f"{row['accept_rate']['mean']:.2f}, {row['plain_tok_s']['mean']:.0f} → {row['spec_tok_s']['mean']:.0f} tokens/s; "
+                f"embedded engine bf16; {machine}")
+        for row in field_at(data, "rows")
+    ]
+
+
+def gpu_mtp_sft_measures(data: dict) -> list[Measure]:
+    summary, machine = field_at(data, "summary"), gpu_machine(data)
+    steps = summary["steps_compared"]
+    with_sft, without = summary["with_mtp_sft"]["accept_rate"], summary["without_mtp_sft"]["accept_rate"]
+    gap = summary["accept_change_gap_with_minus_without"]
+    return [
+        Measure(f"trained MoE, {steps} RL steps: accept rate change with MTP-SFT", 100 * with_sft["change"]["mean"], "points",
+                Target("within ±2", lambda v: abs(v) <= 2), f"{_ci(with_sft['change'], 100, '.1f')}; {machine}"),
+        Measure(f"trained MoE, {steps} RL steps: accept rate change without MTP-SFT", 100 * without["change"]["mean"], "points",
+                note=f"{_ci(without['change'], 100, '.1f')}; {machine}"),
+        Measure(f"trained MoE, {steps} RL steps: accept-rate change, with minus without, in SE", gap and gap["mean"] / gap["se"],
+                "SE", at_least(3), f"{gap and 100 * gap['mean']:.1f} points; {machine}" if gap else "fewer than 2 seeds"),
     ]
 
 
@@ -227,10 +320,11 @@ class Bench:
     quick_args: tuple[str, ...] = ()
     runs_here: bool = True
     about: str = ""
+    results: str = ""  # the results file under bench/results when it is not named after the script
 
     @property
     def results_name(self) -> str:
-        return f"{Path(self.script).stem}.json"
+        return self.results or f"{Path(self.script).stem}.json"
 
 
 BENCHES: tuple[Bench, ...] = (
@@ -252,14 +346,31 @@ BENCHES: tuple[Bench, ...] = (
           about="embedded engine, tiny random-init qwen3-moe on CPU: concurrent requests batched vs one at a time"),
     Bench("spec_decode", "spec_decode.py", spec_decode_measures,
           ("--draft-tokens", "0", "2", "--concurrency", "1", "--new-tokens", "8"),
-          about="embedded engine with MTP drafts (tiny model made draftable) vs plain decoding"),
+          about="toy: embedded engine with MTP drafts (tiny random-init model made draftable) vs plain decoding"),
     Bench("r3_mismatch", "r3_mismatch.py", r3_measures, ("--samples", "2", "--max-new-tokens", "8"),
-          about="bf16 rollout vs fp32 trainer logprobs on one batch of a sharpened tiny MoE, with and without R3"),
+          about="toy: bf16 rollout vs fp32 trainer logprobs on one batch of a random-init tiny MoE with weights "
+                "scaled ×10, with and without R3"),
     Bench("mtp_acceptance", "mtp_acceptance.py", mtp_measures,
           ("--steps", "3", "--warmup-steps", "2", "--max-new-tokens", "8"),
-          about="draft accept rate over GRPO steps on a tiny MoE, MTP layer trained online (MTP-SFT) or frozen"),
+          about="toy: draft accept rate over GRPO steps on a random-init tiny MoE (one seed), MTP layer trained "
+                "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
           about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+    Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
+          results="gpu/run1-r3/gpu_pretrain.json",
+          about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "
+                "the model of the R3 rows (all GPU rows: one command, bench/gpu/trained_moe.py)"),
+    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run1-r3/gpu_r3.json",
+          about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
+                "trainer forwards, with and without replay"),
+    Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
+          results="gpu/run2-spec/gpu_spec_decode.json",
+          about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
+                "(its model: a shorter pretraining run, bench/results/gpu/run2-spec/gpu_pretrain.json)"),
+    Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
+          results="gpu/run3-rl/gpu_mtp_sft.json",
+          about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
+                "one GPU"),
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),
           about="one scripted workload (fixed reply, fixed observation, N turns) through each library's own env "
                 "step and message handling, each library in its own venv; see bench/peers.py for what is timed"),

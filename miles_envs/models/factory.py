@@ -1,7 +1,8 @@
 """Random-init checkpoints of small Qwen3 / Qwen3-MoE / DeepSeek-V3 models for CPU runs and tests.
 
 Hidden sizes are tiny so CPU forwards are fast; the vocabulary is the real tokenizer's size so
-real chat templates and token ids work end to end.
+real chat templates and token ids work end to end. ``medium`` is the shape the GPU checks
+pretrain (``bench/gpu/pretrain_moe.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pathlib import Path
 import torch
 
 ARCHS = ("qwen3-moe", "qwen3", "deepseek-v3")
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "medium")
 TOKENIZERS = ("qwen3", "qwen2_5", "llama3", "deepseek_v3")
 
 _SHAPES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, ffn=128, moe_ffn=32),
     "small": dict(hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32, experts=16, topk=4, ffn=512, moe_ffn=128),
+    "medium": dict(hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, experts=32, topk=4, ffn=1024, moe_ffn=256),
 }
 
 
@@ -107,11 +109,10 @@ def init_model(
     context: int = 4096,
 ) -> Path:
     """Write a random-init checkpoint folder: config, safetensors (+ MTP layers), tokenizer, generation config."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    from miles_envs.models.mtp import build_mtp, mtp_checkpoint_tensors
-    from miles_envs.tokenizers import load_tokenizer, tokenizer_path
+    from miles_envs.models.mtp import build_mtp
+    from miles_envs.tokenizers import load_tokenizer
 
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
@@ -122,12 +123,28 @@ def init_model(
     config = build_config(arch, size, len(tok), mtp=mtp, bos=bos, eos=eos, context=context)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    draft = build_mtp(model, mtp) if mtp else None
+    meta = {"arch": arch, "size": size, "mtp": mtp, "tokenizer": tokenizer, "seed": seed}
+    return save_folder(path, model, draft, tokenizer, meta)
+
+
+def save_folder(path: str | Path, model, mtp, tokenizer: str, meta: dict) -> Path:
+    """Write ``model`` (+ its MTP stack) as a checkpoint folder the engine and trainer load."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from miles_envs.models.mtp import mtp_checkpoint_tensors
+    from miles_envs.tokenizers import tokenizer_path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    if mtp:
-        save_file(mtp_checkpoint_tensors(build_mtp(model, mtp), model), str(path / "mtp.safetensors"), metadata={"format": "pt"})
+    if mtp is not None:
+        save_file(mtp_checkpoint_tensors(mtp, model), str(path / "mtp.safetensors"), metadata={"format": "pt"})
+    bos, eos = model.config.bos_token_id, model.config.eos_token_id
     GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=True, temperature=1.0, top_p=1.0).save_pretrained(path)
     for file in tokenizer_path(tokenizer).iterdir():
         if file.is_file():
             shutil.copy2(file, path / file.name)
-    (path / "miles_envs_model.json").write_text(json.dumps({"arch": arch, "size": size, "mtp": mtp, "tokenizer": tokenizer, "seed": seed}, indent=2))
+    (path / "miles_envs_model.json").write_text(json.dumps(meta, indent=2))
     return path

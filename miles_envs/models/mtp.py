@@ -93,6 +93,8 @@ def load_mtp_tensors(mtp, main_model: nn.Module, tensors: dict[str, torch.Tensor
         raise ValueError(
             f"MTP weights do not match the model: missing {missing[:5]}, unexpected {sorted(info.unexpected_keys)[:5]}"
         )
+    # the loader swaps in the given tensors (on the CPU when read from disk): bring them to the model
+    mtp.to(next(main_model.parameters()).device)
     mtp.tie_with_main_model(main_model)
 
 

@@ -165,10 +165,12 @@ def test_spec_decode_keeps_the_best_draft_length_per_setting():
     assert measure.value == 1.4 and measure.note.startswith("2 draft tokens")
 
 
-def test_mtp_with_sft_may_not_fall_more_than_two_points():
-    data = {"settings": {"steps": 30}, "summary": {
+def test_toy_mtp_rows_carry_no_target_and_the_spread_of_their_steps():
+    data = {"settings": {"steps": 6}, "summary": {
         "with_mtp_sft": {"change_points": -2.5, "accept_start": 0.5, "accept_end": 0.475},
         "without_mtp_sft": {"change_points": -20.0, "accept_start": 0.5, "accept_end": 0.3},
-    }}
-    assert [m.met for m in mtp_measures(data)] == [False, True]
+    }, "runs": {"with_mtp_sft": [{"accept_rate": r} for r in (0.5, 0.6, 0.5, 0.5, 0.4, 0.5)]}}
+    with_sft, without = mtp_measures(data)
+    assert [with_sft.met, without.met] == [None, None]
+    assert with_sft.note.startswith("toy") and "± 7.1 (1 SE)" in with_sft.note and "SE" not in without.note
 
