@@ -65,13 +65,14 @@ async def test_start_cap_holds_under_a_burst_of_1000_session_requests():
 
 
 async def test_start_over_budget_fails_cleanly_and_leaves_nothing():
+    before = set(leftovers(current_run().id)["processes"])  # sandboxes other tests of this run hold
     async with SandboxPool("local", size=2, start_budget_s=0.001, limits=TEST_LIMITS, timeout=5) as pool:
         with pytest.raises(SandboxError, match="did not start within start_budget_s=0.001 s"):
             async with pool.session():
                 pass
         assert pool.metrics()["start_failures"] == 1
         assert pool.metrics()["created"] == 0
-    assert leftovers(current_run().id)["processes"] == []
+    assert set(leftovers(current_run().id)["processes"]) <= before
 
 
 async def test_waiting_longer_than_the_wait_budget_is_a_clear_error():
