@@ -85,19 +85,35 @@ def field_at(data: Any, path: str) -> Any:
 # -- what each script's results mean --------------------------------------------------------------
 
 def loop_overhead_measures(data: dict) -> list[Measure]:
-    per_turn, concurrent = field_at(data, "per_turn"), field_at(data, "concurrent")
+    concurrent = field_at(data, "concurrent")
     episodes = int(field_at(concurrent, "episodes"))
     scale_note = "" if episodes >= 10_000 else "target is set for 10,000 episodes"
-    return [
-        Measure("loop overhead per turn, incl. chat rendering", field_at(per_turn, "loop_overhead_us_per_turn_core"),
-                "µs/turn/core", at_most(50)),
-        Measure("loop overhead per turn, loop machinery alone",
-                field_at(per_turn, "loop_overhead_excl_rendering_us_per_turn_core"), "µs/turn/core", at_most(50)),
+    measures = [
+        Measure(f"in-process turn, {env}: loop + rendering", field_at(row, "turn_overhead_us"), "µs/turn", at_most(50),
+                f"rendering {row['rendering_us']:.0f} µs; delta cache hits {row['delta_cache_hit_rate']:.0%}")
+        for env, row in field_at(data, "in_process_turn").items()
+    ]
+    measures += [
+        Measure(f"full turn through HTTP, {env}: client + server CPU less the env", field_at(row, "full_turn_without_env_us"),
+                "µs/turn", at_most(300),
+                f"client {row['client_us']:.0f}, server {row['server_us']:.0f}, env {row['env_us']:.0f} µs")
+        for env, row in field_at(data, "through_http").items()
+    ]
+    return measures + [
         Measure(f"{episodes:,} concurrent episodes, 50 ms latency: event-loop lag p99",
                 field_at(concurrent, "loop_lag_p99_ms"), "ms", below(50), scale_note),
-        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s",
-                note=f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
-                     f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s", at_most(3),
+                f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
+                f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+    ]
+
+
+def client_overhead_measures(data: dict) -> list[Measure]:
+    rows = [r for r in field_at(data, "rows") if r["client"].startswith("SGLangEngine")]
+    return [
+        Measure(f"SGLang client CPU per /generate, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
+                at_most(100) if r["response"] == "logprobs" else None, f"min–max {r['cpu_us_min']:.0f}–{r['cpu_us_max']:.0f}")
+        for r in rows
     ]
 
 
@@ -312,6 +328,24 @@ def peers_measures(data: dict) -> list[Measure]:
     return measures
 
 
+def async_speedup_measures(data: dict) -> list[Measure]:
+    """Speed-up per staleness bound on the simulated workload; the real run's reward gap beside its noise."""
+    measures = [
+        Measure(f"async training, max staleness {row['max_staleness']}: wall-clock speed-up over sync", row["speedup"], "×",
+                at_least(2.5) if row["max_staleness"] <= 2 else None,
+                f"{row['speedup_min']:.2f}–{row['speedup_max']:.2f}× over repeats; {100 * row['dropped_frac']:.1f}% of groups "
+                "dropped as stale; simulated long-tail agent workload")
+        for row in field_at(data, "simulated.rows")
+    ]
+    if "real" in data:
+        summary = field_at(data, "real.summary")
+        measures.append(Measure(
+            "async (staleness 1) − sync real run: mean rollout reward", summary["reward_diff_mean"],
+            note=f"sync {summary['reward_mean_sync']:.3f}, async {summary['reward_mean_async']:.3f}; standard error of a step "
+                 f"{summary['step_noise_sd']:.3f}; tiny qwen3 on miles/Echo-v0, {field_at(data, 'real.steps')} steps"))
+    return measures
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -329,10 +363,14 @@ class Bench:
 
 BENCHES: tuple[Bench, ...] = (
     Bench("loop_overhead", "loop_overhead.py", loop_overhead_measures,
-          ("--episodes", "50", "--turns", "4", "--concurrent", "200", "--concurrent-turns", "2"),
-          about="env loop with the scripted engine and a trivial env: CPU per turn minus engine and env time; "
-                "then concurrent episodes through the SGLang client against the protocol server (50 ms latency), "
-                "lag of a 5 ms ticker"),
+          ("--episodes", "20", "--repeats", "1", "--concurrent", "200", "--concurrent-turns", "2"),
+          about="env loop on GuessNumber, ToolCalc, LookupChain, Search with scripted policies: CPU per turn minus "
+                "engine and env; the same turn through the SGLang client and the protocol server (both processes' "
+                "CPU); then concurrent episodes against the protocol server (50 ms latency), lag of a 5 ms ticker"),
+    Bench("client_overhead", "client_overhead.py", client_overhead_measures,
+          ("--requests", "50", "--repeats", "1"),
+          about="client CPU per /generate against a canned server in another process: HTTP clients and JSON codecs "
+                "side by side, then the whole SGLangEngine.generate"),
     Bench("sandbox", "sandbox.py", sandbox_measures, ("--runs", "20", "--cold-runs", "5", "--docker-cold-runs", "2"),
           about="print(1) through each sandbox backend, one per call (cold) or from the warm pool (pooled)"),
     Bench("sandbox_load", "sandbox_load.py", sandbox_load_measures,
@@ -356,6 +394,9 @@ BENCHES: tuple[Bench, ...] = (
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
           about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+    Bench("async_speedup", "async_speedup.py", async_speedup_measures,
+          about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
+                "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
           results="gpu/run1-r3/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "

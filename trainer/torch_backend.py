@@ -27,7 +27,7 @@ from miles_envs.trainer.losses import (
     k3_kl,
     masked_mean,
     token_logprobs_and_entropy,
-    truncated_importance_weights,
+    version_aware_weights,
 )
 from miles_envs.trainer.metrics import MeanAccumulator
 from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_sft_loss
@@ -269,10 +269,12 @@ class Trainer:
         per_token = per_token.view_as(logprobs)
         tokens = batch.num_loss_tokens
         stats.add("pg_loss", masked_mean(per_token.detach(), mask), tokens)
-        if cfg.tis_cap is not None:
-            tis = truncated_importance_weights(old, batch.rollout_logprobs, cfg.tis_cap)
-            per_token = per_token * tis
-            stats.add("tis_weight_mean", masked_mean(tis, mask), tokens)
+        if cfg.tis_cap is not None or cfg.staleness_decay != 1.0:
+            weights = version_aware_weights(
+                old, batch.rollout_logprobs, batch.rollout_versions, self.step, cap=cfg.tis_cap, decay=cfg.staleness_decay
+            )
+            per_token = per_token * weights
+            stats.add("tis_weight_mean", masked_mean(weights, mask), tokens)
         if ref_logprobs is not None:
             kl = k3_kl(logprobs, ref_logprobs)
             per_token = per_token + cfg.kl_coef * kl

@@ -24,22 +24,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve /v1/chat/completions in front of an engine, recording each session's exact token ids."""
         try:
-            import uvicorn
-
             from miles_envs.integrations.session_server import create_app
+            from miles_envs.serving import HTTPServer, run_forever
         except ImportError as exc:
-            console.print(f"[red]error:[/] serve-session needs FastAPI and uvicorn ({exc}); pip install 'miles-envs[serve]'")
+            console.print(f"[red]error:[/] serve-session needs starlette and uvicorn ({exc}); pip install 'miles-envs[serve]'")
             raise typer.Exit(1) from None
         from miles_envs.cli.wiring import build_engine, build_renderer
         from miles_envs.parsers import parser_for
 
         renderer = build_renderer(engine, tokenizer)
         app_ = create_app(lambda: build_engine(engine, renderer.tokenizer, script), renderer, parser_for(renderer.tokenizer), model=model)
-        console.print(
-            f"OpenAI base_url: http://{host}:{port}/sessions/<session-id>/v1 (or /v1 with an X-Session-Id header); "
+        run_forever(HTTPServer(app_, host=host, port=port, lifespan=True), lambda server: console.print(
+            f"OpenAI base_url: {server.url}/sessions/<session-id>/v1 (or /v1 with an X-Session-Id header); "
             f"records at GET /sessions/<session-id>"
-        )
-        uvicorn.run(app_, host=host, port=port, log_level="info")
+        ))
 
     @app.command("foreign")
     def foreign_cmd() -> None:
