@@ -136,6 +136,24 @@ def sandbox_measures(data: dict) -> list[Measure]:
     ]
 
 
+def sandbox_load_measures(data: dict) -> list[Measure]:
+    measures = []
+    for row in field_at(data, "rows"):
+        label = f"sandbox load, {row['backend']}, {row['sessions']:,} concurrent sessions"
+        exec_target = at_most(250) if row["backend"] == "local" and row["sessions"] == 1024 else None
+        measures += [
+            Measure(f"{label}: exec p99", row["exec"]["p99_ms"], "ms", exec_target,
+                    f"p50 {row['exec']['p50_ms']:.0f} ms; pool of {row['pool_size']}; {row['execs_per_s']:.0f} execs/s; "
+                    f"queue+start p99 {row['acquire']['p99_ms']:.0f} ms; {row['repeats']} repeat(s)"),
+            Measure(f"{label}: start failures", row["start_failures"], "", at_most(0)),
+            Measure(f"{label}: leftovers after the run", row["leftovers"], "", at_most(0),
+                    "processes, containers, mounts, temp dirs, cgroups"),
+        ]
+    for backend, reason in data.get("skipped", {}).items():
+        measures.append(Measure(f"sandbox load, {backend}", None, note=f"not measured: {reason}"))
+    return measures
+
+
 def search_measures(data: dict) -> list[Measure]:
     return [
         Measure(f"{row['backend']}: queries/s at batch {batch}", row[f"qps_batch_{batch}"], "queries/s",
@@ -366,6 +384,10 @@ BENCHES: tuple[Bench, ...] = (
                 "side by side, then the whole SGLangEngine.generate"),
     Bench("sandbox", "sandbox.py", sandbox_measures, ("--runs", "20", "--cold-runs", "5", "--docker-cold-runs", "2"),
           about="print(1) through each sandbox backend, one per call (cold) or from the warm pool (pooled)"),
+    Bench("sandbox_load", "sandbox_load.py", sandbox_load_measures,
+          ("--sessions", "32", "--repeats", "1", "--backends", "local"),
+          about="N concurrent sessions (4 short programs each) through a sandbox pool sized 4 per core, local and "
+                "docker; leftovers counted after each run's process exits; latencies on a shared 2-core machine"),
     Bench("search", "search.py", search_measures, ("--scale", "2", "--rounds", "1"),
           about="BM25 over the generated encyclopedia, in process and over HTTP /retrieve, best of rounds"),
     Bench("embedded_throughput", "embedded_throughput.py", embedded_throughput_measures,
