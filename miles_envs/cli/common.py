@@ -120,7 +120,7 @@ EXTRAS = {
     "torch": "embedded", "safetensors": "embedded", "pyarrow": "parquet", "peft": "train",
     "tensorboard": "train", "wandb": "wandb", "megatron": "megatron", "sglang": "sglang", "ray": "ray",
     "docker": "docker", "e2b_code_interpreter": "e2b", "bm25s": "search", "Stemmer": "search",
-    "fastapi": "serve", "uvicorn": "serve",
+    "starlette": "serve", "uvicorn": "serve", "uvloop": "serve", "matplotlib": "train",
 }
 
 

@@ -1,4 +1,4 @@
-"""Every bad input to the registry, model, view, index and bench commands: a non-zero exit, a message
+"""Every bad input to the registry, model, view, index, bench and serve commands: a non-zero exit, a message
 that names the problem, no traceback, and nothing written or changed on disk.
 
 Each case runs the real console script in a fresh process inside one shared workspace, which is
@@ -126,6 +126,12 @@ CASES = [
     case("out-of-range", "serve-engine", "serve-engine", "model", "--port", "70000", says="--port"),
     case("out-of-range", "serve-engine", "serve-engine", "model", "--max-running", "0", says="--max-running"),
     case("missing", "serve-engine", "serve-engine", "model", blocked=("torch",), says="pip install 'miles-envs[embedded]'"),
+    # serve-session
+    case("missing", "serve-session", "serve-session", says="Missing option"),
+    case("missing", "serve-session", "serve-session", "--engine", "embedded:absent", says=["does not exist", "init-model"]),
+    case("out-of-range", "serve-session", "serve-session", "--engine", "scripted", "--port", "99999", says="--port"),
+    case("missing", "serve-session", "serve-session", "--engine", "scripted", blocked=("starlette",),
+         says="pip install 'miles-envs[serve]'"),
     # view
     case("missing", "view", "view", says="Missing argument"),
     case("missing", "view", "view", "absent.jsonl", says="no trajectory file"),
