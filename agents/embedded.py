@@ -9,7 +9,17 @@ logprobs are described in ``embedded_sampling``.
 
 Routing capture: every token fed to the main model (prompt, decoded, accepted drafts) leaves one
 row ``[num_hidden_layers, topk]``; rejected drafts leave none, so rows equal a teacher-forced
-forward. There is no prefix cache, so every prompt token is processed and has its row.
+forward. Rows of prompt tokens served from the prefix cache are the rows kept with that cache.
+
+Prefix reuse (``embedded_prefix``): a retired sequence leaves its KV columns behind, and a new
+request prefills only what follows its longest common token prefix with a kept one, so turn N of
+an episode costs its new tokens, not the whole context; requests of one admission batch with the
+same prompt (a GRPO group) prefill it once. ``Generation.cached_tokens`` counts the prompt tokens
+not computed, as SGLang reports it. Off under speculative decoding (the MTP cache is not kept).
+
+Weight updates apply between scheduler steps, also while requests run: those continue on their
+KV caches under the new weights, and their output is split into version spans at the first token
+the new weights sampled. Kept prefixes are dropped on every update.
 
 LoRA: adapters are loaded by name (``load_lora_adapter``, or ``update_weights(..., lora=NAME)`` with
 the trainer's adapter tensors) and applied unmerged per request (``generate(..., lora=NAME)``); see
@@ -35,6 +45,15 @@ import torch
 
 from miles_envs.agents.embedded_cache import BatchedKVCache
 from miles_envs.agents.embedded_lora import LoraServer, read_adapter
+from miles_envs.agents.embedded_prefix import (
+    MISS,
+    PrefixEntry,
+    PrefixHit,
+    PrefixStore,
+    common_prefix,
+    prefilled_cache,
+    row_columns,
+)
 from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, distributions, sample_rows
 from miles_envs.agents.engine import FinishReason, Generation, SamplingParams, SpecStats
 from miles_envs.models.loading import LoadedCheckpoint, load_checkpoint
@@ -52,6 +71,10 @@ class _Sequence:
     routing_start: int
     deliver: Callable[[Generation], None]
     lora: str | None = None
+    version_spans: list[tuple[int, str]] = field(default_factory=list)
+    epoch: int = 0  # the engine's weight epoch its KV cache was computed under
+    cached_tokens: int = 0
+    routing_offset: int = 0  # processed tokens before the first routing row held
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     routing: list[torch.Tensor] = field(default_factory=list)
@@ -77,6 +100,7 @@ class EmbeddedEngine:
         draft_tokens: int = 0,
         max_running: int = 64,
         weight_version: str = "0",
+        prefix_cache_tokens: int = 1 << 16,
     ):
         if draft_tokens and checkpoint.mtp is None:
             raise ValueError(
@@ -93,6 +117,8 @@ class EmbeddedEngine:
         self.max_running = int(max_running)
         self.weight_version = weight_version
         self.is_moe = bool(moe_routers(self.model))
+        self._prefix = PrefixStore(prefix_cache_tokens) if prefix_cache_tokens > 0 and not self.draft_tokens else None
+        self._epoch = 0
         self._recorder = RoutingRecorder(self.model) if self.is_moe else None
         self._lora = LoraServer(self.model)
         self._inbox: queue.Queue = queue.Queue()
@@ -176,17 +202,21 @@ class EmbeddedEngine:
 
         State-dict keys use the live model's names; MTP tensors use either ``mtp.<MtpModel key>`` or
         the on-disk ``model.layers.{num_hidden_layers + i}.*`` names. Running sequences keep their
-        KV caches and continue under the new weights. With ``lora``, ``source`` is that adapter's new
+        KV caches and continue under the new weights; with ``version``, their later tokens form a
+        new version span. With ``lora``, ``source`` is that adapter's new
         weights instead (peft key names, as ``Trainer.state_dict()`` gives them under LoRA, plus any
         ``mtp.*`` tensors) or an adapter folder, which also (re)loads the adapter's config.
         """
-        await self._call(lambda: self._load_weights(source) if lora is None else self._load_adapter(lora, source))
-        if version is not None:
-            self.weight_version = str(version)
+        load = (lambda: self._load_weights(source)) if lora is None else (lambda: self._load_adapter(lora, source))
+        await self._call(lambda: self._apply_update(load, None if version is None else str(version)))
+
+    async def capacity(self) -> int:
+        """Requests decoded together at most (more wait in the queue)."""
+        return self.max_running
 
     async def load_lora_adapter(self, name: str, path: str | Path) -> None:
         """Serve the peft adapter folder ``path`` as ``name`` (replacing an adapter of that name)."""
-        await self._call(lambda: self._load_adapter(name, Path(path)))
+        await self._call(lambda: self._apply_update(lambda: self._load_adapter(name, Path(path)), None))
 
     async def unload_lora_adapter(self, name: str) -> None:
         await self._call(lambda: self._unload_adapter(name))
@@ -319,19 +349,40 @@ class EmbeddedEngine:
             return
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
         self._admitting = batch
-        width = max(len(s.input_ids) for s in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        valid = torch.zeros(len(batch), width, dtype=torch.bool)
-        for row, sequence in enumerate(batch):
-            ids[row, width - len(sequence.input_ids) :] = torch.tensor(sequence.input_ids)
-            valid[row, width - len(sequence.input_ids) :] = True
+        for sequence in batch:
+            sequence.version_spans, sequence.epoch = [(0, self.weight_version)], self._epoch
+        # Identical requests prefill once (a group's shared prompt); only with prefix reuse on,
+        # since speculative decoding keeps per-row MTP inputs.
+        if self._prefix is None:
+            index = list(range(len(batch)))
+        else:
+            keys: dict[tuple, int] = {}
+            index = [keys.setdefault(self._prefill_key(s), len(keys)) for s in batch]
+        firsts = [batch[index.index(u)] for u in range(max(index) + 1)]
+        hits = [self._prefix_hit(s) for s in firsts]
+        suffixes = [s.input_ids[hit.length :] for s, hit in zip(firsts, hits)]
+        width = max(len(suffix) for suffix in suffixes)
+        ids = torch.zeros(len(firsts), width, dtype=torch.long)
+        valid = torch.zeros(len(firsts), width, dtype=torch.bool)
+        for row, suffix in enumerate(suffixes):
+            ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            valid[row, width - len(suffix) :] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
-        cache = BatchedKVCache(len(batch), self.device)
-        hidden, routing = self._forward(cache, ids, valid, batch)
+        cache = prefilled_cache(hits, self.device)
+        hidden, routing = self._forward(cache, ids, valid, firsts)
+        if len(firsts) < len(batch):
+            cache.select(index)
+            hidden = hidden[torch.tensor(index, device=hidden.device)]
         self._sample_next(batch, hidden[:, -1])
         for row, sequence in enumerate(batch):
+            first, hit, suffix = row == index.index(index[row]), hits[index[row]], suffixes[index[row]]
+            sequence.cached_tokens = hit.length if first else len(sequence.input_ids)
+            if hit.routing is not None:
+                sequence.routing.append(hit.routing)
+            else:
+                sequence.routing_offset = hit.length
             if routing is not None:
-                sequence.routing.append(routing[row, width - len(sequence.input_ids) :])
+                sequence.routing.append(routing[index[row], width - len(suffix) :])
         if self.draft_tokens:
             mtp_cache = BatchedKVCache(len(batch), self.device)
             mtp_cache.next_position += 1  # MTP inputs sit one position ahead of the hidden states
@@ -339,6 +390,26 @@ class EmbeddedEngine:
             out = self._mtp_forward(mtp_cache, next_ids, hidden, valid)
             self._first_drafts(batch, out[:, -1])
         self._join(batch, cache, mtp_cache if self.draft_tokens else None)
+
+    def _prefill_key(self, sequence: _Sequence) -> tuple:
+        return tuple(sequence.input_ids), sequence.lora, sequence.want_routing and sequence.routing_start
+
+    def _prefix_hit(self, sequence: _Sequence) -> PrefixHit:
+        """Kept columns to reuse: never the last prompt token (its hidden state samples the first
+        output), and only below ``routing_start`` when the kept entry holds no routing rows."""
+        if self._prefix is None:
+            return MISS
+        limit = len(sequence.input_ids) - 1
+        hit = self._prefix.match(sequence.input_ids, sequence.lora, limit)
+        query = np.asarray(sequence.input_ids, dtype=np.int64)
+        for row, running in enumerate(self._running):  # e.g. group siblings still decoding
+            if running.lora == sequence.lora and running.epoch == self._epoch:
+                length = min(limit, common_prefix(np.asarray(self._kv_tokens(row, running), dtype=np.int64), query))
+                if length > hit.length:
+                    hit = PrefixHit(self._row_entry(row, running, length), length)
+        if sequence.want_routing and hit.entry is not None and hit.entry.routing is None:
+            hit = PrefixHit(hit.entry, min(hit.length, sequence.routing_start))
+        return hit
 
     def _join(self, batch: list[_Sequence], cache: BatchedKVCache, mtp_cache: BatchedKVCache | None) -> None:
         if self._cache is None or not self._running:
@@ -453,11 +524,30 @@ class EmbeddedEngine:
             return
         keep = [row for row, s in enumerate(self._running) if s.finish is None]
         for row in done:
+            self._keep_prefix(row, self._running[row])
             self._deliver(self._running[row])
         self._running = [self._running[row] for row in keep]
         self._cache.select(keep)
         if self._mtp_cache is not None:
             self._mtp_cache.select(keep)
+
+    def _kv_tokens(self, row: int, sequence: _Sequence) -> list[int]:
+        """The ids whose KV columns ``row`` of the running cache holds."""
+        return (sequence.input_ids + sequence.output_ids)[: int(self._cache.valid[row].sum())]
+
+    def _row_entry(self, row: int, sequence: _Sequence, count: int) -> PrefixEntry:
+        """The first ``count`` KV columns (and routing rows, when held from token 0) of a running row."""
+        routing = None
+        if sequence.want_routing and sequence.routing_offset == 0 and sequence.routing:
+            routing = torch.cat(sequence.routing)[:count]
+        tokens = np.asarray(self._kv_tokens(row, sequence)[:count], dtype=np.int64)
+        return PrefixEntry(tokens, row_columns(self._cache, row, count), routing)
+
+    def _keep_prefix(self, row: int, sequence: _Sequence) -> None:
+        """Leave the row's KV columns (all computed under the current weights) in the prefix store."""
+        if self._prefix is None or sequence.epoch != self._epoch:
+            return
+        self._prefix.put(self._row_entry(row, sequence, len(self._kv_tokens(row, sequence))), sequence.lora)
 
     def _deliver(self, sequence: _Sequence, error: str | None = None) -> None:
         with self._lock:
@@ -466,7 +556,11 @@ class EmbeddedEngine:
         if sequence.want_routing:
             rows = len(sequence.input_ids) + len(sequence.output_ids) - 1
             stacked = torch.cat(sequence.routing) if sequence.routing else torch.zeros(0, 0, 0, dtype=torch.int32)
-            routed = stacked[:rows][sequence.routing_start :].numpy().astype(np.int32)
+            start = sequence.routing_start - sequence.routing_offset
+            routed = stacked[: rows - sequence.routing_offset][start:].numpy().astype(np.int32)
+        spans = sequence.version_spans
+        if len(spans) == 1 and spans[0][1] == self.weight_version:
+            spans = []
         sequence.deliver(
             Generation(
                 output_ids=list(sequence.output_ids),
@@ -474,7 +568,9 @@ class EmbeddedEngine:
                 finish_reason=sequence.finish or "abort",
                 routed_experts=routed,
                 weight_version=self.weight_version,
+                version_spans=list(spans),
                 prompt_tokens=len(sequence.input_ids),
+                cached_tokens=sequence.cached_tokens,
                 spec=sequence.spec if self.draft_tokens else None,
                 matched_stop=sequence.matched_stop,
                 error=error,
@@ -482,6 +578,22 @@ class EmbeddedEngine:
         )
 
     # ------------------------------------------------------------------ weights
+
+    def _apply_update(self, load: Callable[[], None], version: str | None) -> None:
+        """Load new weights between steps; running sequences' later tokens get ``version``."""
+        load()
+        self._epoch += 1
+        if self._prefix is not None:
+            self._prefix.flush()
+        if version is None or version == self.weight_version:
+            return
+        for sequence in self._running:
+            start = len(sequence.output_ids)
+            if sequence.version_spans[-1][0] == start:
+                sequence.version_spans[-1] = (start, version)
+            else:
+                sequence.version_spans.append((start, version))
+        self.weight_version = version
 
     def _load_adapter(self, name: str, source: Any) -> None:
         if isinstance(source, (str, Path)):

@@ -1,73 +1,214 @@
-"""An httpx client for thousands of concurrent requests to one server.
+"""A lean HTTP/1.1 connection pool for many concurrent JSON requests to one server.
 
-httpx's connection pool rescans every connection (and every queued request) on each request start
-and finish, which is quadratic in the pool size: with thousands of connections the scans cost more
-than the requests. So the connections are spread over many small ``httpx.AsyncClient``s, and a
-LIFO stack of connection slots admits at most ``per_client`` requests to each. Light load keeps
-reusing the first client's warm connections; heavy load opens clients as needed.
+Why not httpx/aiohttp: at 10⁴ concurrent episodes the client's CPU per request is the rollout's
+limit, and general clients spend most of it on features an RL client never uses (URL objects,
+cookie jars, header multidicts, middleware, pool rescans). Measured side by side in
+``bench/client_overhead.py``. Here a request is one preformatted ``bytes`` write on a kept-alive
+socket and the response is parsed by ``httptools`` (llhttp, the parser uvicorn and Node use) inside
+an ``asyncio.Protocol``: no stream objects, no per-request tasks.
+
+Connections are reused LIFO (light load keeps hitting warm sockets), idle ones are dropped before
+the server's keep-alive timeout would close them under us, and at most ``max_connections`` are
+open: further requests wait for one to come back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import ssl
-from typing import Any
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import httpx
+import httptools
 
 
-class ShardedAsyncClient:
+class HTTPError(Exception):
+    """Base of the transport failures below; the message names the server."""
+
+
+class ConnectError(HTTPError):
+    """The connection could not be opened (refused, unreachable, connect timeout): nothing was sent."""
+
+
+class RemoteProtocolError(HTTPError):
+    """The connection dropped or broke HTTP after the request was sent: the server may still be running it."""
+
+
+class ReadTimeout(HTTPError):
+    """No complete response within the request's timeout."""
+
+
+@dataclass
+class Response:
+    status_code: int
+    content: bytes
+    content_type: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class _Connection(asyncio.Protocol):
+    """One socket; one request at a time (no pipelining)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[Response] | None = None
+        self.chunks: list[bytes] = []
+        self.content_type = ""
+        self._header_name = b""
+        self.closed = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(RemoteProtocolError(f"malformed HTTP response: {exc}"))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(RemoteProtocolError(f"server closed the connection before the response was complete ({exc or 'EOF'})"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.content_type = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        response = Response(self.parser.get_status_code(), body, self.content_type)
+        if not self.parser.should_keep_alive():
+            self.closed = True
+            self.transport.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    # requests
+    def send(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Response]:
+        self.chunks, self.content_type = [], ""
+        self.waiter = loop.create_future()
+        self.transport.write(data)
+        return self.waiter
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+
+class ConnectionPool:
+    """``await pool.request("POST", "/generate", body_bytes, timeout=600)`` → ``Response``."""
+
     def __init__(
         self,
         base_url: str,
         *,
-        max_connections: int,
-        timeout: httpx.Timeout,
+        max_connections: int = 1024,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 4.0,
         headers: dict[str, str] | None = None,
-        per_client: int = 8,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-        self.base_url = base_url
-        self.per_client = min(per_client, max_connections)
-        self._n_clients = math.ceil(max_connections / self.per_client)
-        self._timeout = timeout
-        self._headers = headers
-        self._ssl = ssl.create_default_context()  # built once, not once per client
-        self._clients: dict[int, httpx.AsyncClient] = {}
-        self._slots: asyncio.LifoQueue[int] | None = None
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{base_url!r}: only plain http://host:port URLs are supported (put TLS in a proxy)")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout  # below the server's keep-alive (uvicorn's default is 5 s)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self._head = f"Host: {parts.netloc}\r\n{extra}".encode("latin-1")
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def _slot_stack(self) -> asyncio.LifoQueue[int]:
-        if self._slots is None:
-            self._slots = asyncio.LifoQueue()
-            for shard in reversed(range(self._n_clients)):  # shard 0 ends on top
-                for _ in range(self.per_client):
-                    self._slots.put_nowait(shard)
-        return self._slots
-
-    def _client(self, shard: int) -> httpx.AsyncClient:
-        client = self._clients.get(shard)
-        if client is None:
-            client = self._clients[shard] = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=self._headers,
-                timeout=self._timeout,
-                verify=self._ssl,
-                limits=httpx.Limits(max_connections=self.per_client, max_keepalive_connections=self.per_client),
-            )
-        return client
-
-    async def request(self, method: str, path: str, *, json: Any = None, timeout: Any = None) -> httpx.Response:
-        """Send one request and read the whole body; waits for a free connection slot first."""
-        slots = self._slot_stack()
-        shard = await slots.get()
+    async def request(self, method: str, path: str, body: bytes | None = None, *, timeout: float) -> Response:
+        data = self._format(method, path, body)
+        loop = asyncio.get_running_loop()
+        conn = await self._checkout(loop)
+        reusable = False
         try:
-            extra = {} if timeout is None else {"timeout": timeout}
-            return await self._client(shard).request(method, path, json=json, **extra)
+            waiter = conn.send(data, loop)
+            timer = loop.call_later(timeout, _expire, waiter, timeout)
+            try:
+                response = await waiter
+            finally:
+                timer.cancel()
+            reusable = not conn.closed
+            return response
         finally:
-            slots.put_nowait(shard)
+            self._checkin(conn, reusable)
+
+    def _format(self, method: str, path: str, body: bytes | None) -> bytes:
+        start = f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1")
+        if body is None:
+            return start + self._head + b"\r\n"
+        return b"".join((start, self._head, b"Content-Type: application/json\r\nContent-Length: ",
+                         str(len(body)).encode(), b"\r\n\r\n", body))
+
+    async def _checkout(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                return conn
+            conn.transport.close()  # stale: the server may close it under us at any moment
+            self._open -= 1
+        while self._open >= self.max_connections:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+            if self._idle:
+                return await self._checkout(loop)
+        self._open += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_Connection, self.host, self.port), self.connect_timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._open -= 1
+            self._wake()
+            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}") from exc
+        return conn
+
+    def _checkin(self, conn: _Connection, reusable: bool) -> None:
+        if reusable and conn.waiter is None:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.transport.close()
+            self._open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        await asyncio.gather(*(client.aclose() for client in clients))
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.transport.close()
+        self._open -= len(idle)
+
+
+def _expire(waiter: asyncio.Future[Response], timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(ReadTimeout(f"no response within {timeout:g}s"))

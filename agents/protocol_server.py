@@ -2,10 +2,11 @@
 
 It lets the SGLang client, the env loop and the CLI run against the exact wire format without a
 GPU: ``POST /generate`` (token ids in, ``meta_info`` out, routed experts as base64 int32 from
-``routed_experts_start_len``) plus the admin endpoints an RL loop uses. Faults can be injected per
-request (5xx, delay, disconnect mid-body, malformed JSON) and a fixed latency added to every
-generation. HTTP/1.1 framing is ``h11`` over asyncio streams, so one event loop holds thousands of
-concurrent connections.
+``routed_experts_start_len``) plus the admin endpoints an RL loop uses. It runs on the project's
+server stack (``miles_envs.serving``: uvicorn, request-size limit, keep-alive timeout, graceful
+shutdown); faults can be injected per ``/generate`` request (5xx, delay, disconnect mid-body,
+malformed JSON) and a fixed latency added to every generation. Behind a ``ThroughputModel`` engine it
+behaves like a GPU server (slots, batch-dependent decode time, weight updates that pause admission).
 """
 
 from __future__ import annotations
@@ -13,63 +14,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import threading
+import os
+import selectors
+import signal
+import subprocess
+import sys
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import h11
+import orjson
 
 from miles_envs.agents.engine import Engine, Generation
 from miles_envs.agents.sglang_wire import generate_response, sampling_from_request
+from miles_envs.serving import DELAY_KEY, Fault, FaultLayer, HTTPServer, ServerLimits, in_thread, json_body, read_body, send_reply
 
-FaultKind = Literal["status", "delay", "disconnect", "malformed_json"]
+__all__ = ["Fault", "ProtocolServer", "ServerProcess", "main"]
 
-
-@dataclass(frozen=True)
-class Fault:
-    """One injected failure of a ``/generate`` request."""
-
-    kind: FaultKind
-    status: int = 503
-    delay_s: float = 0.0
-
-    @classmethod
-    def server_error(cls, status: int = 503) -> Fault:
-        return cls("status", status=status)
-
-    @classmethod
-    def delay(cls, seconds: float) -> Fault:
-        return cls("delay", delay_s=seconds)
-
-    @classmethod
-    def disconnect(cls) -> Fault:
-        """Send the headers and half the body, then close the connection."""
-        return cls("disconnect")
-
-    @classmethod
-    def malformed_json(cls) -> Fault:
-        """A complete 200 response whose body is truncated JSON."""
-        return cls("malformed_json")
-
-
-@dataclass
-class _Reply:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    cut_after: int | None = None  # disconnect after this many body bytes
+_Reply = tuple[int, bytes, bytes]  # status, body, content type
+_JSON, _TEXT = b"application/json", b"text/plain"
 
 
 def _json_reply(status: int, payload: Any) -> _Reply:
-    return _Reply(status, json.dumps(payload, separators=(",", ":")).encode())
+    return status, json_body(payload), _JSON
 
 
 def _error(status: int, message: str) -> _Reply:
     return _json_reply(status, {"error": {"message": message}})
+
+
+def _text(status: int, text: str = "") -> _Reply:
+    return status, text.encode(), _TEXT
 
 
 class _BadRequest(Exception):
@@ -90,51 +65,58 @@ class ProtocolServer:
         model_path: str = "scripted",
         weight_version: str = "default",
         routing_shape: tuple[int, int] | None = None,
-        backlog: int = 4096,
+        limits: ServerLimits = ServerLimits(),
         keep_requests: int = 256,
     ) -> None:
         self.engine = engine
-        self.host, self.port = host, port
         self.context_length = context_length
         self.latency_s = latency_s
         self.model_path = model_path
         self.weight_version = weight_version
         self.routing_shape = routing_shape
-        self.backlog = backlog
-        self.requests: deque[dict[str, Any]] = deque(maxlen=keep_requests)
+        self._bodies: deque[bytes] = deque(maxlen=keep_requests)
         self.lora_adapters: dict[str, str] = {}
-        self._faults: deque[Fault] = deque()
         self._in_flight: dict[str, asyncio.Task[Generation]] = {}
+        self._in_engine: set[str] = set()  # rids past the server's own latency/pause, now inside the engine
         self._resumed = asyncio.Event()
         self._resumed.set()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._connections: set[asyncio.Task[None]] = set()
+        self._routes = self._route_table()
+        self._faults = FaultLayer(self._app, frozenset({"/generate"}), delay_in_app=True)
+        self._http = HTTPServer(self._record, host=host, port=port, limits=limits)
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def host(self) -> str:
+        return self._http.host
+
+    @property
+    def port(self) -> int:
+        return self._http.port
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self._http.url
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The last ``keep_requests`` ``/generate`` bodies received (faulted ones included), oldest first."""
+        decoded = []
+        for body in self._bodies:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                decoded.append(orjson.loads(body))
+        return decoded
 
     async def start(self) -> ProtocolServer:
         self._resumed = asyncio.Event()  # bind to the running loop
         self._resumed.set()
-        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port, backlog=self.backlog)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self._http.start()
         return self
 
     async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
         for task in list(self._in_flight.values()):
             task.cancel()
-        for writer in list(self._writers):
-            writer.close()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
+        await self._http.stop()
 
     async def __aenter__(self) -> ProtocolServer:
         return await self.start()
@@ -142,106 +124,57 @@ class ProtocolServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    @contextlib.contextmanager
-    def running_in_thread(self) -> Iterator[ProtocolServer]:
+    def running_in_thread(self) -> contextlib.AbstractContextManager[ProtocolServer]:
         """Serve from a private event loop in a daemon thread (for synchronous callers and CLIs)."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="protocol-server", daemon=True)
-        thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.start(), loop).result()
-            yield self
-        finally:
-            asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
+        return in_thread(self)
 
     def inject(self, fault: Fault, times: int = 1) -> None:
         """Apply ``fault`` to the next ``times`` ``/generate`` requests (in arrival order)."""
-        self._faults.extend([fault] * times)
+        self._faults.inject(fault, times)
 
     @property
     def pending_faults(self) -> int:
-        return len(self._faults)
+        return len(self._faults.faults)
 
-    # ------------------------------------------------------------------ HTTP framing
+    # ------------------------------------------------------------------ ASGI
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        self._writers.add(writer)
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            while True:
-                request = await self._read_request(conn, reader)
-                if request is None:
-                    return
-                method, target, body = request
-                reply = await self._dispatch(method, target, body)
-                await self._send(conn, writer, reply)
-                if reply.cut_after is not None or conn.our_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
-        except (ConnectionError, h11.ProtocolError):
-            return
-        except asyncio.CancelledError:
-            return  # the loop is shutting down; asyncio's stream callback would log a cancelled task
-        finally:
-            self._writers.discard(writer)
-            self._connections.discard(task)
-            writer.close()
+    async def _record(self, scope: dict, receive: Any, send: Any) -> None:
+        """Keep ``/generate`` bodies (before any fault) so tests can count and inspect what arrived."""
+        if scope["type"] != "http" or scope["path"] != "/generate":
+            return await self._faults(scope, receive, send)
+        body = await read_body(receive)
+        self._bodies.append(body)
 
-    async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> tuple[str, str, bytes] | None:
-        method = target = ""
-        chunks: list[bytes] = []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Request):
-                method, target = event.method.decode(), event.target.decode()
-            elif isinstance(event, h11.Data):
-                chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return method, target, b"".join(chunks)
-            else:  # ConnectionClosed
-                return None
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply) -> None:
-        headers = [("content-type", reply.content_type), ("content-length", str(len(reply.body)))]
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
-        if reply.cut_after is not None:
-            writer.write(data + conn.send(h11.Data(data=reply.body[: reply.cut_after])))
-            await writer.drain()
-            return
-        writer.write(data + conn.send(h11.Data(data=reply.body)) + conn.send(h11.EndOfMessage()))
-        await writer.drain()
+        await self._faults(scope, replay, send)
 
-    # ------------------------------------------------------------------ routing
+    async def _app(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return None
+        body = await read_body(receive)
+        status, body, content_type = await self._dispatch(scope["method"], scope["path"], body, scope.get(DELAY_KEY, 0.0))
+        await send_reply(send, status, body, content_type)
 
-    async def _dispatch(self, method: str, target: str, body: bytes) -> _Reply:
-        path = target.split("?", 1)[0]
-        route = self._routes().get(path)
+    async def _dispatch(self, method: str, path: str, body: bytes, fault_delay_s: float) -> _Reply:
+        route = self._routes.get(path)
         if route is None:
             return _json_reply(404, {"detail": "Not Found"})
         methods, handler = route
         if method not in methods:
             return _json_reply(405, {"detail": "Method Not Allowed"})
         try:
-            payload = json.loads(body) if body else {}
+            payload = orjson.loads(body) if body else {}
             if not isinstance(payload, dict):
                 raise _BadRequest("the request body must be a JSON object")
-            return await handler(payload)
-        except json.JSONDecodeError as exc:
+            return await (self._generate(payload, fault_delay_s) if path == "/generate" else handler(payload))
+        except orjson.JSONDecodeError as exc:
             return _error(400, f"invalid JSON body: {exc}")
         except _BadRequest as exc:
             return _error(400, str(exc))
 
-    def _routes(self) -> dict[str, tuple[tuple[str, ...], Any]]:
+    def _route_table(self) -> dict[str, tuple[tuple[str, ...], Any]]:
         get, post, both = ("GET",), ("POST", "PUT"), ("GET", "POST")
         return {
             "/generate": (post, self._generate),
@@ -261,8 +194,7 @@ class ProtocolServer:
 
     # ------------------------------------------------------------------ /generate
 
-    async def _generate(self, payload: dict[str, Any]) -> _Reply:
-        self.requests.append(payload)
+    async def _generate(self, payload: dict[str, Any], fault_delay_s: float = 0.0) -> _Reply:
         input_ids = self._validated_input_ids(payload)
         sampling = sampling_from_request(payload.get("sampling_params") or {})
         if len(input_ids) + sampling.max_new_tokens > self.context_length:
@@ -283,16 +215,13 @@ class ProtocolServer:
         rid = str(payload.get("rid") or uuid.uuid4().hex)
         if rid in self._in_flight:
             raise _BadRequest(f"Duplicate request ID {rid!r}")
-
-        fault = self._faults.popleft() if self._faults else None
-        if fault is not None and fault.kind == "status":
-            return _error(fault.status, f"injected server error {fault.status}")
-        delay = self.latency_s + (fault.delay_s if fault is not None and fault.kind == "delay" else 0.0)
+        delay = self.latency_s + fault_delay_s
 
         async def run() -> Generation:
             if delay:
                 await asyncio.sleep(delay)
             await self._resumed.wait()
+            self._in_engine.add(rid)
             return await self.engine.generate(
                 input_ids,
                 sampling,
@@ -308,6 +237,7 @@ class ProtocolServer:
             await asyncio.wait({task})
         finally:
             self._in_flight.pop(rid, None)
+            self._in_engine.discard(rid)
         if task.cancelled():
             generation = Generation([], [], "abort", error="Aborted by /abort_request")
         elif task.exception() is not None:
@@ -321,29 +251,24 @@ class ProtocolServer:
             weight_version=self.weight_version,
             return_routed_experts=return_routed,
         )
-        reply = _json_reply(200, body)
-        if fault is not None and fault.kind == "disconnect":
-            reply.cut_after = len(reply.body) // 2
-        elif fault is not None and fault.kind == "malformed_json":
-            reply.body = reply.body[: len(reply.body) // 2]
-        return reply
+        return _json_reply(200, body)
 
     @staticmethod
     def _validated_input_ids(payload: dict[str, Any]) -> list[int]:
         input_ids = payload.get("input_ids")
         if input_ids is None:
             raise _BadRequest("this server takes token ids only: send input_ids (text prompts are not supported)")
-        if not isinstance(input_ids, list) or not input_ids or not all(isinstance(t, int) for t in input_ids):
+        if not isinstance(input_ids, list) or not input_ids or not set(map(type, input_ids)) <= {int}:  # C speed on long prompts
             raise _BadRequest("input_ids must be a non-empty list of integers (batched requests are not supported)")
         return input_ids
 
     # ------------------------------------------------------------------ admin endpoints
 
     async def _health(self, payload: dict[str, Any]) -> _Reply:
-        return _Reply(200, b"", "text/plain")
+        return _text(200)
 
     async def _health_generate(self, payload: dict[str, Any]) -> _Reply:
-        return _Reply(200 if await self.engine.health() else 503, b"", "text/plain")
+        return _text(200 if await self.engine.health() else 503)
 
     async def _server_info(self, payload: dict[str, Any]) -> _Reply:
         info: dict[str, Any] = {
@@ -357,6 +282,9 @@ class ProtocolServer:
         }
         if self.routing_shape is not None:
             info["num_hidden_layers"], info["num_experts_per_tok"] = self.routing_shape
+        capacity = getattr(self.engine, "capacity", None)
+        if capacity is not None and (slots := await capacity()) is not None:
+            info["max_running_requests"] = slots
         return _json_reply(200, info)
 
     async def _model_info(self, payload: dict[str, Any]) -> _Reply:
@@ -376,8 +304,8 @@ class ProtocolServer:
 
     async def _flush_cache(self, payload: dict[str, Any]) -> _Reply:
         if self._in_flight:
-            return _Reply(400, b"Cache not flushed: requests are running.\n", "text/plain")
-        return _Reply(200, b"Cache flushed.\n", "text/plain")
+            return _text(400, "Cache not flushed: requests are running.\n")
+        return _text(200, "Cache flushed.\n")
 
     async def _abort_request(self, payload: dict[str, Any]) -> _Reply:
         rid = payload.get("rid")
@@ -386,9 +314,11 @@ class ProtocolServer:
         else:
             targets = [rid] if rid in self._in_flight else []
         for target in targets:
-            self._in_flight[target].cancel()
-            await self.engine.abort(target)
-        return _Reply(200, b"", "text/plain")
+            if target in self._in_engine:
+                await self.engine.abort(target)  # the engine returns what it sampled so far
+            else:
+                self._in_flight[target].cancel()  # nothing sampled yet
+        return _text(200)
 
     async def _update_weights_from_disk(self, payload: dict[str, Any]) -> _Reply:
         model_path = payload.get("model_path")
@@ -442,35 +372,105 @@ class ProtocolServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m miles_envs.agents.protocol_server``: a scripted engine behind the protocol."""
+    """``python -m miles_envs.agents.protocol_server``: a scripted engine behind the protocol.
+
+    With ``--slots`` the engine is paced by a ``ThroughputModel`` (a GPU-like server). SIGTERM or
+    Ctrl-C shut it down gracefully; SIGKILL is what a crash looks like.
+    """
     from miles_envs.agents.scripted import ScriptedEngine
+    from miles_envs.agents.throughput_model import ThroughputModel
+    from miles_envs.serving import run_forever
     from miles_envs.tokenizers import load_tokenizer
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tokenizer", default="qwen3", help="known short name or a tokenizer directory")
-    parser.add_argument("--reply", action="append", help="scripted reply text (repeat for several)")
+    parser.add_argument("--reply", action="append", help="scripted reply text (repeat for several; the n-th observation gets the n-th)")
+    parser.add_argument("--reply-by-turn", action="store_true",
+                        help="choose the reply by how many tool responses the prompt holds (deterministic under retries)")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--context-length", type=int, default=32768)
+    parser.add_argument("--weight-version", default="0")
+    parser.add_argument("--slots", type=int, default=0, help="pace like a GPU server with this many concurrent sequences")
+    parser.add_argument("--decode-ms", type=float, default=10.0, help="decode step time with one sequence running")
+    parser.add_argument("--decode-ms-per-running", type=float, default=0.1, help="added step time per running sequence")
+    parser.add_argument("--prefill-us-per-token", type=float, default=2.0)
+    parser.add_argument("--update-pause-ms", type=float, default=500.0, help="admission pause of a weight update")
     args = parser.parse_args(argv)
 
-    engine = ScriptedEngine(load_tokenizer(args.tokenizer), args.reply or ["Done."])
+    tokenizer = load_tokenizer(args.tokenizer)
+    replies = args.reply or ["Done."]
+    if args.reply_by_turn:
+        marker = tokenizer.convert_tokens_to_ids("<tool_response>")
+        chosen = list(replies)
+        replies = lambda context: chosen[min(context.input_ids.count(marker), len(chosen) - 1)]  # noqa: E731
+    engine: Engine = ScriptedEngine(tokenizer, replies, weight_version=args.weight_version)
+    if args.slots:
+        engine = ThroughputModel(
+            engine, slots=args.slots, decode_s=args.decode_ms / 1e3, decode_s_per_running=args.decode_ms_per_running / 1e3,
+            prefill_s_per_token=args.prefill_us_per_token / 1e6, update_pause_s=args.update_pause_ms / 1e3,
+            weight_version=args.weight_version,
+        )
     server = ProtocolServer(
-        engine,
-        host=args.host,
-        port=args.port,
-        latency_s=args.latency_ms / 1000.0,
-        context_length=args.context_length,
+        engine, host=args.host, port=args.port, latency_s=args.latency_ms / 1000.0,
+        context_length=args.context_length, weight_version=args.weight_version,
     )
+    run_forever(server, lambda s: print(f"listening on {s.url}", flush=True))
 
-    async def serve() -> None:
-        async with server:
-            print(f"listening on {server.url}", flush=True)
-            await asyncio.Event().wait()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+class ServerProcess:
+    """The protocol server as a child process on a fixed port, for crash and restart tests.
+
+    ``start()`` returns the URL (the first start may use port 0; restarts reuse the port it got),
+    ``kill()`` sends SIGKILL to the process id, ``stop()`` SIGTERM (graceful).
+    """
+
+    def __init__(self, args: list[str], *, port: int = 0, startup_timeout_s: float = 60.0) -> None:
+        self.args, self.port, self.startup_timeout_s = list(args), port, startup_timeout_s
+        self.process: Any = None
+
+    def start(self) -> str:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"the server process {self.process.pid} is still running")
+        command = [sys.executable, "-m", "miles_envs.agents.protocol_server", "--port", str(self.port), *self.args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = _read_line(self.process.stdout, self.startup_timeout_s)
+        if not line.startswith("listening on "):
+            self.process.kill()
+            raise RuntimeError(f"the protocol server did not start: {line!r}")
+        url = line.split()[-1]
+        self.port = int(url.rsplit(":", 1)[1])
+        return url
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_line(stream: Any, timeout_s: float) -> str:
+    """One line from a child's stdout, or '' when it stays silent past the timeout."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            return ""
+    return stream.readline().strip()
 
 
 if __name__ == "__main__":

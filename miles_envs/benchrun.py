@@ -85,19 +85,35 @@ def field_at(data: Any, path: str) -> Any:
 # -- what each script's results mean --------------------------------------------------------------
 
 def loop_overhead_measures(data: dict) -> list[Measure]:
-    per_turn, concurrent = field_at(data, "per_turn"), field_at(data, "concurrent")
+    concurrent = field_at(data, "concurrent")
     episodes = int(field_at(concurrent, "episodes"))
     scale_note = "" if episodes >= 10_000 else "target is set for 10,000 episodes"
-    return [
-        Measure("loop overhead per turn, incl. chat rendering", field_at(per_turn, "loop_overhead_us_per_turn_core"),
-                "µs/turn/core", at_most(50)),
-        Measure("loop overhead per turn, loop machinery alone",
-                field_at(per_turn, "loop_overhead_excl_rendering_us_per_turn_core"), "µs/turn/core", at_most(50)),
+    measures = [
+        Measure(f"in-process turn, {env}: loop + rendering", field_at(row, "turn_overhead_us"), "µs/turn", at_most(50),
+                f"rendering {row['rendering_us']:.0f} µs; delta cache hits {row['delta_cache_hit_rate']:.0%}")
+        for env, row in field_at(data, "in_process_turn").items()
+    ]
+    measures += [
+        Measure(f"full turn through HTTP, {env}: client + server CPU less the env", field_at(row, "full_turn_without_env_us"),
+                "µs/turn", at_most(300),
+                f"client {row['client_us']:.0f}, server {row['server_us']:.0f}, env {row['env_us']:.0f} µs")
+        for env, row in field_at(data, "through_http").items()
+    ]
+    return measures + [
         Measure(f"{episodes:,} concurrent episodes, 50 ms latency: event-loop lag p99",
                 field_at(concurrent, "loop_lag_p99_ms"), "ms", below(50), scale_note),
-        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s",
-                note=f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
-                     f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+        Measure(f"{episodes:,} concurrent episodes: wall time", field_at(concurrent, "wall_s"), "s", at_most(3),
+                f"ideal {field_at(concurrent, 'ideal_wall_s'):.2f} s; "
+                f"{field_at(concurrent, 'completed')} of {episodes} completed"),
+    ]
+
+
+def client_overhead_measures(data: dict) -> list[Measure]:
+    rows = [r for r in field_at(data, "rows") if r["client"].startswith("SGLangEngine")]
+    return [
+        Measure(f"SGLang client CPU per /generate, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
+                at_most(100) if r["response"] == "logprobs" else None, f"min–max {r['cpu_us_min']:.0f}–{r['cpu_us_max']:.0f}")
+        for r in rows
     ]
 
 
@@ -118,6 +134,24 @@ def sandbox_measures(data: dict) -> list[Measure]:
                 at_least(field_at(data, "target_execs_per_s")), f"{data.get('cpus', '?')} concurrent callers"),
         p50("docker pooled", 60),
     ]
+
+
+def sandbox_load_measures(data: dict) -> list[Measure]:
+    measures = []
+    for row in field_at(data, "rows"):
+        label = f"sandbox load, {row['backend']}, {row['sessions']:,} concurrent sessions"
+        exec_target = at_most(250) if row["backend"] == "local" and row["sessions"] == 1024 else None
+        measures += [
+            Measure(f"{label}: exec p99", row["exec"]["p99_ms"], "ms", exec_target,
+                    f"p50 {row['exec']['p50_ms']:.0f} ms; pool of {row['pool_size']}; {row['execs_per_s']:.0f} execs/s; "
+                    f"queue+start p99 {row['acquire']['p99_ms']:.0f} ms; {row['repeats']} repeat(s)"),
+            Measure(f"{label}: start failures", row["start_failures"], "", at_most(0)),
+            Measure(f"{label}: leftovers after the run", row["leftovers"], "", at_most(0),
+                    "processes, containers, mounts, temp dirs, cgroups"),
+        ]
+    for backend, reason in data.get("skipped", {}).items():
+        measures.append(Measure(f"sandbox load, {backend}", None, note=f"not measured: {reason}"))
+    return measures
 
 
 def search_measures(data: dict) -> list[Measure]:
@@ -320,6 +354,35 @@ def rl_runtime_measures(data: dict) -> list[Measure]:
     return measures
 
 
+def embedded_prefix_measures(data: dict) -> list[Measure]:
+    last = field_at(data, "per_turn")[-1]
+    workload = f"{data.get('tasks')} x {data.get('group')} episodes of {field_at(data, 'turns')} turns; {data.get('model', '')} on CPU"
+    return [
+        Measure(f"embedded prefix cache, turn {last['turn']} prefill CPU: cached ÷ uncached", field_at(data, "last_turn_prefill_ratio"),
+                "×", below(1), f"{last['new_tokens']} new of {last['prompt_tokens']} prompt tokens"),
+        Measure("embedded prefix cache: rollout tokens per CPU second, cached ÷ uncached", field_at(data, "cpu_ratio"), "×",
+                above(1), f"{field_at(data, 'tok_per_cpu_s_cached'):.0f} vs {field_at(data, 'tok_per_cpu_s_uncached'):.0f}; {workload}"),
+    ]
+
+
+def async_speedup_measures(data: dict) -> list[Measure]:
+    """Speed-up per staleness bound on the simulated workload; the real run's reward gap beside its noise."""
+    measures = [
+        Measure(f"async training, max staleness {row['max_staleness']}: wall-clock speed-up over sync", row["speedup"], "×",
+                at_least(2.5) if row["max_staleness"] <= 2 else None,
+                f"{row['speedup_min']:.2f}–{row['speedup_max']:.2f}× over repeats; {100 * row['dropped_frac']:.1f}% of groups "
+                "dropped as stale; simulated long-tail agent workload")
+        for row in field_at(data, "simulated.rows")
+    ]
+    if "real" in data:
+        summary = field_at(data, "real.summary")
+        measures.append(Measure(
+            "async (staleness 1) − sync real run: mean rollout reward", summary["reward_diff_mean"],
+            note=f"sync {summary['reward_mean_sync']:.3f}, async {summary['reward_mean_async']:.3f}; standard error of a step "
+                 f"{summary['step_noise_sd']:.3f}; tiny qwen3 on miles/Echo-v0, {field_at(data, 'real.steps')} steps"))
+    return measures
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -337,17 +400,28 @@ class Bench:
 
 BENCHES: tuple[Bench, ...] = (
     Bench("loop_overhead", "loop_overhead.py", loop_overhead_measures,
-          ("--episodes", "50", "--turns", "4", "--concurrent", "200", "--concurrent-turns", "2"),
-          about="env loop with the scripted engine and a trivial env: CPU per turn minus engine and env time; "
-                "then concurrent episodes through the SGLang client against the protocol server (50 ms latency), "
-                "lag of a 5 ms ticker"),
+          ("--episodes", "20", "--repeats", "1", "--concurrent", "200", "--concurrent-turns", "2"),
+          about="env loop on GuessNumber, ToolCalc, LookupChain, Search with scripted policies: CPU per turn minus "
+                "engine and env; the same turn through the SGLang client and the protocol server (both processes' "
+                "CPU); then concurrent episodes against the protocol server (50 ms latency), lag of a 5 ms ticker"),
+    Bench("client_overhead", "client_overhead.py", client_overhead_measures,
+          ("--requests", "50", "--repeats", "1"),
+          about="client CPU per /generate against a canned server in another process: HTTP clients and JSON codecs "
+                "side by side, then the whole SGLangEngine.generate"),
     Bench("sandbox", "sandbox.py", sandbox_measures, ("--runs", "20", "--cold-runs", "5", "--docker-cold-runs", "2"),
           about="print(1) through each sandbox backend, one per call (cold) or from the warm pool (pooled)"),
+    Bench("sandbox_load", "sandbox_load.py", sandbox_load_measures,
+          ("--sessions", "32", "--repeats", "1", "--backends", "local"),
+          about="N concurrent sessions (4 short programs each) through a sandbox pool sized 4 per core, local and "
+                "docker; leftovers counted after each run's process exits; latencies on a shared 2-core machine"),
     Bench("search", "search.py", search_measures, ("--scale", "2", "--rounds", "1"),
           about="BM25 over the generated encyclopedia, in process and over HTTP /retrieve, best of rounds"),
     Bench("embedded_throughput", "embedded_throughput.py", embedded_throughput_measures,
           ("--concurrency", "1", "8", "--new-tokens", "8", "--sequential-requests", "2", "--repeats", "1"),
           about="embedded engine, tiny random-init qwen3-moe on CPU: concurrent requests batched vs one at a time"),
+    Bench("embedded_prefix", "embedded_prefix.py", embedded_prefix_measures,
+          ("--size", "tiny", "--tasks", "2", "--group", "2", "--repeats", "1"),
+          about="embedded engine on a 10-turn GuessNumber: turn-N prefill CPU and rollout tokens/s, prefix cache on vs off"),
     Bench("spec_decode", "spec_decode.py", spec_decode_measures,
           ("--draft-tokens", "0", "2", "--concurrency", "1", "--new-tokens", "8"),
           about="toy: embedded engine with MTP drafts (tiny random-init model made draftable) vs plain decoding"),
@@ -360,6 +434,9 @@ BENCHES: tuple[Bench, ...] = (
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
           about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+    Bench("async_speedup", "async_speedup.py", async_speedup_measures,
+          about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
+                "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
           results="gpu/run1-r3/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
+from miles_envs.sync_workers import sync_workers
+
 Message = dict[str, Any]
 Observation = list[Message]
 ResetResult = tuple[Observation, dict[str, Any]]
@@ -73,7 +75,8 @@ class Env:
     metadata: ClassVar[dict[str, Any]] = {}
     multi_agent: ClassVar[bool] = False
     # True when reset()/step() are cheap and never block: the async flavour then calls them inline
-    # instead of hopping to a worker thread (which costs tens of microseconds per call).
+    # instead of hopping to a worker thread (which costs tens of microseconds per call). Otherwise
+    # each call runs on a worker of its own (see sync_workers), so a hung step() starves no other env.
     run_inline: ClassVar[bool] = False
 
     _loop_thread: _LoopThread | None = None
@@ -95,14 +98,14 @@ class Env:
             raise NotImplementedError(f"{type(self).__name__} implements neither reset() nor areset()")
         if self.run_inline:
             return self.reset(seed=seed, options=options)
-        return await asyncio.to_thread(self.reset, seed=seed, options=options)
+        return await sync_workers.run(self.reset, seed=seed, options=options)
 
     async def astep(self, action: Message) -> StepResult:
         if not _overrides(self, "step", Env):
             raise NotImplementedError(f"{type(self).__name__} implements neither step() nor astep()")
         if self.run_inline:
             return self.step(action)
-        return await asyncio.to_thread(self.step, action)
+        return await sync_workers.run(self.step, action)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -115,7 +118,7 @@ class Env:
         if self.run_inline:
             self.close()
         else:
-            await asyncio.to_thread(self.close)
+            await sync_workers.run(self.close)
 
     def _run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop_thread is None:

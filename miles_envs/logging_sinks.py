@@ -80,16 +80,18 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """A W&B run; ``mode="offline"`` writes under ``dir`` without an account (``wandb sync`` later)."""
+    """A W&B run; ``mode="offline"`` writes under ``dir`` without an account (``wandb sync`` later).
+    With ``run_id`` the run of that id is continued when it exists (a resumed training run)."""
 
     def __init__(self, project: str, *, name: str | None = None, dir: str | Path | None = None,
-                 mode: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+                 mode: str | None = None, config: Mapping[str, Any] | None = None, run_id: str | None = None) -> None:
         try:
             import wandb
         except ImportError as exc:
             raise ImportError("the wandb sink needs the wandb package: pip install wandb") from exc
         self._run = wandb.init(project=project, name=name, dir=None if dir is None else str(dir), mode=mode,
-                               config=dict(config or {}), reinit="create_new")
+                               config=dict(config or {}), reinit="create_new", id=run_id,
+                               resume="allow" if run_id else None)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         self._run.log(flatten_scalars(metrics), step=step)

@@ -73,6 +73,8 @@ class Registry:
         existing = self._specs().get(id)
         if existing is not None and not override:
             raise DuplicateEnv(f"{id} is already registered ({existing.source}); pass override=True to replace it")
+        if callable(entry_point):
+            spec.check()  # already imported: check it now (a 'module:Class' string stays lazy until make)
         self._code[id] = spec
         return spec
 
@@ -110,12 +112,36 @@ class Registry:
 
     @staticmethod
     def _not_found_message(id: str, specs: dict[str, EnvSpec]) -> str:
-        close = difflib.get_close_matches(id, list(specs), n=5, cutoff=0.5)
-        if not close:
-            lowered = id.lower()
-            close = [k for k in specs if k.split("/")[-1].split("-v")[0].lower() in lowered][:5]
+        close = close_ids(id, specs)
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
         return f"unknown env id {id!r}{hint} (`miles-envs list` shows all registered envs)"
+
+
+def _bare_name(env_id: str) -> str:
+    """``ns/Guess-Number-v0`` → ``guess-number``: what people misspell, without the shared parts."""
+    name = env_id.rsplit("/", 1)[-1]
+    stem, _, version = name.rpartition("-v")
+    return (stem if stem and version.isdigit() else name).lower()
+
+
+def close_ids(id: str, known: Iterable[str], limit: int = 3) -> list[str]:
+    """Ids that look like a misspelling of ``id``: only the best few, and none when nothing is close
+    (every id shares its namespace and ``-v0``, so whole-id similarity would list unrelated envs)."""
+    wanted = _bare_name(id)
+    scored = []
+    for candidate in known:
+        name = _bare_name(candidate)
+        score = difflib.SequenceMatcher(None, wanted, name).ratio()
+        if len(wanted) >= 3 and (wanted in name or name in wanted):
+            score = max(score, 0.8)
+        if candidate.lower() == id.lower():
+            score = 2.0
+        scored.append((score, candidate))
+    scored.sort(key=lambda pair: (-pair[0], pair[1]))
+    if not scored or scored[0][0] < 0.75:
+        return []
+    best = scored[0][0]
+    return [candidate for score, candidate in scored if score >= max(0.75, best - 0.1)][:limit]
 
 
 def store_for(scope: str) -> Store:

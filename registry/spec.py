@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,38 @@ class EnvSpec:
             return self.entry_point
         return load_entry_point(self.entry_point, self.id)
 
+    def check(self, **overrides: Any) -> Callable[..., Env]:
+        """Load the entry point and check it can build this env with these kwargs, so a wrong entry
+        point or a misspelt kwarg fails when it is registered rather than at the first ``make()``."""
+        factory = self.load()
+        if not inspect.isclass(factory) and not _returns_env(factory):
+            raise NotAnEnv(
+                f"{self.id}: {_name(self.entry_point)} is a {type(factory).__name__}, not a miles_envs.Env subclass; "
+                "register the Env class (or a factory annotated '-> Env')"
+            )
+        kwargs = {**self.kwargs, **overrides}
+        kwargs.pop("max_turns", None)  # make() passes it only to factories that take it
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):
+            return factory
+        try:
+            signature.bind_partial(**kwargs)
+        except TypeError as exc:
+            takes = ", ".join(p for p in signature.parameters if p not in ("self", "args", "kwargs")) or "no kwargs"
+            raise EntryPointError(f"{self.id}: {_name(self.entry_point)} does not accept these kwargs ({exc}); it takes: {takes}") from None
+        return factory
+
+    def class_max_turns(self) -> int | None:
+        """The spec's max turns, else the class attribute the env sets (None when unknown or unloadable)."""
+        if self.max_turns is not None:
+            return self.max_turns
+        try:
+            value = getattr(self.load(), "max_turns", None)
+        except Exception:  # noqa: BLE001 - a listing must not die on one broken registration
+            return None
+        return value if isinstance(value, int) else None
+
     def make(self, **overrides: Any) -> Env:
         factory = self.load()
         kwargs = {**self.kwargs, **overrides}
@@ -86,6 +119,20 @@ class EnvSpec:
         if self.tags:
             record["tags"] = list(self.tags)
         return record
+
+
+def _name(entry_point: Any) -> str:
+    return entry_point if isinstance(entry_point, str) else getattr(entry_point, "__qualname__", repr(entry_point))
+
+
+def _returns_env(factory: Callable[..., Any]) -> bool:
+    """Whether a factory function is annotated to return an Env (a plain function is taken for a mistake)."""
+    try:
+        returned = typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to their text
+        returned = getattr(factory, "__annotations__", {}).get("return")
+        return isinstance(returned, str) and "Env" in returned
+    return inspect.isclass(returned) and issubclass(returned, Env)
 
 
 def _parameters(factory: Callable[..., Any]) -> set[str]:

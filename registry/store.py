@@ -52,13 +52,7 @@ class Store:
         self.scope = scope
 
     def read(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = tomllib.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except tomllib.TOMLDecodeError as exc:
-            raise RegistryError(f"{self.path} is not valid TOML ({exc}); fix or delete it") from exc
-        envs = data.get("envs", {})
+        envs = self._read_raw()
         for record in envs.values():
             record["entry_point"] = self._absolute(record["entry_point"])
         return envs
@@ -77,6 +71,8 @@ class Store:
             self._write(envs)
 
     def remove(self, env_id: str) -> None:
+        if env_id not in self._read_raw():  # checked before locking: a mistaken id leaves no lock file behind
+            raise EnvNotFound(f"{env_id} is not registered in {self.path}")
         with self._lock():
             envs = self._read_raw()
             if env_id not in envs:
@@ -94,6 +90,8 @@ class Store:
             return tomllib.loads(self.path.read_text(encoding="utf-8")).get("envs", {})
         except FileNotFoundError:
             return {}
+        except tomllib.TOMLDecodeError as exc:
+            raise RegistryError(f"{self.path} is not valid TOML ({exc}); fix or delete it") from exc
 
     def _write(self, envs: dict[str, Any]) -> None:
         payload = tomli_w.dumps({"envs": envs}).encode()

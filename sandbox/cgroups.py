@@ -36,11 +36,12 @@ class SandboxCgroup:
         self.path = path
 
     @classmethod
-    def create(cls, limits: Limits) -> SandboxCgroup | None:
+    def create(cls, limits: Limits, prefix: str = "") -> SandboxCgroup | None:
+        """A new cgroup named ``prefix`` + a random part, or None where cgroups are not writable."""
         parent = _parent()
         if parent is None:
             return None
-        path = parent / uuid.uuid4().hex
+        path = parent / f"{prefix}{uuid.uuid4().hex[:8]}"
         try:
             path.mkdir()
             (path / "memory.max").write_text(str(limits.memory_mb * 1024 * 1024))

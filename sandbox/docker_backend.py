@@ -3,7 +3,8 @@ over the docker API's hijacked socket (no CLI, no exec per call).
 
 The container has no network, memory (no swap), pids and CPU limits, a read-only root with tmpfs
 ``/work`` and ``/tmp``, runs as nobody with every capability dropped and ``no-new-privileges``,
-and an init process so the runner can kill whatever the code leaves behind.
+and an init process so the runner can kill whatever the code leaves behind. Containers are labelled
+with the run id and host, so the reaper removes those of a run that died without closing them.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ import struct
 from typing import Any, ClassVar
 
 from miles_envs.sandbox.base import Limits, SandboxError
+from miles_envs.sandbox.reaper import (
+    HOST_LABEL,
+    RUN_LABEL,
+    SANDBOX_LABEL,
+    STATE_LABEL,
+    current_run,
+    reap_once,
+    state_dir,
+)
 from miles_envs.sandbox.runner_client import RUNNER_SOURCE, RunnerChannel, RunnerSandbox
 
 DEFAULT_IMAGE = "miles-envs-sandbox:latest"
 BUILD_HINT = "build it with scripts/build_sandbox_image.sh (needs debootstrap and a running dockerd)"
-LABEL = "miles-envs.sandbox"
 # docker multiplexes stdout and stderr on an attached socket: 1 byte stream, 3 pad, 4 size.
 MUX_HEADER = struct.Struct(">BxxxI")
 
@@ -113,6 +122,8 @@ class DockerSandbox(RunnerSandbox):
         self._container: Any = None
         self._socket: socket.socket | None = None
         self._demux: _DemuxedStdout | None = None
+        self._creating: asyncio.Future | None = None
+        reap_once(self.backend, self.client)
 
     def container_options(self) -> dict[str, Any]:
         tmpfs = f"rw,nosuid,nodev,size={self.workdir_mb}m,mode=1777"
@@ -135,7 +146,12 @@ class DockerSandbox(RunnerSandbox):
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "ipc_mode": "none",
-            "labels": {LABEL: "1"},
+            "labels": {
+                SANDBOX_LABEL: "1",
+                RUN_LABEL: current_run().id,
+                STATE_LABEL: str(state_dir()),
+                HOST_LABEL: socket.gethostname(),
+            },
         }
 
     def _create_and_attach(self) -> socket.socket:
@@ -154,11 +170,19 @@ class DockerSandbox(RunnerSandbox):
         return raw
 
     async def _spawn(self) -> RunnerChannel:
-        self._socket = await asyncio.to_thread(self._create_and_attach)
+        # Shielded: a start cancelled mid-creation must not orphan the container the thread makes;
+        # _destroy waits for the thread and removes it.
+        self._creating = asyncio.ensure_future(asyncio.to_thread(self._create_and_attach))
+        self._socket = await asyncio.shield(self._creating)
         self._demux = _DemuxedStdout(self._socket)
         return RunnerChannel(self._demux.stdout, _SocketWriter(self._socket))
 
     async def _destroy(self) -> None:
+        creating, self._creating = self._creating, None
+        if creating is not None:
+            await asyncio.wait([creating])
+            if not creating.cancelled() and creating.exception() is None and creating.result() is not self._socket:
+                creating.result().close()
         container, self._container = self._container, None
         sock, self._socket = self._socket, None
         demux, self._demux = self._demux, None

@@ -6,7 +6,9 @@ private size-limited tmpfs for ``/work`` and ``/tmp``, an empty environment, ``-
 When the host process is root, bubblewrap itself runs as ``nobody`` so the sandbox holds no host
 privilege at all and the process-count rlimit is enforced (the kernel exempts root from it). Each
 execution gets rlimits and a wall-clock kill of every process in the namespace (see runner.py);
-cgroup v2 memory and pids limits are added where the cgroup tree is writable.
+cgroup v2 memory and pids limits are added where the cgroup tree is writable. The bubblewrap
+process carries the run id in its environment (cleared inside), so the reaper finds it and the
+namespace below it if this process dies without closing it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import ClassVar
 
 from miles_envs.sandbox.base import Limits, SandboxError
 from miles_envs.sandbox.cgroups import SandboxCgroup
+from miles_envs.sandbox.reaper import RUN_ENV, cgroup_prefix, current_run, reap_once
 from miles_envs.sandbox.runner_client import RUNNER_SOURCE, RunnerChannel, RunnerSandbox
 
 NOBODY = 65534
@@ -73,6 +76,7 @@ class LocalSandbox(RunnerSandbox):
         self.run_as_nobody = os.geteuid() == 0 if run_as_nobody is None else run_as_nobody
         self._process: asyncio.subprocess.Process | None = None
         self._cgroup: SandboxCgroup | None = None
+        reap_once(self.backend)
 
     def command(self) -> list[str]:
         size = str(self.workdir_mb * 1024 * 1024)
@@ -100,13 +104,13 @@ class LocalSandbox(RunnerSandbox):
         ]  # fmt: skip
 
     async def _spawn(self) -> RunnerChannel:
-        self._cgroup = SandboxCgroup.create(self.limits)
+        self._cgroup = SandboxCgroup.create(self.limits, prefix=cgroup_prefix())
         self._process = await asyncio.create_subprocess_exec(
             *self.command(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={},
+            env={RUN_ENV: current_run().marker},
             cwd="/",
             start_new_session=True,
             **self._identity(),

@@ -4,6 +4,8 @@ Starting a sandbox costs a namespace or a container; running code in a warm one 
 pool keeps up to ``size`` started sandboxes, hands them out one caller at a time, resets them
 between uses, checks the health of ones that sat idle, and replaces them after ``ttl_s`` seconds or
 ``max_uses`` uses. Callers beyond ``size`` wait their turn, so thousands of episodes can share it.
+Starts go through a :class:`StartGate` (at most ``max_starting`` at once, each within
+``start_budget_s``); ``metrics()`` shows the queue depth and the waits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from miles_envs.sandbox.base import ExecResult, Sandbox, SandboxSession
+from miles_envs.sandbox.admission import LatencyStats, QueuedSlots, StartGate
+from miles_envs.sandbox.base import ExecResult, Sandbox, SandboxError, SandboxSession
 from miles_envs.sandbox.factory import make_sandbox
 
 
@@ -36,7 +39,10 @@ class PoolStats:
 
 class SandboxPool:
     """Warm sandboxes of one backend. ``backend`` is a name for :func:`make_sandbox` (extra keyword
-    arguments go to it) or a zero-argument factory returning a sandbox."""
+    arguments go to it) or a zero-argument factory returning a sandbox. ``gate`` shares one start
+    admission between pools; without it the pool has its own (``max_starting``, ``start_budget_s``).
+    ``wait_budget_s`` bounds how long a caller waits for a free sandbox (None: as long as it takes).
+    """
 
     def __init__(
         self,
@@ -46,6 +52,10 @@ class SandboxPool:
         ttl_s: float = 600.0,
         max_uses: int = 10_000,
         health_check_s: float = 30.0,
+        max_starting: int = 4,
+        start_budget_s: float = 60.0,
+        wait_budget_s: float | None = None,
+        gate: StartGate | None = None,
         **sandbox_kwargs: Any,
     ) -> None:
         if size < 1:
@@ -61,8 +71,12 @@ class SandboxPool:
         self.max_uses = max_uses
         self.health_check_s = health_check_s
         self.stats = PoolStats()
+        self.gate = gate or StartGate(max_starting, start_budget_s)
+        self.wait_budget_s = wait_budget_s
+        self.wait_timeouts = 0
+        self.wait = LatencyStats()
         self._idle: list[_Warm] = []
-        self._slots = asyncio.Semaphore(size)
+        self._slots = QueuedSlots(size)
         self._closed = False
 
     @property
@@ -93,6 +107,22 @@ class SandboxPool:
         async with self._lease() as warm, warm.sandbox.session() as session:
             yield session
 
+    def metrics(self) -> dict[str, Any]:
+        """Queue depth and waits of callers (``wait_*``: request to holding a sandbox, its start
+        included), the start gate's figures (``start_*``), and the pool's counters."""
+        return {
+            "size": self.size,
+            "idle": self.idle,
+            "queue_depth": self._slots.waiting,
+            "queue_depth_max": self._slots.waiting_max,
+            **self.wait.summary("wait"),
+            "wait_timeouts": self.wait_timeouts,
+            **self.gate.metrics(),
+            "created": self.stats.created,
+            "reused": self.stats.reused,
+            "discarded": self.stats.discarded,
+        }
+
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
@@ -109,13 +139,25 @@ class SandboxPool:
     async def _lease(self) -> AsyncIterator[_Warm]:
         if self._closed:
             raise RuntimeError("the sandbox pool is closed")
-        async with self._slots:
+        requested = time.monotonic()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.wait_budget_s)
+        except asyncio.TimeoutError:
+            self.wait_timeouts += 1
+            raise SandboxError(
+                f"no sandbox free within wait_budget_s={self.wait_budget_s:g} s (pool size {self.size}, "
+                f"{self._slots.waiting} callers waiting); raise size or wait_budget_s, or run fewer episodes at once"
+            ) from None
+        try:
             warm = await self._take()
+            self.wait.record(time.monotonic() - requested)
             try:
                 yield warm
             finally:
                 warm.uses += 1
                 await self._give_back(warm)
+        finally:
+            self._slots.release()
 
     async def _take(self) -> _Warm:
         while self._idle:
@@ -144,7 +186,7 @@ class SandboxPool:
 
     async def _create(self) -> _Warm:
         sandbox = self._factory()
-        await sandbox.start()
+        await self.gate.start(sandbox)
         self.stats.created += 1
         return _Warm(sandbox)
 

@@ -80,7 +80,7 @@ class RunnerSandbox(SessionedSandbox):
         try:
             channel = await asyncio.wait_for(self._spawn(), self.startup_timeout_s)
             hello = await asyncio.wait_for(channel.receive(), self.startup_timeout_s)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
+        except (asyncio.IncompleteReadError, OSError, asyncio.TimeoutError) as e:
             detail = await self._diagnostics()
             await self._destroy()
             raise SandboxError(f"{self.backend} sandbox failed to start ({type(e).__name__}): {detail}") from e
@@ -100,7 +100,7 @@ class RunnerSandbox(SessionedSandbox):
             async with self._lock:
                 reply = await asyncio.wait_for(self._channel.request({"op": "ping"}), REPLY_GRACE_S)
             return bool(reply.get("ok"))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+        except (asyncio.IncompleteReadError, OSError, asyncio.TimeoutError):
             await self.close()
             return False
 
@@ -111,7 +111,7 @@ class RunnerSandbox(SessionedSandbox):
         async with self._lock:
             try:
                 await asyncio.wait_for(self._channel.request({"op": "reset"}), REPLY_GRACE_S)
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            except (asyncio.IncompleteReadError, OSError, asyncio.TimeoutError):
                 await self.close()
 
     async def __aenter__(self):
@@ -158,7 +158,7 @@ class RunnerSandbox(SessionedSandbox):
                     time.monotonic() - started,
                     timed_out=True,
                 )
-            except (asyncio.IncompleteReadError, ConnectionError):
+            except (asyncio.IncompleteReadError, OSError):
                 detail = await self._diagnostics()
                 await self.close()
                 return ExecResult.failure(

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from miles_envs.trajectory import Trajectory
+from miles_envs.trajectory import Trajectory, version_number
 
 PAD_EXPERT = -1
 
@@ -32,6 +32,7 @@ class PackedBatch:
     targets: torch.Tensor  # [rows, T] long: the next token at each position
     loss_mask: torch.Tensor  # [rows, T] float
     rollout_logprobs: torch.Tensor  # [rows, T] float
+    rollout_versions: torch.Tensor  # [rows, T] long: weights version that sampled the target, -1 where unknown
     advantages: torch.Tensor  # [rows, T] float
     token_coef: torch.Tensor  # [rows, T] float: aggregation coefficient x trajectory weight
     seq_index: torch.Tensor  # [rows, T] long: sequence number within this micro-batch, -1 on padding
@@ -61,6 +62,7 @@ class _Sequence:
     targets: np.ndarray
     loss_mask: np.ndarray
     rollout_logprobs: np.ndarray
+    rollout_versions: np.ndarray
     routing: np.ndarray | None
 
     def __len__(self) -> int:
@@ -76,13 +78,18 @@ def _to_sequence(index: int, trajectory: Trajectory) -> _Sequence | None:
     rollout_logprobs = np.zeros(len(tokens) - 1, dtype=np.float32)
     loss_mask[prompt_len - 1 :] = np.asarray(trajectory.loss_mask, dtype=np.float32)
     rollout_logprobs[prompt_len - 1 :] = np.asarray(trajectory.logprobs, dtype=np.float32)
+    rollout_versions = np.full(len(tokens) - 1, -1, dtype=np.int64)
+    for start, end, version in trajectory.model_version_spans():
+        number = version_number(version)
+        if number is not None:
+            rollout_versions[prompt_len - 1 + start : prompt_len - 1 + end] = number
     routing = None if trajectory.routed_experts is None else np.asarray(trajectory.routed_experts, dtype=np.int64)
     if routing is not None and (routing.ndim != 3 or len(routing) != len(tokens) - 1):
         raise ValueError(
             f"trajectory {trajectory.id}: routed_experts shape {routing.shape}, expected "
             f"[{len(tokens) - 1}, layers, topk] (one row per token fed to the engine)"
         )
-    return _Sequence(index, tokens[:-1], tokens[1:], loss_mask, rollout_logprobs, routing)
+    return _Sequence(index, tokens[:-1], tokens[1:], loss_mask, rollout_logprobs, rollout_versions, routing)
 
 
 def _first_fit_decreasing(sequences: list[_Sequence], capacity: int) -> list[list[_Sequence]]:
@@ -140,6 +147,7 @@ def _build_micro_batch(
     position_ids = np.zeros(shape, dtype=np.int64)
     seq_index = np.full(shape, -1, dtype=np.int64)
     loss_mask, rollout_logprobs, adv, coef = (np.zeros(shape, dtype=np.float32) for _ in range(4))
+    rollout_versions = np.full(shape, -1, dtype=np.int64)
     routing = None if routing_shape is None else np.full(shape + tuple(routing_shape), PAD_EXPERT, dtype=np.int64)
     trajectory_indices: list[int] = []
     for r, row in enumerate(rows):
@@ -151,6 +159,7 @@ def _build_micro_batch(
             position_ids[r, span] = np.arange(len(seq))
             loss_mask[r, span] = seq.loss_mask
             rollout_logprobs[r, span] = seq.rollout_logprobs
+            rollout_versions[r, span] = seq.rollout_versions
             adv[r, span] = advantages[seq.index]
             coef[r, span] = token_coefs[seq.index]
             seq_index[r, span] = len(trajectory_indices)
@@ -165,6 +174,7 @@ def _build_micro_batch(
         targets=torch.from_numpy(targets),
         loss_mask=torch.from_numpy(loss_mask),
         rollout_logprobs=torch.from_numpy(rollout_logprobs),
+        rollout_versions=torch.from_numpy(rollout_versions),
         advantages=torch.from_numpy(adv),
         token_coef=torch.from_numpy(coef),
         seq_index=torch.from_numpy(seq_index),

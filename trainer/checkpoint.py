@@ -2,8 +2,10 @@
 
 Layout of ``ROOT/step_000042/``: ``model/`` (``save_pretrained`` output: a servable HF model, or
 for LoRA the peft adapter folder SGLang loads; MTP layers in ``model/mtp.safetensors`` under their
-DeepSeek-V3 on-disk names), ``optimizer.pt``, ``rng.pt``, ``trainer_state.json``.
-``ROOT/latest`` names the newest complete checkpoint.
+DeepSeek-V3 on-disk names), ``optimizer.pt``, ``rng.pt``, ``trainer_state.json`` and, when the run
+has state of its own (the rollout buffer's position under asynchronous training), ``run_state.json``
+(written in the same rename, so it always matches the weights). ``ROOT/latest`` names the newest
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,10 +23,12 @@ from miles_envs.trainer.lora import is_peft_model
 from miles_envs.trainer.torch_backend import Trainer
 
 LATEST = "latest"
+RUN_STATE = "run_state.json"
 
 
-def save_checkpoint(trainer: Trainer, root: str | Path, *, keep: int = 2) -> Path:
-    """Write the trainer's state under ``root`` and return the checkpoint folder."""
+def save_checkpoint(trainer: Trainer, root: str | Path, *, keep: int = 2, run_state: dict[str, Any] | None = None) -> Path:
+    """Write the trainer's state (and ``run_state``) under ``root``, keep the newest ``keep``
+    checkpoints (0: all), and return the checkpoint folder."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{trainer.step:06d}"
@@ -42,6 +47,8 @@ def save_checkpoint(trainer: Trainer, root: str | Path, *, keep: int = 2) -> Pat
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
     state = {"step": trainer.step, "config": trainer.config.to_dict(), "lora": is_peft_model(trainer.model)}
     (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if run_state is not None:
+        (staging / RUN_STATE).write_text(json.dumps(run_state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     pointer = root / f".{LATEST}.tmp"
@@ -59,6 +66,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     path = Path(root) / pointer.read_text().strip()
     return path if (path / "trainer_state.json").is_file() else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was written at, read without loading any weights."""
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+
+
+def load_run_state(path: str | Path) -> dict[str, Any] | None:
+    """The ``run_state`` saved with a checkpoint, or ``None``."""
+    file = Path(path) / RUN_STATE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load_checkpoint(trainer: Trainer, path: str | Path) -> None:

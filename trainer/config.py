@@ -37,6 +37,7 @@ class TrainerConfig:
     eps_low: float | None = None
     eps_high: float | None = None
     tis_cap: float | None = 2.0  # truncated IS against rollout logprobs; None disables
+    staleness_decay: float = 1.0  # async: tokens k versions behind weigh decay**k more (losses.version_aware_weights)
     kl_coef: float = 0.0  # k3 KL to the initial policy (the base model for LoRA)
     entropy_coef: float = 0.0
     temperature: float = 1.0  # the rollout's sampling temperature; logits are divided by it
@@ -67,6 +68,8 @@ class TrainerConfig:
             raise ValueError(f"unknown algo {self.algo!r}: choose one of {', '.join(PRESETS)}")
         if self.mtp_lr is not None and not self.mtp_sft:
             raise ValueError("mtp_lr is the MTP draft's learning rate under MTP-SFT: set mtp_sft=True or leave mtp_lr unset")
+        if not 0.0 < self.staleness_decay <= 1.0:
+            raise ValueError(f"staleness_decay={self.staleness_decay}: must be in (0, 1] (1 weighs stale tokens like fresh ones)")
         defaults = {"eps_low": 0.2, "eps_high": 0.2, **PRESETS[self.algo]}
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 

@@ -1,16 +1,19 @@
-"""The rollout -> train -> weight-sync loop.
+"""The synchronous rollout -> train -> weight-sync loop, and the run folder both loops share.
 
 Each step runs ``tasks_per_step`` env tasks x ``group_size`` episodes through
 ``miles_envs.loop.rollout`` (routing traces requested when the trainer replays them), trains one
 step on the finished trajectories, and pushes the new weights to the engine with the step's
 version. Metrics go to ``out_dir/metrics.jsonl`` (one JSON object per step) and a checkpoint is
 written every ``checkpoint_every`` steps; a run restarted with the same ``out_dir`` resumes from
-the newest checkpoint.
+the newest checkpoint, and the step records written after that checkpoint (steps the killed run
+did not save) are cut, so every step appears once. The asynchronous loop is
+:func:`miles_envs.trainer.async_loop.train_async`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from collections.abc import Awaitable
 from pathlib import Path
@@ -18,9 +21,11 @@ from typing import Any, Callable
 
 from miles_envs.agents.engine import Engine
 from miles_envs.loop import LoopConfig, rollout
-from miles_envs.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from miles_envs.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_run_state, save_checkpoint
 from miles_envs.trainer.torch_backend import Trainer
 from miles_envs.trajectory import Trajectory
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
@@ -32,6 +37,51 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     if drafted:
         metrics["rollout/spec_accept_rate"] = accepted / drafted
     return metrics
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of steps up to ``last_step`` (and drop a line torn by a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(record.get("step", 0)) <= last_step:
+            kept.append(line)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(staging, path)
+
+
+class RunFolder:
+    """``out_dir``: the per-step records and the checkpoints (with the loop's own state) of a run."""
+
+    def __init__(self, out_dir: str | Path, *, checkpoint_every: int = 10, keep_checkpoints: int = 2) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.out / "checkpoints"
+        self.checkpoint_every = checkpoint_every
+        self.keep = keep_checkpoints
+
+    def resume(self, trainer: Trainer) -> dict[str, Any] | None:
+        """Load the newest checkpoint into ``trainer`` (if any), cut later step records, and return
+        the run state saved with it. Returns ``None`` for a fresh run."""
+        path = latest_checkpoint(self.checkpoints)
+        if path is None:
+            return None
+        load_checkpoint(trainer, path)
+        trim_jsonl(self.out / METRICS_FILE, trainer.step)
+        return load_run_state(path) or {}
+
+    def record(self, trainer: Trainer, metrics: dict[str, Any], last_step: int, run_state: dict[str, Any] | None = None) -> None:
+        """Append the step's record, then checkpoint when due (a kill in between is cut on resume)."""
+        with (self.out / METRICS_FILE).open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if trainer.step % self.checkpoint_every == 0 or trainer.step == last_step:
+            save_checkpoint(trainer, self.checkpoints, keep=self.keep, run_state=run_state)
 
 
 async def train(
@@ -47,6 +97,7 @@ async def train(
     loop_config: LoopConfig | None = None,
     out_dir: str | Path | None = None,
     checkpoint_every: int = 10,
+    keep_checkpoints: int = 2,
     seed: int = 0,
     on_step: Callable[[dict[str, float]], None] | None = None,
     collect: Callable[[int, int, LoopConfig, int], Awaitable[list[Trajectory]]] | None = None,
@@ -57,12 +108,10 @@ async def train(
     workers, ``miles_envs.distributed``); ``engine`` then only receives the weight syncs.
     """
     config = replace(loop_config or LoopConfig(), return_routed_experts=trainer.config.r3)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        resume = latest_checkpoint(out / "checkpoints")
-        if resume is not None:
-            load_checkpoint(trainer, resume)
+    folder = None
+    if out_dir is not None:
+        folder = RunFolder(out_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+        if folder.resume(trainer) is not None:
             await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
     history = []
     while trainer.step < steps:
@@ -77,11 +126,8 @@ async def train(
         metrics = {**trainer.train_step(trajectories), **rollout_metrics(trajectories)}
         await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
         history.append(metrics)
-        if out is not None:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if trainer.step % checkpoint_every == 0 or trainer.step == steps:
-                save_checkpoint(trainer, out / "checkpoints")
+        if folder is not None:
+            folder.record(trainer, metrics, steps)
         if on_step is not None:
             on_step(metrics)
     return history

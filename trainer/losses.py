@@ -73,6 +73,37 @@ def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: t
     return torch.exp(old_logprobs - rollout_logprobs).clamp(max=cap).detach()
 
 
+def version_aware_weights(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    versions: torch.Tensor,
+    trainer_version: int,
+    *,
+    cap: float | None,
+    decay: float,
+) -> torch.Tensor:
+    """Per-token off-policy weights of asynchronous training, no gradient.
+
+    Token ``t`` was sampled by weights version ``v_t`` (``versions``, -1 where unknown) with the
+    recorded logprob ``log mu_{v_t}(y_t)``; the trainer is at version ``V`` with logprob
+    ``log pi_old(y_t)``. Its lag is ``l_t = max(0, V - v_t)`` (0 where unknown) and its weight
+
+        w_t = min(pi_old(y_t) / mu_{v_t}(y_t), cap) * decay ** l_t
+
+    The ratio is the truncated importance weight against the policy that actually sampled the
+    token: a trajectory that spans a weight update has tokens of two behaviour policies, and each
+    token's recorded logprob is its own policy's, so each is corrected against the right one
+    (the behaviour correction of decoupled PPO, with ``pi_old`` as the proximal policy). ``decay``
+    (in ``(0, 1]``) further discounts tokens by how stale they are; 1 leaves plain TIS. ``cap`` None
+    drops the ratio and keeps only the decay.
+    """
+    weights = torch.ones_like(old_logprobs) if cap is None else truncated_importance_weights(old_logprobs, rollout_logprobs, cap)
+    if decay != 1.0:
+        lag = torch.where(versions >= 0, (trainer_version - versions).clamp(min=0), torch.zeros_like(versions))
+        weights = weights * torch.pow(torch.full_like(weights, decay), lag.to(weights.dtype))
+    return weights.detach()
+
+
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
     log_ratio = ref_logprobs - logprobs

@@ -27,7 +27,7 @@ from miles_envs.trainer.losses import (
     k3_kl,
     masked_mean,
     token_logprobs_and_entropy,
-    truncated_importance_weights,
+    version_aware_weights,
 )
 from miles_envs.trainer.metrics import MeanAccumulator
 from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_sft_loss
@@ -148,14 +148,19 @@ class Trainer:
         )
         hooks = self.ref_replay if model is self.ref_model else self.replay
         routing = hooks.apply(batch.routed_experts, replay=replay) if hooks else nullcontext(RoutingRecord())
+        # The vocabulary projection dominates small models' cost: project only the positions some
+        # row trains on (prompt and env tokens carry no loss); the others read 0.
+        keep = batch.loss_mask.any(dim=0).nonzero().flatten()
         try:
             with routing as record:
-                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep)
         finally:
             if hook is not None:
                 hook.remove()
         logits = out.logits if self.config.temperature == 1.0 else out.logits / self.config.temperature
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets)
+        kept_logprobs, kept_entropy = token_logprobs_and_entropy(logits, batch.targets[:, keep])
+        logprobs = kept_logprobs.new_zeros(batch.targets.shape).index_copy(1, keep, kept_logprobs)
+        entropy = kept_entropy.new_zeros(batch.targets.shape).index_copy(1, keep, kept_entropy)
         return ForwardResult(logprobs, entropy, record, captured[-1] if captured else None)
 
     @torch.no_grad()
@@ -276,10 +281,12 @@ class Trainer:
         per_token = per_token.view_as(logprobs)
         tokens = batch.num_loss_tokens
         stats.add("pg_loss", masked_mean(per_token.detach(), mask), tokens)
-        if cfg.tis_cap is not None:
-            tis = truncated_importance_weights(old, batch.rollout_logprobs, cfg.tis_cap)
-            per_token = per_token * tis
-            stats.add("tis_weight_mean", masked_mean(tis, mask), tokens)
+        if cfg.tis_cap is not None or cfg.staleness_decay != 1.0:
+            weights = version_aware_weights(
+                old, batch.rollout_logprobs, batch.rollout_versions, self.step, cap=cfg.tis_cap, decay=cfg.staleness_decay
+            )
+            per_token = per_token * weights
+            stats.add("tis_weight_mean", masked_mean(weights, mask), tokens)
         if ref_logprobs is not None:
             kl = k3_kl(logprobs, ref_logprobs)
             per_token = per_token + cfg.kl_coef * kl

@@ -43,7 +43,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from miles_envs.chat.delta_cache import DeltaCache
+from miles_envs.chat.segment_encoder import SegmentEncoder
+from miles_envs.chat.skeleton import Skeletons
 from miles_envs.chat.template import ChatTemplate, Message
 
 # Special tokens that end an assistant turn in the families we know; the template's own end-of-turn
@@ -59,6 +63,8 @@ END_OF_TURN_TOKENS = (
 
 # Marks the end of the generated text inside a rendering; private-use code points never come from a tokenizer's vocabulary as a whole.
 _END_MARK = "\ue000miles-envs:end-of-generation\ue001"
+_PROMPT_CACHE = 1024
+_SHORT_HISTORY = [{"role": "user", "content": "Hi."}]  # what a local template's delta is rendered after
 _NOT_VERBATIM = (
     "the chat template does not render the assistant's text verbatim, so the observation's tokens cannot be "
     "placed after the generated ones; use a template that writes assistant content as given"
@@ -104,10 +110,14 @@ class ChatRenderer:
         # id(assistant message) -> the turn; the entry's reference keeps the id from being reused
         self._seen: OrderedDict[int, _SeenTurn] = OrderedDict()
         self.template = ChatTemplate(tokenizer, chat_template_kwargs)
+        self.segments = SegmentEncoder(tokenizer)
+        self.skeletons = Skeletons(lambda messages, tools: self.template.render(messages, tools, add_generation_prompt=True))
         self.turn_end_id = self._find_turn_end_id()
         self.stop_token_ids = self._collect_stop_ids()
         self._stop_ids = frozenset(self.stop_token_ids)
         self._last_turn: tuple[Sequence[int] | None, str] = (None, "")
+        self._short_before: str | None = None
+        self._prompts: OrderedDict[bytes, list[int]] = OrderedDict()
         self.delta_cache = DeltaCache()
         if cache_deltas:
             self.delta_cache.probe(self._probe_tail)
@@ -116,8 +126,27 @@ class ChatRenderer:
 
     # -- public API ------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        """The initial messages (and tools) rendered up to and including the assistant header."""
-        return self.encode(self.template.render(messages, tools, add_generation_prompt=True))
+        """The initial messages (and tools) rendered up to and including the assistant header.
+
+        Episodes of one group share their prompt: it is rendered once and reused while it stays in
+        a small LRU keyed by the exact messages and tools.
+        """
+        try:
+            key = orjson.dumps([messages, tools])  # key order kept: templates may write it (tojson)
+        except TypeError:  # not JSON-able: render every time
+            return self.encode(self.template.render(messages, tools, add_generation_prompt=True))
+        ids = self._prompts.get(key)
+        if ids is None:
+            questions = [(i, "content") for i, m in enumerate(messages) if m.get("role") == "user"]
+            text = self.skeletons.render(messages, questions, tools)
+            if text is None:
+                text = self.template.render(messages, tools, add_generation_prompt=True)
+            ids = self._prompts[key] = self.encode(text)
+            while len(self._prompts) > _PROMPT_CACHE:
+                self._prompts.popitem(last=False)
+        else:
+            self._prompts.move_to_end(key)
+        return list(ids)
 
     def delta_ids(
         self,
@@ -137,13 +166,21 @@ class ChatRenderer:
         text = self.turn_text(generated_ids)
         turn = {"role": assistant_message.get("role", "assistant"), "content": text}
         given = list(history)
+        history = [self._as_generated(message) for message in given]  # reasoning shows here, in the generated text
         end = ("model", generated_ids[-1]) if ended_by_model else finish_reason
-        cache_key = self.delta_cache.key(given, assistant_message, end, text, observation, tools)
+        cache_key = self.delta_cache.key(history, assistant_message, end, text, observation, tools)
         cached = self.delta_cache.lookup(cache_key) if cache_key is not None else None
+        conversation = [*given, assistant_message, *observation]
         if cached is not None:
-            self._remember_turn(_SeenTurn(assistant_message, text, [*given, assistant_message, *observation], tools, None))
+            self._remember_turn(_SeenTurn(assistant_message, text, conversation, tools, None))
             return RenderedDelta(ids=list(cached), append_only=True)
-        history = [self._as_generated(message) for message in given]
+        local = cache_key is not None and self.delta_cache.local_render()
+        if local and (tail := self._local_tail(turn, observation)) is not None:
+            ids, notes = self._close_turn(self.encode(tail), generated_ids, finish_reason)
+            self._remember_turn(_SeenTurn(assistant_message, text, conversation, tools, None))
+            self.delta_cache.store(cache_key, None if notes else tuple(ids))
+            return RenderedDelta(ids=ids, append_only=not any(n.startswith("the model ended") for n in notes), note="; ".join(notes) or None)
+
         before = self._reusable_rendering(given, tools)
         if before is None:
             before = self.template.render(history, tools, add_generation_prompt=True)
@@ -156,20 +193,58 @@ class ChatRenderer:
         else:
             notes.append(_divergence(before + text, after))
             tail = self._tail_after_marker(history, turn, observation, tools)
-        ids = self.encode(tail)
-
-        if ended_by_model:
-            ids, end_mismatch = self._drop_model_turn_end(ids, generated_ids[-1])
-            if end_mismatch:
-                append_only = False
-                notes.append(end_mismatch)
-        elif finish_reason in ("length", "abort"):
-            closed = self.tokenizer.convert_ids_to_tokens(ids[0]) if ids and ids[0] in self._stop_ids else "nothing"
-            notes.append(f"turn cut by {finish_reason}; closed with {closed}")
-        self._remember_turn(_SeenTurn(assistant_message, text, [*given, assistant_message, *observation], tools, after))
+        ids, closing = self._close_turn(self.encode(tail), generated_ids, finish_reason)
+        if any(n.startswith("the model ended") for n in closing):
+            append_only = False
+        notes += closing
+        self._remember_turn(_SeenTurn(assistant_message, text, conversation, tools, after))
         if cache_key is not None:
-            self.delta_cache.store(cache_key, tuple(ids) if append_only and not notes else None)
+            delta = tuple(ids) if append_only and not notes else None
+            if not local and delta is not None and self._local_delta(turn, observation, generated_ids, finish_reason) != delta:
+                self.delta_cache.disable()  # the short-history rendering disagrees with the full one
+            else:
+                self.delta_cache.store(cache_key, delta)
         return RenderedDelta(ids=ids, append_only=append_only, note="; ".join(notes) or None)
+
+    def _close_turn(self, ids: list[int], generated_ids: Sequence[int], finish_reason: str) -> tuple[list[int], list[str]]:
+        """Drop the end-of-turn token the model already wrote; note how a cut turn was closed."""
+        if generated_ids and generated_ids[-1] in self._stop_ids:
+            ids, end_mismatch = self._drop_model_turn_end(ids, generated_ids[-1])
+            return ids, [end_mismatch] if end_mismatch else []
+        if finish_reason in ("length", "abort"):
+            closed = self.tokenizer.convert_ids_to_tokens(ids[0]) if ids and ids[0] in self._stop_ids else "nothing"
+            return ids, [f"turn cut by {finish_reason}; closed with {closed}"]
+        return ids, []
+
+    def _local_tail(self, turn: Message, observation: Sequence[Message]) -> str | None:
+        """The text after ``turn`` and ``observation`` rendered after a short fixed history (None if not append-only there).
+
+        Valid only where the delta cache's probe found the template local: the same tail after any
+        history and (as the cache's key already assumes) after any turn text with the same ending.
+        A stripped turn is rendered as a fixed text, so the observation's skeleton can be reused.
+        """
+        if self._short_before is None:
+            self._short_before = self.template.render(_SHORT_HISTORY, None, add_generation_prompt=True)
+        text = turn["content"]
+        after = None
+        if text == text.strip() and text:
+            text = "ok"
+            messages = [*_SHORT_HISTORY, {**turn, "content": text}, *observation]
+            start = len(_SHORT_HISTORY) + 1
+            holes = [(i, k) for i in range(start, len(messages)) for k in ("content", "tool_call_id") if k in messages[i]]
+            after = self.skeletons.render(messages, holes, None)
+        if after is None:
+            text = turn["content"]
+            after = self.template.render([*_SHORT_HISTORY, turn, *observation], None, add_generation_prompt=True)
+        prefix = self._short_before + text
+        return after[len(prefix) :] if after.startswith(prefix) else None
+
+    def _local_delta(self, turn: Message, observation: Sequence[Message], generated_ids: Sequence[int], finish_reason: str) -> tuple[int, ...] | None:
+        tail = self._local_tail(turn, observation)
+        if tail is None:
+            return None
+        ids, notes = self._close_turn(self.encode(tail), generated_ids, finish_reason)
+        return None if notes else tuple(ids)
 
     def turn_text(self, generated_ids: Sequence[int]) -> str:
         """The generated text without its end-of-turn token, as parsers and the template see it.
@@ -189,7 +264,7 @@ class ChatRenderer:
 
     def encode(self, text: str) -> list[int]:
         """Rendered chat text → ids; the template writes its own BOS, so none is added."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.segments.encode(text)
 
     # -- internals -------------------------------------------------------------------------------
     def _remember_turn(self, turn: _SeenTurn) -> None:
@@ -257,12 +332,19 @@ class ChatRenderer:
 
     def _collect_stop_ids(self) -> list[int]:
         ids: list[int] = []
-        vocab = self.tokenizer.get_vocab()
-        candidates = [self.turn_end_id, self.tokenizer.eos_token_id, *(vocab.get(t) for t in END_OF_TURN_TOKENS)]
+        candidates = [self.turn_end_id, self.tokenizer.eos_token_id, *map(self._token_id, END_OF_TURN_TOKENS)]
         for token_id in candidates:
             if token_id is not None and token_id not in ids:
                 ids.append(token_id)
         return ids
+
+
+    def _token_id(self, token: str) -> int | None:
+        """The id of a whole token in the vocabulary, None when it is not one (no full vocabulary copy)."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or self.tokenizer.convert_ids_to_tokens(token_id) != token:
+            return None
+        return token_id
 
 
 def _divergence(expected_prefix: str, rendered: str) -> str:

@@ -47,15 +47,17 @@ class ChatTemplate:
     ) -> str:
         """The template's text; no tools (``None`` or empty) renders as ``tools=None``."""
         messages = [_with_reasoning_alias(m) for m in messages]
+        if not any(None in m.values() for m in messages):  # the common case: every view is the same
+            return self._render(messages, tools, add_generation_prompt)
         views = (
-            [{k: v for k, v in m.items() if v is not None} for m in messages],
-            messages,
-            [{**m, "content": ""} if m.get("content", "") is None else m for m in messages],
+            lambda: [{k: v for k, v in m.items() if v is not None} for m in messages],
+            lambda: messages,
+            lambda: [{**m, "content": ""} if m.get("content", "") is None else m for m in messages],
         )
         first_error: Exception | None = None
         for view in views:
             try:
-                return self._render(view, tools, add_generation_prompt)
+                return self._render(view(), tools, add_generation_prompt)
             except (UndefinedError, TypeError) as error:
                 first_error = first_error or error
                 if not any(m.get("content", "") is None for m in messages):

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from miles_envs.benchrun import BENCH_DIR, Measure, Outcome
-from miles_envs.cli.common import console, fail
+from miles_envs.cli.common import check_output_file, check_output_folder, console, fail, status
 
 MET = {True: "met", False: "missed", None: ""}
 STYLE = {True: "green", False: "red", None: ""}
@@ -95,7 +95,7 @@ def bench(
     results: Annotated[Optional[Path], typer.Option(help="Folder for result JSON and logs (default bench/results).")] = None,
     stored: Annotated[bool, typer.Option(help="Run nothing: build the table from the result files present.")] = False,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as markdown here.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds one script may run.")] = 3600,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds one script may run.")] = 3600,
 ) -> None:
     """Run the benchmark scripts one after another and print one table: each measure, its target
     from the issues, and whether it is met."""
@@ -107,12 +107,18 @@ def bench(
         fail(str(error))
     default_results = Path(tempfile.gettempdir()) / "miles-envs-bench-quick" if quick else BENCH_DIR / "results"
     results_dir = (results or default_results).resolve()
+    if markdown_out is not None:
+        check_output_file(markdown_out, "--markdown")
     if stored:
+        if not results_dir.is_dir():
+            fail(f"--stored: no results folder at {results_dir}; run the benches first, or give --results")
         outcomes = stored_outcomes(chosen, results_dir)
     else:
-        with console.status("") as status:
+        if not results_dir.is_dir():
+            check_output_folder(results_dir, "--results")
+        with status("starting benches") as running:
             outcomes = run_benches(chosen, results_dir, quick=quick, timeout=timeout,
-                                   on_start=lambda b: status.update(f"running bench/{b.script}"))
+                                   on_start=lambda b: running.update(f"running bench/{b.script}"))
     machine = machine_summary()
     console.print(rich_table(outcomes, title=f"miles-envs benchmarks{' (quick)' if quick else ''}"))
     console.print(f"[dim]{machine}; results in {results_dir}[/dim]")

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from miles_envs.cli.common import fail, needs_extras
+
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -19,27 +21,28 @@ def register(app: typer.Typer) -> None:
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="qwen3|qwen2_5|llama3|deepseek_v3 or a folder"),
         script: Optional[Path] = typer.Option(None, "--script", help="scripted engine: JSON list of replies"),
         host: str = typer.Option("127.0.0.1", "--host"),
-        port: int = typer.Option(8000, "--port"),
+        port: int = typer.Option(8000, "--port", min=0, max=65535, help="0 picks a free port"),
         model: str = typer.Option("miles-envs", "--model", help="the model name reported to clients"),
     ) -> None:
         """Serve /v1/chat/completions in front of an engine, recording each session's exact token ids."""
-        try:
-            import uvicorn
-
+        with needs_extras("serve-session"):
             from miles_envs.integrations.session_server import create_app
-        except ImportError as exc:
-            console.print(f"[red]error:[/] serve-session needs FastAPI and uvicorn ({exc}); pip install 'miles-envs[serve]'")
-            raise typer.Exit(1) from None
+            from miles_envs.serving import HTTPServer, run_forever
         from miles_envs.cli.wiring import build_engine, build_renderer
         from miles_envs.parsers import parser_for
 
-        renderer = build_renderer(engine, tokenizer)
+        try:
+            renderer = build_renderer(engine, tokenizer)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
         app_ = create_app(lambda: build_engine(engine, renderer.tokenizer, script), renderer, parser_for(renderer.tokenizer), model=model)
-        console.print(
-            f"OpenAI base_url: http://{host}:{port}/sessions/<session-id>/v1 (or /v1 with an X-Session-Id header); "
-            f"records at GET /sessions/<session-id>"
-        )
-        uvicorn.run(app_, host=host, port=port, log_level="info")
+        try:
+            run_forever(HTTPServer(app_, host=host, port=port, lifespan=True), lambda server: console.print(
+                f"OpenAI base_url: {server.url}/sessions/<session-id>/v1 (or /v1 with an X-Session-Id header); "
+                f"records at GET /sessions/<session-id>"
+            ))
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port (0 picks a free one)")
 
     @app.command("foreign")
     def foreign_cmd() -> None:

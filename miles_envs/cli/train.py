@@ -1,9 +1,11 @@
-"""``miles-envs train``: RL on a registered env (rollout -> train -> weight sync), with a progress bar."""
+"""``miles-envs train``: RL on a registered env (rollout -> train -> weight sync), with progress bars
+on a terminal and a periodic plain line otherwise (log files, CI, cluster jobs)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,9 +20,15 @@ class ProgressReporter:
 
     def __init__(self, progress: Progress, sft_steps: int, steps: int) -> None:
         self.progress = progress
+        self.sft_steps = sft_steps
         self.sft = progress.add_task("warm start", total=sft_steps, info="", visible=sft_steps > 0)
         self.rl = progress.add_task("RL", total=steps, info="")
         self.eval = ""
+
+    def resumed(self, step: int, warm_started: bool) -> None:
+        if warm_started:
+            self.progress.update(self.sft, completed=self.sft_steps, info="done")
+        self.progress.update(self.rl, completed=step, info=f"resumed at step {step}")
 
     def sft_step(self, step: int, metrics: dict[str, float]) -> None:
         self.progress.update(self.sft, completed=step, info=f"loss {metrics['sft/loss']:.3f}")
@@ -33,6 +41,46 @@ class ProgressReporter:
         if phase == "rl":
             self.progress.update(self.rl, completed=step, info=f"eval {reward:.3f} at step {step}")
         self.progress.console.print(f"eval ({phase.replace('_', ' ')}) step {step}: mean reward {reward:.3f}", highlight=False)
+
+
+class PlainReporter:
+    """One plain line at most every ``interval`` seconds (and at the last step of each phase)."""
+
+    def __init__(self, sft_steps: int, steps: int, interval: float) -> None:
+        self.sft_steps, self.steps, self.interval = sft_steps, steps, interval
+        self.started = time.monotonic()
+        self.last = float("-inf")
+
+    def line(self, text: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            elapsed = int(now - self.started)
+            err.print(f"[{elapsed // 60:d}m{elapsed % 60:02d}s] {text}", highlight=False, markup=False)
+
+    def resumed(self, step: int, warm_started: bool) -> None:
+        if step < self.steps:
+            warm = " (warm start done)" if warm_started and self.sft_steps else ""
+            self.line(f"resuming at RL step {step}/{self.steps}{warm}", force=True)
+
+    def sft_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.line(f"warm start {step}/{self.sft_steps}  loss {metrics['sft/loss']:.3f}", force=step == self.sft_steps)
+
+    def train_step(self, metrics: dict[str, float]) -> None:
+        step = int(metrics["step"])
+        self.line(f"RL step {step}/{self.steps}  reward {metrics['reward_mean']:.3f}", force=step == self.steps)
+
+    def evaluated(self, step: int, reward: float, phase: str) -> None:
+        self.line(f"eval ({phase.replace('_', ' ')}) step {step}: mean reward {reward:.3f}", force=True)
+
+
+def quiet_library_progress() -> None:
+    """transformers' own loading/saving bars would interleave with ours: the run reports progress."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
 
 
 def register(app: typer.Typer) -> None:
@@ -59,12 +107,24 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(0, "--eval-every", min=0, help="greedy eval on held-out seeds every K steps"),
         eval_tasks: int = typer.Option(32, "--eval-tasks", min=1),
         checkpoint_every: int = typer.Option(10, "--checkpoint-every", min=1),
+        keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="newest checkpoints kept under OUT/checkpoints"),
+        keep_serving: int = typer.Option(2, "--keep-serving", min=1, help="newest OUT/serving/step-N folders kept (--engine sglang)"),
         engine: Optional[str] = typer.Option(None, "--engine", help="sglang://HOST:PORT (default: embedded on --model)"),
         draft_tokens: int = typer.Option(0, "--draft-tokens", min=0, help="embedded speculative drafts (needs MTP)"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         seed: int = typer.Option(0, "--seed"),
         log: List[str] = typer.Option(["jsonl"], "--log", help="jsonl | tensorboard | wandb:PROJECT (repeatable)"),
         ray: int = typer.Option(0, "--ray", min=0, help="roll out on N Ray worker actors (local cluster, or RAY_ADDRESS)"),
+        async_mode: bool = typer.Option(False, "--async", help="keep rolling out while the trainer trains (bounded staleness)"),
+        max_staleness: Optional[int] = typer.Option(
+            None, "--max-staleness", help="--async: versions a trajectory's oldest token may lag the trainer (default 1)"),
+        on_stale: str = typer.Option("drop", "--on-stale", help="--async: drop | resample a group past the bound"),
+        oversample: float = typer.Option(1.0, "--oversample", help="--async: keep this many times more groups running"),
+        buffer_tokens: Optional[int] = typer.Option(
+            None, "--buffer-tokens", help="--async: start no new group while this many tokens wait in the buffer"),
+        staleness_decay: float = typer.Option(1.0, "--staleness-decay", help="weigh a token k versions stale by DECAY**k"),
+        progress_every: float = typer.Option(30.0, "--progress-every", min=0,
+                                             help="seconds between plain progress lines when stderr is not a terminal"),
     ) -> None:
         """Train a policy on an env with RL; a rerun with the same --out resumes from its checkpoint."""
         from miles_envs.cli.train_run import BackendUnavailable, TrainSettings, run_training
@@ -75,17 +135,25 @@ def register(app: typer.Typer) -> None:
             lora_rank=lora, lr=lr, tasks_per_step=tasks_per_step, group_size=group_size, max_new_tokens=max_new_tokens,
             temperature=temperature, sft_warmup=sft_warmup, sft_lr=sft_lr, sft_batch=sft_batch, eval_every=eval_every,
             eval_tasks=eval_tasks, checkpoint_every=checkpoint_every, engine=engine, draft_tokens=draft_tokens,
-            device=device, seed=seed, log=tuple(log), ray_workers=ray,
+            device=device, seed=seed, log=tuple(log), ray_workers=ray, async_mode=async_mode, max_staleness=max_staleness,
+            on_stale=on_stale, oversample=oversample, max_buffer_tokens=buffer_tokens, staleness_decay=staleness_decay,
+            keep_checkpoints=keep_checkpoints, keep_serving=keep_serving,
         )
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"))
+        quiet_library_progress()
         try:
-            with Progress(*columns, console=err) as progress:
-                summary = asyncio.run(run_training(settings, ProgressReporter(progress, sft_warmup, steps)))
-        except (RegistryError, BackendUnavailable, ValueError, FileNotFoundError, ImportError) as exc:
+            if err.is_terminal:
+                columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("{task.fields[info]}"))
+                with Progress(*columns, console=err) as progress:
+                    summary = asyncio.run(run_training(settings, ProgressReporter(progress, sft_warmup, steps)))
+            else:
+                summary = asyncio.run(run_training(settings, PlainReporter(sft_warmup, steps, progress_every)))
+        except (RegistryError, BackendUnavailable, ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
             fail(str(exc))
+        if summary.get("already_complete"):
+            err.print(f"already complete: {out} has trained {summary['steps_done']} of --steps {steps}; "
+                      "nothing to do (raise --steps to train further)", highlight=False)
         keys = ("steps_done", "eval_reward_before_warmup", "eval_reward_rl_start", "eval_reward_end",
                 "train_reward_first", "train_reward_last")
         err.print_json(json.dumps({k: summary[k] for k in keys}))
         err.print(f"metrics → {out / 'metrics.json'}\ncheckpoints → {out / 'checkpoints'}")
-

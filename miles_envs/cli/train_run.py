@@ -1,10 +1,14 @@
-"""The ``miles-envs train`` run: backend and engine wiring, warm start, RL chunks, eval, summary.
+"""The ``miles-envs train`` run: backend and engine wiring, warm start, RL (synchronous or
+asynchronous), eval, summary.
 
-Layout of ``OUT``: ``checkpoints/`` (resume point; ``step_000000`` is the warm-started model),
-``metrics.jsonl`` (one line per RL step, written by the trainer loop), ``sft.jsonl`` and
-``eval.jsonl`` (warm-start steps and evaluations), ``tensorboard/`` when asked, and
-``metrics.json`` (the run's summary, rewritten at the end of every run). A rerun with the same
-``OUT`` resumes from the newest checkpoint and skips the warm start.
+Layout of ``OUT``: ``checkpoints/`` (resume point; ``step_000000`` is the warm-started model; the
+newest ``keep_checkpoints`` are kept), ``metrics.jsonl`` (one line per RL step, written by the
+trainer loop), ``sft.jsonl`` and ``eval.jsonl`` (warm-start steps and evaluations),
+``serving/`` (checkpoints an SGLang server reloads; the newest ``keep_serving`` are kept),
+``tensorboard/`` when asked, and ``metrics.json`` (the run's summary, replaced atomically at the end
+of every run). A rerun with the same ``OUT`` resumes from the newest checkpoint, skips the warm
+start, and cuts the records that the killed run wrote after that checkpoint, so no step is logged
+twice; a rerun of a finished run says so and trains nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -57,10 +64,20 @@ class TrainSettings:
     seed: int = 0
     log: tuple[str, ...] = ("jsonl",)
     ray_workers: int = 0  # > 0: rollouts on Ray actors, each with its own embedded engine
+    async_mode: bool = False  # rollouts keep running while the trainer trains (trainer.async_loop)
+    max_staleness: int | None = None  # async: versions a trajectory may lag the trainer (default 1)
+    on_stale: str = "drop"
+    oversample: float = 1.0
+    max_buffer_tokens: int | None = None
+    staleness_decay: float = 1.0
+    keep_checkpoints: int = 2
+    keep_serving: int = 2
 
 
 class Reporter(Protocol):
     """What the run tells the progress display."""
+
+    def resumed(self, step: int, warm_started: bool) -> None: ...
 
     def sft_step(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -71,6 +88,52 @@ class Reporter(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """The chosen training backend cannot be imported here."""
+
+
+DEFAULT_MAX_STALENESS = 1
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """Configuration mistakes, found before anything is loaded or written."""
+    model = Path(settings.model)
+    if not model.is_dir() or not (model / "config.json").is_file():
+        what = "does not exist" if not model.exists() else "is not a model folder (no config.json)"
+        raise FileNotFoundError(
+            f"--model {model} {what}: give an HF checkpoint folder, e.g. one made by "
+            f"`miles-envs init-model {model} --arch qwen3 --size tiny --tokenizer qwen3`"
+        )
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {settings.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if settings.backend == "megatron":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("--backend megatron trains on CUDA GPUs and none is visible here: use --backend torch")
+    if not 0.0 < settings.staleness_decay <= 1.0:
+        raise ValueError(f"--staleness-decay {settings.staleness_decay}: must be in (0, 1] (1: stale tokens weigh like fresh ones)")
+    if settings.async_mode:
+        from miles_envs.trainer.async_loop import LiveUpdateUnsupported
+
+        async_settings(settings).validate()
+        if settings.engine is not None and settings.lora_rank:
+            raise LiveUpdateUnsupported(
+                "--async pushes weights while episodes run, but an SGLang server swaps LoRA adapters by unloading and "
+                "reloading them, which fails the requests in flight: drop --lora or --async"
+            )
+    else:
+        given = {"--max-staleness": settings.max_staleness is not None, "--on-stale": settings.on_stale != "drop",
+                 "--oversample": settings.oversample != 1.0, "--buffer-tokens": settings.max_buffer_tokens is not None}
+        if any(given.values()):
+            raise ValueError(f"{', '.join(k for k, v in given.items() if v)} set the asynchronous schedule: add --async")
+
+
+def async_settings(settings: TrainSettings):
+    from miles_envs.trainer.async_loop import AsyncSettings
+
+    staleness = DEFAULT_MAX_STALENESS if settings.max_staleness is None else settings.max_staleness
+    if staleness < 0:
+        raise ValueError(f"--max-staleness {staleness}: give a whole number of versions >= 0 (1-4 is the usual range)")
+    return AsyncSettings(staleness, settings.on_stale, settings.oversample, settings.max_buffer_tokens)
 
 
 def load_backend(name: str) -> type:
@@ -94,7 +157,7 @@ def trainer_config(settings: TrainSettings):
 
     return TrainerConfig(
         algo=settings.algo, lr=settings.lr, r3=settings.r3, mtp_sft=settings.mtp_sft, mtp_lr=settings.mtp_lr,
-        lora_rank=settings.lora_rank,
+        lora_rank=settings.lora_rank, staleness_decay=settings.staleness_decay,
         temperature=settings.temperature, device=settings.device, seed=settings.seed,
     )
 
@@ -108,6 +171,9 @@ class SyncedEngine:
 
     def __init__(self, engine: Any, push: Callable[[Any, Any, str | None], Any]) -> None:
         self.engine, self._push = engine, push
+
+    def __getattr__(self, name: str) -> Any:  # capacity() and the like: the wrapped engine's
+        return getattr(self.engine, name)
 
     async def generate(self, *args: Any, **kwargs: Any):
         return await self.engine.generate(*args, **kwargs)
@@ -160,20 +226,36 @@ async def build_engine(settings: TrainSettings, trainer: Any) -> SyncedEngine:
         trainer.model.save_pretrained(folder, safe_serialization=True)
         if not lora:
             await engine.update_weights(str(folder), version=version)
-            return
-        if adapter_loaded:
-            await engine.unload_lora_adapter(ADAPTER_NAME)
-        await engine.load_lora_adapter(ADAPTER_NAME, str(folder))
-        adapter_loaded = True
+        else:
+            if adapter_loaded:
+                await engine.unload_lora_adapter(ADAPTER_NAME)
+            await engine.load_lora_adapter(ADAPTER_NAME, str(folder))
+            adapter_loaded = True
+        prune_serving(serving, settings.keep_serving)
 
     return SyncedEngine(make_engine(settings.engine), push_to_disk)
 
 
-def ray_rollouts(settings: TrainSettings, engine: SyncedEngine) -> tuple[SyncedEngine, Callable[..., Any]]:
+def prune_serving(serving: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``serving/step-N`` folders (the server has loaded the newest)."""
+    from miles_envs.trajectory import version_number
+
+    folders = sorted((p for p in serving.glob("step-*") if p.is_dir()), key=lambda p: version_number(p.name) or 0)
+    for old in folders[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class RayRollouts:
+    collect: Callable[..., Any]  # a synchronous step's rollout
+    run_group: Callable[..., Any]  # one group, for asynchronous training
+
+
+def ray_rollouts(settings: TrainSettings, engine: SyncedEngine) -> tuple[SyncedEngine, RayRollouts]:
     """Rollouts on ``settings.ray_workers`` Ray actors, each with its own embedded engine on ``--model``.
 
     Returns the engine to sync (the local one, kept for eval, plus every worker's) and the
-    ``collect`` function the trainer loop calls instead of its in-process rollout.
+    functions the trainer loops call instead of their in-process rollout.
     """
     if settings.engine is not None or settings.lora_rank:
         raise ValueError("--ray runs embedded engines on the workers: drop --engine and --lora")
@@ -202,7 +284,13 @@ def ray_rollouts(settings: TrainSettings, engine: SyncedEngine) -> tuple[SyncedE
     async def collect(n: int, group_size: int, config: LoopConfig, seed: int):
         return await distributed_rollout(workers, settings.env_id, n=n, group_size=group_size, config=config, seed=seed)
 
-    return SyncedEngine(local, push), collect
+    async def run_group(index: int, group_size: int, config: LoopConfig, env_seed: int):
+        """One group on worker ``index % N`` (asynchronous training streams groups, not steps)."""
+        worker = workers[index % len(workers)]
+        for trajectory in await worker.run.remote(settings.env_id, 0, 1, group_size, config, env_seed):
+            yield trajectory
+
+    return SyncedEngine(local, push), RayRollouts(collect, run_group)
 
 
 async def evaluate(settings: TrainSettings, engine: Any, renderer: Any) -> float:
@@ -219,46 +307,110 @@ async def evaluate(settings: TrainSettings, engine: Any, renderer: Any) -> float
 
 
 class RunLog:
-    """The run's JSON-lines files and the optional TensorBoard / W&B sinks."""
+    """The run's JSON-lines files and the optional TensorBoard / W&B sinks.
+
+    A W&B run keeps one id per ``OUT`` (in ``OUT/wandb_run_id``), so a resumed run continues it.
+    """
 
     def __init__(self, out: Path, log: tuple[str, ...]) -> None:
-        from miles_envs.logging_sinks import JsonSink, open_sinks
+        from miles_envs.logging_sinks import FanOutSink, JsonSink, WandbSink, open_sink
 
         self.sft = JsonSink(out / "sft.jsonl")
         self.eval = JsonSink(out / "eval.jsonl")
-        specs = [spec for spec in log if spec not in ("json", "jsonl")]
-        specs = [f"tensorboard:{out / 'tensorboard'}" if spec == "tensorboard" else spec for spec in specs]
-        self.dashboards = open_sinks(specs)
+        sinks = []
+        for spec in log:
+            if spec in ("json", "jsonl"):
+                continue
+            if spec == "tensorboard":
+                spec = f"tensorboard:{out / 'tensorboard'}"
+            kind, _, project = spec.partition(":")
+            if kind == "wandb" and project:
+                sinks.append(WandbSink(project, name=out.name, dir=out, run_id=wandb_run_id(out)))
+            else:
+                sinks.append(open_sink(spec))
+        self.dashboards = FanOutSink(sinks)
 
     def close(self) -> None:
         for sink in (self.sft, self.eval, self.dashboards):
             sink.close()
 
 
+def wandb_run_id(out: Path) -> str:
+    """The W&B run id of this run folder, made once."""
+    file = out / "wandb_run_id"
+    if not file.is_file():
+        write_atomic(file, uuid.uuid4().hex[:16])
+    return file.read_text().strip()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """Records of a JSON-lines file; a line torn by a kill is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+RECORD_FILES = ("metrics.jsonl", "sft.jsonl", "eval.jsonl")
+
+
+def prepare_out(out: Path) -> int | None:
+    """The step of ``OUT``'s newest checkpoint (None: a fresh run), with the run's records made to
+    match it: a fresh run drops records a killed, never-checkpointed run left; a resumed one cuts
+    eval records after its checkpoint (the trainer loop cuts its own)."""
+    from miles_envs.trainer.checkpoint import checkpoint_step, latest_checkpoint
+    from miles_envs.trainer.loop import trim_jsonl
+
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    if checkpoint is None:
+        for name in RECORD_FILES:
+            (out / name).unlink(missing_ok=True)
+        return None
+    step = checkpoint_step(checkpoint)
+    trim_jsonl(out / "eval.jsonl", step)
+    return step
 
 
 async def run_training(settings: TrainSettings, reporter: Reporter) -> dict[str, Any]:
-    """Warm start (fresh runs), then RL in chunks of ``eval_every`` steps with an eval after each."""
+    """Warm start (fresh runs), then RL in chunks of ``eval_every`` steps with an eval after each
+    (synchronous), or one asynchronous run that evaluates every ``eval_every`` steps."""
     from miles_envs.cli.wiring import build_renderer
     from miles_envs.registry import spec
     from miles_envs.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from miles_envs.trainer.loop import train
 
     spec(settings.env_id)  # unknown env ids fail before any model loads
+    check_settings(settings)
     started = time.perf_counter()
     out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a folder for the run (checkpoints, metrics, logs)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be created ({exc.strerror or exc}): give a writable folder") from None
+    resumed_step = prepare_out(out)
+    if resumed_step is not None:
+        reporter.resumed(resumed_step, True)
+        if resumed_step >= settings.steps:
+            return {**write_summary(settings, time.perf_counter() - started), "already_complete": True}
     trainer = load_backend(settings.backend).from_pretrained(str(settings.model), trainer_config(settings))
     renderer = build_renderer(f"embedded:{settings.model}", None)
     resume = latest_checkpoint(out / "checkpoints")
     if resume is not None:
         load_checkpoint(trainer, resume)
     engine = await build_engine(settings, trainer)
-    collect = None
+    ray = None
     if settings.ray_workers:
-        engine, collect = ray_rollouts(settings, engine)
+        engine, ray = ray_rollouts(settings, engine)
     log = RunLog(out, settings.log)
     loop_config = LoopConfig(
         sampling=SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens, seed=settings.seed),
@@ -279,26 +431,51 @@ async def run_training(settings: TrainSettings, reporter: Reporter) -> dict[str,
         await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
         if resume is None and settings.sft_warmup:
             await warm_start_run(settings, trainer, renderer, log, reporter, eval_now if settings.eval_every else None)
-            save_checkpoint(trainer, out / "checkpoints")
+            save_checkpoint(trainer, out / "checkpoints", keep=settings.keep_checkpoints)
             await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
         evaluated = {int(e["step"]) for e in read_jsonl(out / "eval.jsonl") if e["phase"] == RL_PHASE}
         if settings.eval_every and trainer.step not in evaluated:
             await eval_now()
-        while trainer.step < settings.steps:
-            chunk_end = settings.steps
-            if settings.eval_every:
-                chunk_end = min(settings.steps, (trainer.step // settings.eval_every + 1) * settings.eval_every)
-            await train(
-                settings.env_id, engine, trainer, chunk_end, renderer=renderer, tasks_per_step=settings.tasks_per_step,
-                group_size=settings.group_size, loop_config=loop_config, out_dir=out,
-                checkpoint_every=settings.checkpoint_every, seed=settings.seed, on_step=on_train_step, collect=collect,
-            )
-            if settings.eval_every:
-                await eval_now()
+        common = dict(
+            renderer=renderer, tasks_per_step=settings.tasks_per_step, group_size=settings.group_size,
+            loop_config=loop_config, out_dir=out, checkpoint_every=settings.checkpoint_every,
+            keep_checkpoints=settings.keep_checkpoints, seed=settings.seed, on_step=on_train_step,
+        )
+        if settings.async_mode:
+            await train_rl_async(settings, engine, trainer, ray, common, eval_now)
+        else:
+            await train_rl_sync(settings, engine, trainer, ray, common, eval_now)
     finally:
         log.close()
         await engine.close()
     return write_summary(settings, time.perf_counter() - started)
+
+
+async def train_rl_sync(settings: TrainSettings, engine, trainer, ray, common: dict[str, Any], eval_now) -> None:
+    """RL in chunks of ``eval_every`` steps with an eval after each."""
+    from miles_envs.trainer.loop import train
+
+    while trainer.step < settings.steps:
+        chunk_end = settings.steps
+        if settings.eval_every:
+            chunk_end = min(settings.steps, (trainer.step // settings.eval_every + 1) * settings.eval_every)
+        await train(settings.env_id, engine, trainer, chunk_end, collect=ray and ray.collect, **common)
+        if settings.eval_every:
+            await eval_now()
+
+
+async def train_rl_async(settings: TrainSettings, engine, trainer, ray, common: dict[str, Any], eval_now) -> None:
+    """One asynchronous run; evals every ``eval_every`` steps while rollouts continue."""
+    from miles_envs.trainer.async_loop import train_async
+
+    async def after_step(step: int) -> None:
+        if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
+            await eval_now()
+
+    await train_async(
+        settings.env_id, engine, trainer, settings.steps, settings=async_settings(settings), after_step=after_step,
+        run_group=ray and ray.run_group, **common,
+    )
 
 
 async def warm_start_run(settings, trainer, renderer, log: RunLog, reporter: Reporter, eval_now) -> None:
@@ -339,5 +516,5 @@ def write_summary(settings: TrainSettings, wall_s: float) -> dict[str, Any]:
         "train_reward_last": steps[-1][1]["reward_mean"] if steps else None,
         "sft_loss_last": sft[-1]["sft/loss"] if sft else None,
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
     return summary

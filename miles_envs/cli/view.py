@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import track
 
-from miles_envs.cli.common import console, fail
+from miles_envs.cli.common import check_output_file, console, fail, needs_extras, quiet_loaders, removed_on_failure, track
 
 
 def view(
@@ -21,27 +20,35 @@ def view(
 ) -> None:
     """Write an HTML page (opens from disk, no server) to browse trajectories: conversation, token
     view with loss mask, logprob heat, tool calls and routing, filters by env, status and reward."""
-    from miles_envs.tokenizers import KNOWN, load_tokenizer
+    from miles_envs.cli.wiring import load_checked_tokenizer, resolve_tokenizer
     from miles_envs.trajectory_io import read_trajectories
     from miles_envs.viewer import write_page
 
     if not file.is_file():
         fail(f"no trajectory file at {file}")
-    if tokenizer is not None and tokenizer not in KNOWN and not Path(tokenizer).is_dir():
-        fail(f"--tokenizer {tokenizer!r}: give one of {', '.join(KNOWN)} or a folder with tokenizer files")
+    output = output or file.with_suffix(".html")
+    if output.resolve() == file.resolve():
+        fail(f"--output {output} is the trajectory file itself; give another path (default: {file.with_suffix('.html')})")
+    check_output_file(output, "--output")
     try:
-        trajectories = read_trajectories(file)
+        if tokenizer is not None:
+            resolve_tokenizer(tokenizer)
     except ValueError as exc:
         fail(str(exc))
-    loaded_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
-    output = output or file.with_suffix(".html")
-    stats = write_page(
-        track(trajectories, description="encoding episodes", console=console, transient=True),
-        output,
-        tokenizer=loaded_tokenizer,
-        include_routing=routing,
-        title=file.name,
-    )
+    with needs_extras("view"):
+        try:
+            trajectories = read_trajectories(file)
+        except (ValueError, KeyError, TypeError) as exc:
+            fail(f"{file} is not a trajectory file ({type(exc).__name__}: {exc}); give a file written by `miles-envs rollout`")
+        quiet_loaders()
+        try:
+            loaded_tokenizer = None if tokenizer is None else load_checked_tokenizer(tokenizer)
+        except ValueError as exc:
+            fail(str(exc))
+    with removed_on_failure(output, make_parent=True):
+        stats = write_page(
+            track(trajectories, "encoding episodes"), output, tokenizer=loaded_tokenizer, include_routing=routing, title=file.name,
+        )
     console.print(f"wrote [bold]{output}[/bold]: {stats.episodes} episodes, {stats.bytes / 1e6:.2f} MB")
 
 

@@ -9,6 +9,15 @@ BUILTIN_SPECS: list[dict] = [
         "tags": ["game", "multi-turn"],
     },
     {
+        "id": "miles/GuessNumber7-v0",
+        "entry_point": "miles_envs.envs.guess_number:GuessNumberEnv",
+        "kwargs": {"low": 1, "high": 7, "max_guesses": 3, "demo_strategy": "scan", "list_left": True},
+        "max_turns": 3,
+        "description": "GuessNumber on 1..7 in 3 guesses, feedback lists the numbers left; demonstrations "
+        "guess one at random, bisection always wins.",
+        "tags": ["game", "multi-turn"],
+    },
+    {
         "id": "miles/Echo-v0",
         "entry_point": "miles_envs.envs.echo:EchoEnv",
         "max_turns": 1,

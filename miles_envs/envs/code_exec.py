@@ -1,9 +1,14 @@
-"""``miles/CodeExec-v0``: write a Python function; reward = fraction of hidden unit tests passed.
+"""``miles/CodeExec-v0``: code tasks graded by tests run in a sandbox. Two task families:
 
-Multi-turn: the model may call the ``python`` tool to run code in the sandbox and read the output,
-then answers with the function in a ```python fenced block. The hidden tests run in the sandbox
-too, but only their inputs go in: the function's outputs come back as JSON and are compared with
-the expected values here, so code in the sandbox cannot see (or forge) what counts as correct.
+- ``family="functions"`` (default): write a Python function; reward = fraction of hidden unit tests
+  passed. The model may call the ``python`` tool to run code in the sandbox and read the output,
+  then answers with the function in a ```python fenced block. The hidden tests run in the sandbox
+  too, but only their inputs go in: the function's outputs come back as JSON and are compared with
+  the expected values here, so code in the sandbox cannot see (or forge) what counts as correct.
+- ``family="repo"``: fix an issue in a small generated repository through file and shell tools
+  over several turns; reward = fraction of the repository's tests passing (see code_exec_repo.py).
+
+Every episode spends from a :class:`SandboxBudget` (``max_runs`` executions, ``sandbox_s`` seconds).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 from miles_envs.env import Env, Message, ResetResult, StepResult, system, user
 from miles_envs.sandbox import ExecResult, Limits, Sandbox, SandboxPool, make_sandbox
+from miles_envs.sandbox.budget import SandboxBudget
 
 PYTHON_TOOL: dict[str, Any] = {
     "type": "function",
@@ -64,6 +70,9 @@ for _args in json.loads({arguments!r}):
         signal.setitimer(signal.ITIMER_REAL, 0)
 print({marker!r} + json.dumps(_results, default=repr))
 """
+
+
+FAMILIES = ("functions", "repo")
 
 
 @dataclass(frozen=True)
@@ -117,10 +126,12 @@ def _canonical(value: Any) -> str:
 
 
 class CodeExecEnv(Env):
-    """One programming problem per episode; see the module docstring.
+    """One programming task per episode; see the module docstring.
 
     ``sandbox`` is a backend name (the env then owns one sandbox and closes it), a Sandbox, or a
-    SandboxPool shared by many envs. ``max_runs`` bounds the ``python`` tool calls per episode.
+    pool shared by many envs (SandboxPool, RaySandboxPool). ``max_runs`` bounds the code runs per
+    episode (``python`` calls; ``run`` commands in the repo family, whose file tools spend only
+    time) and ``sandbox_s`` their summed seconds.
     """
 
     max_turns = 6
@@ -129,22 +140,32 @@ class CodeExecEnv(Env):
         self,
         sandbox: str | Sandbox | SandboxPool = "local",
         *,
-        max_runs: int = 4,
+        family: str = "functions",
+        max_runs: int | None = 4,
+        sandbox_s: float | None = None,
         timeout: float = 10.0,
         per_test_s: float = 2.0,
         limits: Limits | None = None,
         problems: list[Problem] | None = None,
     ) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown task family {family!r}; CodeExec-v0 has {', '.join(FAMILIES)}")
         self._owns_sandbox = isinstance(sandbox, str)
         self._backend = sandbox if isinstance(sandbox, str) else None
         self._sandbox: Sandbox | SandboxPool | None = None if self._owns_sandbox else sandbox
-        self.max_runs = max_runs
+        self.family = family
+        self.budget = SandboxBudget(runs=max_runs, seconds=sandbox_s)
+        self.meter = self.budget.meter()
+        self.repo = None
+        if family == "repo":
+            from miles_envs.envs.code_exec_repo import RepoFamily  # it builds on this module
+
+            self.repo = RepoFamily()
         self.timeout = timeout
         self.per_test_s = per_test_s
         self.limits = limits or Limits()
         self.problems = problems or load_problems()
         self.problem: Problem | None = None
-        self.runs = 0
 
     @property
     def sandbox(self) -> Sandbox | SandboxPool:
@@ -154,6 +175,9 @@ class CodeExecEnv(Env):
 
     async def areset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
         options = options or {}
+        self.meter = self.budget.meter()
+        if self.repo is not None:
+            return await self.repo.reset(self.sandbox, self.meter, self.timeout, self.limits, seed, options)
         if "problem_id" in options:
             matches = [p for p in self.problems if p.id == options["problem_id"]]
             if not matches:
@@ -162,18 +186,23 @@ class CodeExecEnv(Env):
             self.problem = matches[0]
         else:
             self.problem = random.Random(seed).choice(self.problems)
-        self.runs = 0
         prompt = f"{self.problem.prompt}\n\nDefine the function `{self.problem.entry_point}`."
         return [system(SYSTEM_PROMPT), user(prompt)], {"tools": [PYTHON_TOOL], "problem_id": self.problem.id}
 
     async def astep(self, action: Message) -> StepResult:
+        if self.repo is not None:
+            result = await self.repo.step(action)
+            if result[2]:
+                # An owned sandbox lives one repo episode: the next may run on another event loop.
+                await self._close_sandbox()
+            return result
         if self.problem is None:
             raise RuntimeError("step() before reset(): call reset() first")
         if action.get("tool_calls"):
             return [await self._tool_reply(call) for call in action["tool_calls"]], 0.0, False, False, {}
         solution = extract_solution(action.get("content"))
         if solution is None:
-            info = {"reward_components": {"tests_passed": 0.0, "format": 0.0}, "tests_passed": 0}
+            info = {"reward_components": {"tests_passed": 0.0, "format": 0.0}, "tests_passed": 0, **self.meter.usage()}
             return [], 0.0, True, False, info
         passed, total = await self.grade(solution)
         fraction = passed / total
@@ -181,6 +210,7 @@ class CodeExecEnv(Env):
             "reward_components": {"tests_passed": fraction, "format": 1.0},
             "tests_passed": passed,
             "tests_total": total,
+            **self.meter.usage(),
         }
         return [], fraction, True, False, info
 
@@ -222,10 +252,12 @@ class CodeExecEnv(Env):
             code = arguments["code"]
         except (json.JSONDecodeError, KeyError, TypeError):
             return {**reply, "content": 'Error: arguments must be JSON like {"code": "print(1)"}.'}
-        if self.runs >= self.max_runs:
-            return {**reply, "content": f"Error: no runs left ({self.max_runs} used). Reply with your solution."}
-        self.runs += 1
-        return {**reply, "content": await run_python(code, self.sandbox)}
+        refusal = self.meter.refusal()
+        if refusal:
+            return {**reply, "content": f"Error: {refusal}. Reply with your solution."}
+        result = await self.sandbox.run(code, language="python", timeout=self.meter.timeout(self.timeout))
+        self.meter.charge(result)
+        return {**reply, "content": format_exec_result(result)}
 
     async def aclose(self) -> None:
         await self._close_sandbox()
@@ -238,6 +270,8 @@ class CodeExecEnv(Env):
         super().close()
 
     async def _close_sandbox(self) -> None:
+        if self.repo is not None:
+            await self.repo.end()
         if self._owns_sandbox and self._sandbox is not None:
             sandbox, self._sandbox = self._sandbox, None
             await sandbox.close()

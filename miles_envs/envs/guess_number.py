@@ -1,4 +1,10 @@
-"""``miles/GuessNumber-v0``: a multi-turn guessing game with a verifiable reward."""
+"""``miles/GuessNumber-v0``: a multi-turn guessing game with a verifiable reward.
+
+``miles/GuessNumber7-v0`` is the same game on 1..7 with 3 guesses; its prompt and feedback list
+the numbers still possible, and its demonstrations guess the lowest of them (or, one time in two,
+a random one): a valid but weak strategy. Bisection wins every game, a pure upward scan three in
+seven, so a warm start on the demonstrations leaves room that only the reward can show the way to.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 from miles_envs.env import Env, Message, ResetResult, StepResult, system, user
 
 _NUMBER = re.compile(r"-?\d+")
+DEMO_STRATEGIES = ("bisect", "random", "scan")
 
 
 class GuessNumberEnv(Env):
@@ -16,28 +23,42 @@ class GuessNumberEnv(Env):
 
     Reward = 0.9·correct + 0.1·format, where format is the fraction of replies holding a number.
     The game ends when the number is found or ``max_guesses`` guesses are spent.
+    ``demo_strategy`` picks what :meth:`demonstration` teaches: ``bisect`` (optimal), ``random`` (a
+    uniform guess among the numbers the feedback still allows) or ``scan`` (the lowest of them, or
+    one time in two a random one of them); the random draws are seeded by ``reset``'s seed.
+    ``list_left`` lists the numbers still possible in the prompt and the feedback ("higher: 5 6 7"),
+    for small ranges.
     """
 
     max_turns = 8
     run_inline = True
 
-    def __init__(self, low: int = 1, high: int = 100, max_guesses: int = 7) -> None:
+    def __init__(self, low: int = 1, high: int = 100, max_guesses: int = 7, demo_strategy: str = "bisect",
+                 list_left: bool = False) -> None:
         if low >= high:
             raise ValueError(f"low ({low}) must be below high ({high})")
+        if demo_strategy not in DEMO_STRATEGIES:
+            raise ValueError(f"unknown demo_strategy {demo_strategy!r}: choose one of {', '.join(DEMO_STRATEGIES)}")
         self.low, self.high, self.max_guesses = low, high, max_guesses
+        self.demo_strategy, self.list_left = demo_strategy, list_left
+        self.possible = (low, high)
         self.secret: int | None = None
         self.guesses = 0
         self.formatted = 0
+        self._demo_rng = random.Random(0)
 
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
         rng = random.Random(seed)
         self.secret = rng.randint(self.low, self.high)
+        self._demo_rng = random.Random(rng.random())
         self.guesses = self.formatted = 0
+        self.possible = (self.low, self.high)
+        numbers = f"one of {self._left()}" if self.list_left else f"from {self.low} to {self.high}"
         prompt = (
-            f"I am thinking of an integer between {self.low} and {self.high}. You have {self.max_guesses} "
-            "guesses. Reply with one number per turn; I will say 'higher' or 'lower'."
+            f"Guess my integer, {numbers}, in {self.max_guesses} guesses. "
+            "Reply with one number; I answer 'higher' or 'lower'."
         )
-        return [system("You are playing a number guessing game."), user(prompt)], {}
+        return [system("Number guessing game."), user(prompt)], {}
 
     def step(self, action: Message) -> StepResult:
         if self.secret is None:
@@ -53,7 +74,12 @@ class GuessNumberEnv(Env):
         elif guess is None:
             reply = "I could not find a number in your reply. Reply with a single integer."
         else:
+            low, high = self.possible
+            low, high = (max(low, guess + 1), high) if guess < self.secret else (low, min(high, guess - 1))
+            self.possible = (low, high)
             reply = "higher" if guess < self.secret else "lower"
+            if self.list_left:
+                reply += f": {self._left()}"
         if over and not correct:
             reply += f" Out of guesses: the number was {self.secret}."
         components = {"correct": float(correct), "format": self.formatted / self.guesses}
@@ -61,8 +87,11 @@ class GuessNumberEnv(Env):
         info = {"reward_components": components} if over else {}
         return [user(reply)], reward, over, False, info
 
+    def _left(self) -> str:
+        return " ".join(str(n) for n in range(self.possible[0], self.possible[1] + 1))
+
     def demonstration(self, history: list[Message]) -> Message:
-        """The optimal (binary search) reply given the conversation so far: a teacher for warm starts."""
+        """The reply of ``demo_strategy`` given the conversation so far: a teacher for warm starts."""
         low, high = self.low, self.high
         last_guess = None
         for message in history:
@@ -74,4 +103,11 @@ class GuessNumberEnv(Env):
                 low = last_guess + 1
             elif last_guess is not None and content.startswith("lower"):
                 high = last_guess - 1
-        return {"role": "assistant", "content": str((low + high) // 2)}
+        high = max(low, high)
+        if self.demo_strategy == "bisect":
+            guess = (low + high) // 2
+        elif self.demo_strategy == "scan" and self._demo_rng.random() < 0.5:
+            guess = low
+        else:
+            guess = self._demo_rng.randint(low, high)
+        return {"role": "assistant", "content": str(guess)}

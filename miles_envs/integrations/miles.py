@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import copy
 import json
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -67,23 +68,50 @@ def _parser(tokenizer_path: str):
     return parser_for(_renderer(tokenizer_path).tokenizer)
 
 
-_engines: dict[tuple[str, int], Engine] = {}
+# One SGLang client per router and event loop (an httpx client is bound to its loop). Keyed by the
+# loop object, weakly: a new loop may reuse a closed one's id(), never its identity.
+_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Engine]] = weakref.WeakKeyDictionary()
 
 
 def _engine(args: Any) -> Engine:
-    """One SGLang client per router and event loop (an httpx client is bound to its loop)."""
     from miles_envs.agents.sglang import SGLangEngine
 
     url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
-    key = (url, id(asyncio.get_running_loop()))
-    if key not in _engines:
+    clients = _engines.setdefault(asyncio.get_running_loop(), {})
+    if url not in clients:
         routing = bool(getattr(args, "use_rollout_routing_replay", False))
-        _engines[key] = SGLangEngine(
+        clients[url] = SGLangEngine(
             url,
             num_layers=getattr(args, "num_layers", None) if routing else None,
             topk=getattr(args, "moe_router_topk", None) if routing else None,
         )
-    return _engines[key]
+    return clients[url]
+
+
+class PrefixCacheMeter:
+    """The engine, counting one trajectory's prompt and prefix-cached tokens over all its turns for
+    Miles' ``Sample.prefix_cache_info`` (its prefix-cache hit-rate metric reads these)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cached_tokens = 0
+        self.prompt_tokens = 0
+
+    async def generate(self, input_ids: list[int], sampling: Any, **options: Any) -> Any:
+        generation = await self.engine.generate(input_ids, sampling, **options)
+        self.prompt_tokens += generation.prompt_tokens or len(input_ids)
+        self.cached_tokens += generation.cached_tokens
+        return generation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def fill(self, sample: Any) -> Any:
+        info = getattr(sample, "prefix_cache_info", None)
+        if info is not None:
+            info.cached_tokens += self.cached_tokens
+            info.total_prompt_tokens += self.prompt_tokens
+        return sample
 
 
 def _arg(args: Any, name: str, default: Any = None) -> Any:
@@ -132,13 +160,14 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any]) -> A
     try:
         if env.multi_agent:
             return await _generate_multi(args, sample, env, env_id, renderer, parser, config, seed)
+        meter = PrefixCacheMeter(_engine(args))
         trajectory = await run_episode(
-            env, _engine(args), renderer, parser, config, seed=seed,
+            env, meter, renderer, parser, config, seed=seed,
             ids={"env_id": env_id, "group_id": f"{env_id}#{seed}", "episode_id": str(sample.index)},
         )
     finally:
         await env.aclose()
-    return fill_sample(sample, trajectory, decode=renderer.decode)
+    return meter.fill(fill_sample(sample, trajectory, decode=renderer.decode))
 
 
 async def _generate_multi(args, sample, env, env_id, renderer, parser, config: LoopConfig, seed) -> list[Any]:
@@ -146,12 +175,12 @@ async def _generate_multi(args, sample, env, env_id, renderer, parser, config: L
     ``--env-agent`` trains one seat and keeps its own return."""
     from miles_envs.multi_loop import AgentPolicy, MultiLoopConfig, run_multi_episode
 
-    policy = AgentPolicy(_engine(args), config.sampling)
+    meters = {agent: PrefixCacheMeter(_engine(args)) for agent in env.possible_agents}
     multi_config = MultiLoopConfig(
         max_turns=config.max_turns, max_context=config.max_context, return_routed_experts=config.return_routed_experts
     )
     episode = await run_multi_episode(
-        env, {agent: policy for agent in env.possible_agents}, renderer, parser, multi_config,
+        env, {agent: AgentPolicy(meter, config.sampling) for agent, meter in meters.items()}, renderer, parser, multi_config,
         seed=seed, episode_id=str(sample.index), env_id=env_id,
     )
     seat = _arg(args, "env_agent")
@@ -163,7 +192,8 @@ async def _generate_multi(args, sample, env, env_id, renderer, parser, config: L
     else:
         reward = sum(episode.returns.values()) / max(len(episode.returns), 1)
     sample.metadata = {**(sample.metadata or {}), "agent_returns": dict(episode.returns)}
-    return siblings(sample, trajectories, reward=reward, decode=renderer.decode)
+    samples = siblings(sample, trajectories, reward=reward, decode=renderer.decode)
+    return [meters[t.agent_id].fill(s) for s, t in zip(samples, trajectories)]
 
 
 generate.add_arguments = add_arguments
@@ -206,9 +236,8 @@ async def _rollout_async(args: Any, groups: list[list[Any]]) -> list[list[Any]]:
 
 async def _release_engines() -> None:
     """Close this loop's clients (a rollout step runs on its own loop)."""
-    loop_id = id(asyncio.get_running_loop())
-    for key in [k for k in _engines if k[1] == loop_id]:
-        await _engines.pop(key).close()
+    for client in _engines.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
 
 
 def _sample_class() -> type:

@@ -4,7 +4,7 @@ Point any harness that speaks OpenAI chat at it. The session is chosen by the UR
 (``base_url=http://host:port/sessions/<id>/v1``) or by an ``X-Session-Id`` header on ``/v1``; each
 session records its exact token stream (see ``session.ChatSession``), read back with
 ``GET /sessions/<id>`` and dropped with ``DELETE /sessions/<id>``. Streaming is not offered.
-Needs the ``serve`` extra (FastAPI, uvicorn).
+A starlette app for the project's server stack (``miles_envs.serving``); needs the ``serve`` extra.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from miles_envs.agents.engine import Engine, Generation, SamplingParams
 from miles_envs.integrations.session import ChatSession, EngineAborted
@@ -72,12 +76,16 @@ class SessionStore:
         return self.sessions[session_id], self.locks[session_id]
 
 
-def create_app(engine_factory: Callable[[], Engine], renderer: Any, parser: Any, *, model: str = "miles-envs"):
-    """The FastAPI app; the engine is built on the server's event loop (HTTP clients are loop-bound)."""
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def create_app(engine_factory: Callable[[], Engine], renderer: Any, parser: Any, *, model: str = "miles-envs") -> Starlette:
+    """The ASGI app; the engine is built on the server's event loop (HTTP clients are loop-bound)."""
     state: dict[str, SessionStore] = {}
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: Starlette):
         engine = engine_factory()
         state["store"] = SessionStore(engine, renderer, parser)
         try:
@@ -85,15 +93,21 @@ def create_app(engine_factory: Callable[[], Engine], renderer: Any, parser: Any,
         finally:
             await engine.close()
 
-    app = FastAPI(title="miles-envs session endpoint", lifespan=lifespan)
-
-    @app.exception_handler(HTTPException)
-    async def openai_error(request: Request, exc: HTTPException) -> JSONResponse:
+    async def openai_error(request: Request, exc: HTTPException) -> Response:
         """Errors in OpenAI's shape, so clients show the message."""
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse({"error": {"message": exc.detail, "type": kind}}, status_code=exc.status_code)
+        return _json({"error": {"message": exc.detail, "type": kind}}, exc.status_code)
 
-    async def chat(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def body_of(request: Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(400, f"the request body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the request body must be a JSON object")
+        return body
+
+    async def chat(session_id: str, body: dict[str, Any]) -> Response:
         if body.get("stream"):
             raise HTTPException(400, "stream=true is not supported: request the whole completion")
         if int(body.get("n") or 1) != 1:
@@ -107,38 +121,40 @@ def create_app(engine_factory: Callable[[], Engine], renderer: Any, parser: Any,
                 reply, gen = await session.complete(messages, sampling_from_openai(body), tools=body.get("tools"))
             except EngineAborted as exc:
                 raise HTTPException(503, f"the engine aborted the request: {exc}") from exc
-        return completion_body(session_id, body.get("model") or model, reply, gen)
+        return _json(completion_body(session_id, body.get("model") or model, reply, gen))
 
-    @app.post("/v1/chat/completions")
-    async def chat_by_header(request: Request) -> dict[str, Any]:
-        return await chat(request.headers.get("x-session-id") or DEFAULT_SESSION, await request.json())
+    async def chat_by_header(request: Request) -> Response:
+        return await chat(request.headers.get("x-session-id") or DEFAULT_SESSION, await body_of(request))
 
-    @app.post("/sessions/{session_id}/v1/chat/completions")
-    async def chat_by_path(session_id: str, request: Request) -> dict[str, Any]:
-        return await chat(session_id, await request.json())
+    async def chat_by_path(request: Request) -> Response:
+        return await chat(request.path_params["session_id"], await body_of(request))
 
-    @app.get("/v1/models")
-    @app.get("/sessions/{session_id}/v1/models")
-    async def models(session_id: str | None = None) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "miles-envs"}]}
+    async def models(request: Request) -> Response:
+        return _json({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "miles-envs"}]})
 
-    @app.get("/sessions")
-    async def list_sessions() -> dict[str, Any]:
-        return {"sessions": sorted(state["store"].sessions)}
+    async def list_sessions(request: Request) -> Response:
+        return _json({"sessions": sorted(state["store"].sessions)})
 
-    @app.get("/sessions/{session_id}")
-    async def read_session(session_id: str) -> dict[str, Any]:
-        store = state["store"]
+    async def read_session(request: Request) -> Response:
+        session_id, store = request.path_params["session_id"], state["store"]
         if session_id not in store.sessions:
             raise HTTPException(404, f"no session {session_id!r}; GET /sessions lists them")
-        return store.sessions[session_id].record()
+        return _json(store.sessions[session_id].record())
 
-    @app.delete("/sessions/{session_id}")
-    async def drop_session(session_id: str) -> dict[str, Any]:
-        store = state["store"]
+    async def drop_session(request: Request) -> Response:
+        session_id, store = request.path_params["session_id"], state["store"]
         if store.sessions.pop(session_id, None) is None:
             raise HTTPException(404, f"no session {session_id!r}")
         store.locks.pop(session_id, None)
-        return {"deleted": session_id}
+        return _json({"deleted": session_id})
 
-    return app
+    routes = [
+        Route("/v1/chat/completions", chat_by_header, methods=["POST"]),
+        Route("/sessions/{session_id}/v1/chat/completions", chat_by_path, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/sessions/{session_id}/v1/models", models, methods=["GET"]),
+        Route("/sessions", list_sessions, methods=["GET"]),
+        Route("/sessions/{session_id}", read_session, methods=["GET"]),
+        Route("/sessions/{session_id}", drop_session, methods=["DELETE"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: openai_error})

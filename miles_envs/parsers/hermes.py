@@ -8,6 +8,9 @@ from typing import Any
 from miles_envs.parsers.base import ToolParser, call_from_object, loads_json
 
 _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+# A block with the newline chat templates put before each call: removing both leaves the content
+# exactly as the model wrote it, so rendering the parsed message gives back the model's text.
+_BLOCK_AS_RENDERED = re.compile(r"\n?<tool_call>.*?</tool_call>", re.DOTALL)
 
 
 class HermesParser(ToolParser):
@@ -18,7 +21,7 @@ class HermesParser(ToolParser):
 
     def parse_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         blocks = _BLOCK.findall(text)
-        remainder = _BLOCK.sub("", text)
+        remainder = _BLOCK_AS_RENDERED.sub("", text)
         if "<tool_call>" in remainder:
             raise self.fail("a <tool_call> block is not closed with </tool_call>", text)
         if "</tool_call>" in remainder:
@@ -30,4 +33,4 @@ class HermesParser(ToolParser):
             except ValueError as exc:
                 raise self.fail(f"tool call {index + 1} is not valid JSON: {exc}", text) from exc
             calls.append(call_from_object(self, obj, index, text, arguments_keys=("arguments", "parameters")))
-        return remainder.strip() or None, calls
+        return remainder or None, calls

@@ -7,14 +7,19 @@ without scores each entry is the document itself). ``contents`` is ``"title\\nte
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from miles_envs.search.clients import LoopLocalClient
 from miles_envs.search.documents import Document, document_from_record
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from miles_envs.serving import HTTPServer
 
 QueryFn = Callable[[Sequence[str], int], list[list[Document]]]
 
@@ -59,38 +64,39 @@ def retrieve_response(query: QueryFn, body: dict[str, Any]) -> dict[str, Any]:
     return {"result": result}
 
 
-def serve(query: QueryFn, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """Start a ``/retrieve`` server on a daemon thread; ``port=0`` picks a free port (see ``server_address``).
+def retrieve_app(query: QueryFn) -> Starlette:
+    """``POST /retrieve`` as an ASGI app. Batches run one at a time off the event loop (the index is
+    not assumed thread-safe; BM25 scoring holds the GIL anyway)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
 
-    Stop it with ``server.shutdown()``. Queries are answered one batch at a time (the index is not
-    assumed thread-safe; BM25 scoring holds the GIL anyway).
-    """
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            if self.path != "/retrieve":
-                self._reply(404, {"error": f"unknown path {self.path}; POST /retrieve"})
-                return
-            try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                with lock:
-                    payload = retrieve_response(query, body)
-                self._reply(200, payload)
-            except (KeyError, TypeError, ValueError) as error:
-                self._reply(400, {"error": f"bad /retrieve request: {error}"})
+    def answer(body: dict[str, Any]) -> dict[str, Any]:
+        with lock:
+            return retrieve_response(query, body)
 
-        def _reply(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    async def retrieve(request: Request) -> Response:
+        try:
+            payload = await run_in_threadpool(answer, orjson.loads(await request.body()))
+        except (KeyError, TypeError, ValueError) as error:  # orjson.JSONDecodeError is a ValueError
+            return Response(orjson.dumps({"error": f"bad /retrieve request: {error}"}), 400, media_type="application/json")
+        return Response(orjson.dumps(payload), media_type="application/json")
 
-        def log_message(self, format: str, *args: Any) -> None:
-            return None
+    async def unknown(request: Request) -> Response:
+        return Response(orjson.dumps({"error": f"unknown path {request.url.path}; POST /retrieve"}), 404, media_type="application/json")
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="retrieve-server", daemon=True).start()
-    return server
+    return Starlette(routes=[Route("/retrieve", retrieve, methods=["POST"]), Route("/{path:path}", unknown, methods=["GET", "POST"])])
+
+
+def serve(query: QueryFn, host: str = "127.0.0.1", port: int = 8000) -> HTTPServer:
+    """Start a ``/retrieve`` server on a daemon thread; ``port=0`` picks a free port (see ``server_address``).
+
+    Stop it with ``server.shutdown()``. Needs the ``serve`` extra.
+    """
+    from miles_envs.serving import HTTPServer
+
+    return HTTPServer(retrieve_app(query), host=host, port=port).start_in_thread()

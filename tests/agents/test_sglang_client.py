@@ -145,7 +145,7 @@ async def test_malformed_json_aborts_with_a_clear_error(server, client):
 
 
 async def test_connect_error_aborts(client):
-    async with SGLangEngine("http://127.0.0.1:9", context_length=256, retries=1, backoff_s=0.01) as dead:
+    async with SGLangEngine("http://127.0.0.1:9", context_length=256, retries=1, backoff_s=0.01, restart_deadline_s=0.2) as dead:
         gen = await dead.generate([1, 2], SamplingParams())
         assert gen.finish_reason == "abort" and "ConnectError" in gen.error
         assert not await dead.health()
@@ -186,3 +186,49 @@ async def test_many_concurrent_requests_through_a_small_pool(server):
         gens = await asyncio.gather(*(client.generate([1, i], SamplingParams()) for i in range(200)))
     assert {g.finish_reason for g in gens} == {"stop"}
     assert {tuple(g.output_ids) for g in gens} == {(10061, 752, 1401, 429, 705, 13, 151645)}
+
+
+async def test_a_retry_never_reuses_a_rid_the_server_has_seen(server, client):
+    server.inject(Fault.disconnect())
+    server.inject(Fault.server_error(503))
+    gen = await client.generate([1, 2], SamplingParams(), rid="episode-3-turn-1")
+    assert gen.finish_reason == "stop"
+    assert [r["rid"] for r in server.requests] == ["episode-3-turn-1", "episode-3-turn-1.retry1", "episode-3-turn-1.retry2"]
+
+
+async def test_a_restart_is_waited_out_and_an_incompatible_one_refused(qwen3):
+    engine = ScriptedEngine(qwen3, reply_by_turn)
+    first = await ProtocolServer(engine, context_length=256).start()
+    client = SGLangEngine(first.url, retries=1, backoff_s=0.01, restart_deadline_s=60.0)
+    assert (await client.generate([1, 2], SamplingParams())).finish_reason == "stop"
+    await first.stop()
+
+    async def restart(context_length):
+        await asyncio.sleep(0.3)  # the client finds the port closed, retries, then waits for health
+        return await ProtocolServer(engine, port=first.port, context_length=context_length).start()
+
+    restarting = asyncio.create_task(restart(256))
+    gen = await client.generate([1, 2], SamplingParams())
+    second = await restarting
+    assert gen.finish_reason == "stop" and gen.output_ids[-1] == qwen3.eos_token_id
+    await second.stop()
+
+    restarting = asyncio.create_task(restart(128))  # the same model can no longer hold the context in use
+    gen = await client.generate([1, 2], SamplingParams())
+    third = await restarting
+    assert gen.finish_reason == "abort" and "context_length was 256, now 128" in gen.error
+    assert "incompatible" in (await client.generate([1, 2], SamplingParams())).error  # refused from now on
+    assert third.requests == []
+    await third.stop()
+    await client.close()
+
+
+async def test_abort_while_waiting_for_a_restart_returns_at_once(server):
+    async with SGLangEngine("http://127.0.0.1:9", context_length=256, retries=0, backoff_s=0.01) as dead:
+        waiting = asyncio.create_task(dead.generate([1, 2], SamplingParams(), rid="stuck"))
+        while dead._recovery is None:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineAdminError):  # nothing to tell the absent server, but the caller's request ends
+            await dead.abort("stuck")
+        gen = await waiting
+        assert gen.finish_reason == "abort" and "aborted by the caller" in gen.error

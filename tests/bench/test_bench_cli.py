@@ -53,7 +53,7 @@ def test_stored_mode_runs_nothing_and_reports_missing_results(tmp_path):
 def test_unknown_bench_name_exits_with_suggestion():
     result = CliRunner().invoke(bench_app(), ["bench", "--only", "sandboxx"], env={"COLUMNS": "200"})
     assert result.exit_code == 1
-    assert "no bench named 'sandboxx' (did you mean sandbox?)" in result.output
+    assert "no bench named 'sandboxx' (did you mean sandbox, sandbox_load?)" in result.output
 
 
 def test_peers_script_measures_both_miles_envs_paths(tmp_path):

@@ -132,13 +132,14 @@ def test_field_at_walks_dotted_paths():
 
 def test_loop_overhead_targets():
     measures = loop_overhead_measures({
-        "per_turn": {"loop_overhead_us_per_turn_core": 42.0, "loop_overhead_excl_rendering_us_per_turn_core": 12.0},
+        "in_process_turn": {"ToolCalc": {"turn_overhead_us": 42.0, "rendering_us": 20.0, "delta_cache_hit_rate": 0.25}},
+        "through_http": {"ToolCalc": {"full_turn_without_env_us": 320.0, "client_us": 209.0, "server_us": 120.0, "env_us": 9.0}},
         "concurrent": {"episodes": 10000, "loop_lag_p99_ms": 61.0, "wall_s": 1.2, "ideal_wall_s": 0.15,
                        "completed": 10000},
     })
-    assert [(m.value, m.met) for m in measures] == [(42.0, True), (12.0, True), (61.0, False), (1.2, None)]
+    assert [(m.value, m.met) for m in measures] == [(42.0, True), (320.0, False), (61.0, False), (1.2, True)]
     assert measures[2].name == "10,000 concurrent episodes, 50 ms latency: event-loop lag p99"
-    assert measures[2].note == ""
+    assert measures[2].note == "" and measures[0].note == "rendering 20 µs; delta cache hits 25%"
 
 
 def test_sandbox_targets_and_skipped_docker():

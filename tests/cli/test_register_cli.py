@@ -35,8 +35,10 @@ def test_register_list_check_then_make_in_new_process(tmp_path):
     listed = json.loads(run_cli("list", "--json", cwd=tmp_path, env=env).stdout)
     mine = [row for row in listed if row["id"] == "demo/My-v0"]
     assert mine and mine[0]["source"] == "user" and mine[0]["kwargs"] == {"start": 1}
+    assert mine[0]["max_turns"] == 3  # the class's own max_turns, registered without --max-turns
     assert "close() idempotent" in run_cli("check", "demo/My-v0", cwd=tmp_path, env=env).stdout
-    assert "Counts to three." in run_cli("info", "demo/My-v0", cwd=tmp_path, env=env).stdout
+    info = run_cli("info", "demo/My-v0", cwd=tmp_path, env=env).stdout
+    assert "Counts to three." in info and "max turns: 3" in info
 
     code = textwrap.dedent(
         """

@@ -58,6 +58,13 @@ class Sample:
 
     spec_info: SpecInfo = field(default_factory=SpecInfo)
 
+    @dataclass
+    class PrefixCacheInfo:
+        cached_tokens: int = 0
+        total_prompt_tokens: int = 0
+
+    prefix_cache_info: PrefixCacheInfo = field(default_factory=PrefixCacheInfo)
+
     def validate(self) -> None:
         assert self.response_length >= 0
         assert len(self.tokens) >= self.response_length

@@ -122,6 +122,56 @@ async def test_multi_agent_siblings_share_rollout_id_and_reward(qwen3):
     assert one_seat[0].reward == one_seat[0].metadata["agent_returns"]["x"]
 
 
+class PrefixCachingEngine(ScriptedEngine):
+    """A scripted engine that reports SGLang's ``cached_tokens`` as a radix cache would: the longest
+    prefix of the request it has seen before (earlier requests and their outputs)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[list[int]] = []
+        self.reported: list[int] = []
+
+    async def generate(self, input_ids, sampling, **options):
+        generation = await super().generate(input_ids, sampling, **options)
+        cached = max((common_prefix(input_ids, seq) for seq in self.seen), default=0)
+        self.seen.append(list(input_ids) + list(generation.output_ids))
+        self.reported.append(cached)
+        generation.cached_tokens = cached
+        return generation
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+async def test_prefix_cache_info_sums_every_turns_prompt_and_cached_tokens(qwen3):
+    engine = PrefixCachingEngine(qwen3, GUESSES)
+    async with ProtocolServer(engine) as server:
+        args = make_args(server, use_rollout_routing_replay=False)
+        sample = await adapter.generate(args, Sample(group_index=4, index=9), dict(SAMPLING))
+        requests = [r for r in server.requests if "input_ids" in r]
+    assert len(requests) > 1 and sum(engine.reported) > 0  # later turns extend earlier ones
+    assert sample.prefix_cache_info.cached_tokens == sum(engine.reported)
+    assert sample.prefix_cache_info.total_prompt_tokens == sum(len(r["input_ids"]) for r in requests)
+
+
+async def test_multi_agent_seats_count_their_own_turns(qwen3):
+    moves = [str(m) for m in random.Random(0).sample(range(9), 9)]
+    engine = PrefixCachingEngine(qwen3, moves)
+    async with ProtocolServer(engine) as server:
+        args = make_args(server, env_id="miles/TicTacToe-v0", use_rollout_routing_replay=False)
+        samples = await adapter.generate(args, Sample(group_index=0, index=5), dict(SAMPLING))
+        requests = [r for r in server.requests if "input_ids" in r]
+    assert sum(s.prefix_cache_info.total_prompt_tokens for s in samples) == sum(len(r["input_ids"]) for r in requests)
+    assert sum(s.prefix_cache_info.cached_tokens for s in samples) == sum(engine.reported)
+    assert all(s.prefix_cache_info.total_prompt_tokens > 0 for s in samples)
+
+
 class GroupSource:
     """Miles' data source: ``get_samples(n)`` gives n groups of ``n_samples_per_prompt`` copies."""
 

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
-import uvicorn
 
 from miles_envs.agents.protocol_server import ProtocolServer
 from miles_envs.agents.scripted import ScriptedEngine
@@ -19,6 +15,7 @@ from miles_envs.agents.sglang import SGLangEngine
 from miles_envs.chat import ChatRenderer
 from miles_envs.integrations.session_server import create_app
 from miles_envs.parsers import parser_for
+from miles_envs.serving import HTTPServer
 from miles_envs.tokenizers import load_tokenizer
 
 TOOL_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
@@ -29,27 +26,10 @@ TOOLS = [{"type": "function", "function": {
 }}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(app) -> Iterator[str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "session server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with HTTPServer(app, lifespan=True).running_in_thread() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

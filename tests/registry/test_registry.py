@@ -105,3 +105,53 @@ def test_project_store_found_upwards_and_shadows_user(miles_home, tmp_path, monk
     assert store_for("project").path == tmp_path / "proj" / "miles-envs.toml"
     spec = Registry().spec("p/Env-v0")
     assert spec.source == "project" and spec.kwargs == {"words": 5}
+
+
+def make_tiny(word: str = "hi") -> Tiny:
+    return Tiny(word)
+
+
+def not_a_factory():
+    return 1
+
+
+def test_registering_something_that_cannot_build_the_env_fails_at_once(miles_home):
+    reg = Registry()
+    with pytest.raises(NotAnEnv, match="not_a_factory is a function, not a miles_envs.Env subclass"):
+        reg.register("t/Plain-v0", not_a_factory)
+    with pytest.raises(EntryPointError, match="does not accept these kwargs.*'colour'.*it takes: word"):
+        reg.register("t/Tiny-v0", Tiny, kwargs={"colour": "red"})
+    with pytest.raises(EnvNotFound):
+        reg.spec("t/Plain-v0")  # nothing was kept
+    reg.register("t/Factory-v0", make_tiny, kwargs={"word": "made"})  # a factory annotated '-> Env' is fine
+    assert reg.make("t/Factory-v0").reset()[0] == [user("made")]
+    with pytest.raises(EntryPointError, match="does not accept"):
+        EnvSpec("t/Tiny-v0", Tiny).check(colour="red")  # overrides are checked too
+
+
+def test_max_turns_comes_from_the_spec_else_the_class(miles_home):
+    class Capped(Tiny):
+        max_turns = 7
+
+    assert EnvSpec("t/C-v0", Capped).class_max_turns() == 7
+    assert EnvSpec("t/C-v0", Capped, max_turns=2).class_max_turns() == 2
+    assert EnvSpec("t/T-v0", Tiny).class_max_turns() is None
+    assert EnvSpec("t/X-v0", "no_such_module_xyz:Env").class_max_turns() is None  # a listing survives a broken entry
+
+
+@pytest.mark.parametrize(
+    ("typed", "suggested"),
+    [
+        ("miles/GuessNumbr-v0", ["miles/GuessNumber-v0", "miles/GuessNumber7-v0"]),
+        ("miles/GuessNumber-v1", ["miles/GuessNumber-v0", "miles/GuessNumber7-v0"]),
+        ("mile/Echo-v0", ["miles/Echo-v0"]),
+        ("miles/guessnumber-v0", ["miles/GuessNumber-v0"]),
+        ("miles/TicTacTo-v0", ["miles/TicTacToe-v0"]),
+        ("miles/Unrelated-v0", []),
+    ],
+)
+def test_did_you_mean_lists_only_close_ids(miles_home, typed, suggested):
+    from miles_envs.registry.core import close_ids
+
+    known = [s.id for s in Registry().list()]
+    assert close_ids(typed, known) == suggested

@@ -23,7 +23,6 @@ def server(index):
     host, port = running.server_address[:2]
     yield f"http://{host}:{port}/retrieve"
     running.shutdown()
-    running.server_close()
 
 
 def test_server_speaks_search_r1_format(server):

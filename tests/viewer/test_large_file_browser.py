@@ -1,6 +1,7 @@
 """A 10k-episode file in a real headless Chromium: it opens, filters stay quick, the list stays
-virtual. Timings are measured inside the page and reported (bench/results/viewer.json) with only a
-sanity bound; the screenshot is kept as an artifact (tests/artifacts/, bench/results/viewer.png)."""
+virtual. Timings are measured inside the page and reported (printed, and tests/artifacts/viewer.json)
+with only a sanity bound; the screenshot is kept as an artifact (tests/artifacts/viewer.png). Both go
+to the ignored artifacts folder: a test run never rewrites tracked files."""
 
 import json
 import shutil
@@ -19,7 +20,7 @@ from .conftest import ANSWER, PROMPT, TOOL_CALL, TOOL_RESULT, routing_for, tool_
 EPISODES = 10_000
 ENVS = ("test/Calculator-v0", "test/Code-v0", "test/Search-v0", "test/SelfPlay-v0")
 SANITY_BOUND_MS = 10_000  # catches a hang or a quadratic blow-up, not a regression in speed
-ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
 def synthetic_episodes(tokenizer, count: int, seed: int = 0) -> list[Trajectory]:
@@ -121,9 +122,8 @@ def test_screenshot_of_a_tool_episode(open_page, large_page, tmp_path):
     shot = tmp_path / "viewer.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
-    for target in (ROOT / "tests" / "artifacts" / "viewer.png", ROOT / "bench" / "results" / "viewer.png"):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "viewer.png")
 
 
 def report(figures: dict) -> None:
@@ -131,6 +131,5 @@ def report(figures: dict) -> None:
     print("\nviewer, headless Chromium")
     for key, value in rounded.items():
         print(f"  {key:<28} {value}")
-    out = ROOT / "bench" / "results" / "viewer.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rounded, indent=2) + "\n")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "viewer.json").write_text(json.dumps(rounded, indent=2) + "\n")

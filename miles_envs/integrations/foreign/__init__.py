@@ -10,7 +10,6 @@ variant suffix moves to the end (``gem/game:GuessTheNumber-hard-v0``); an id wit
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -89,7 +88,9 @@ def foreign_spec(env_id: str) -> EnvSpec:
         spec = adapter.spec_for_unlisted(rest)
         if spec is not None:
             return spec
-    close = difflib.get_close_matches(wanted, list(by_registry_id), n=5, cutoff=0.5)
+    from miles_envs.registry.core import close_ids
+
+    close = close_ids(wanted, by_registry_id)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
     raise EnvNotFound(f"{lib.distribution} has no env {rest!r}{hint} (`miles-envs list --all` shows them)")
 

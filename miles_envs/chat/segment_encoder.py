@@ -1,0 +1,63 @@
+"""Tokenise rendered chat text segment by segment, reusing the segments every episode shares.
+
+Every episode of an env renders the same system prompt and tool schemas, and tokenising that text
+costs more than the rest of a turn (≈0.3 µs per character with a 150k vocabulary). Tokenizers cut
+text at special tokens before any normalisation or BPE, so text split just before each special token
+tokenises to the same ids piece by piece as in one go. ``SegmentEncoder`` splits there, keeps the
+ids of recent segments, and tokenises only the pieces it has not seen.
+
+Only special tokens that cannot absorb the whitespace before them (``lstrip``) and are matched
+before normalisation are used as cut points. As with the delta cache, the first and every ``verify_every``-th
+call is also tokenised whole and compared; one mismatch turns the reuse off for good, with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+
+class SegmentEncoder:
+    def __init__(self, tokenizer: Any, size: int = 8192, verify_every: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.size, self.verify_every = size, verify_every
+        self.calls = 0
+        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        cuts = _cut_tokens(tokenizer)
+        self._split = re.compile("(?=" + "|".join(map(re.escape, sorted(cuts, key=len, reverse=True))) + ")") if cuts else None
+        self.enabled = self._split is not None
+
+    def encode(self, text: str) -> list[int]:
+        if not self.enabled:
+            return self._encode(text)
+        ids: list[int] = []
+        for segment in self._split.split(text):
+            if segment:
+                ids += self._segment_ids(segment)
+        self.calls += 1
+        if (self.calls == 1 or self.calls % self.verify_every == 0) and ids != self._encode(text):
+            self.enabled = False
+            self._ids.clear()
+            warnings.warn("this tokenizer does not tokenise chat text the same piece by piece; segment reuse turned off "
+                          "(tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=2)
+            return self._encode(text)
+        return ids
+
+    def _segment_ids(self, segment: str) -> list[int]:
+        ids = self._ids.get(segment)
+        if ids is None:
+            ids = self._ids[segment] = self._encode(segment)
+            if len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _cut_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens that are safe places to cut the text before."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [t.content for t in added.values() if t.special and not t.lstrip and not getattr(t, "normalized", False)]
