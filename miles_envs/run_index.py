@@ -21,7 +21,7 @@ from typing import Any
 
 from miles_envs.metrics import digest
 from miles_envs.trajectory import Trajectory
-from miles_envs.trajectory_io import repair_jsonl
+from miles_envs.trajectory_io import TrajectoryFileError, parse_record, repair_jsonl
 
 COPY_CHUNK = 1 << 20
 
@@ -81,14 +81,22 @@ def sync_index(journal: Path, index: Path) -> None:
                 handle.truncate(keep_bytes)
     if covered == size:
         return
+    existed = index.exists()
     with open(journal, "rb") as source, open(index, "ab") as out:
         source.seek(covered)
         offset = covered
-        for line in source:
-            if line.strip():
-                entry = IndexEntry.of(Trajectory.from_json(line), offset, len(line))
-                out.write(entry.to_line().encode() + b"\n")
-            offset += len(line)
+        try:
+            for number, line in enumerate(source, 1):
+                if line.strip():
+                    entry = IndexEntry.of(parse_record(line, journal, number), offset, len(line))
+                    out.write(entry.to_line().encode() + b"\n")
+                offset += len(line)
+        except TrajectoryFileError:  # not ours to index: leave the index as it was
+            out.truncate(keep_bytes)
+            out.close()
+            if not existed:
+                index.unlink()
+            raise
         out.flush()
         os.fsync(out.fileno())
 

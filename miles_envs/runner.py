@@ -10,6 +10,7 @@ atomically.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -45,8 +46,10 @@ def prepare_resume(out: Path, env_id: str | None, n: int, group_size: int) -> tu
     journal = journal_path(out)
     index = index_path(journal)
     if out != journal and out.exists() and not journal.exists():
+        rows = iter_parquet(out)
+        first = next(rows, None)  # a file that is not ours fails here, before anything is written
         with JsonlWriter(journal) as records, JsonlWriter(index) as lines:  # resume a finished Parquet run
-            for trajectory in iter_parquet(out):
+            for trajectory in itertools.chain([first] if first else [], rows):
                 lines.write_line(IndexEntry.of(trajectory, *records.write(trajectory)).to_line())
     sync_index(journal, index)
     retried = 0

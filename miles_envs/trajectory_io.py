@@ -44,15 +44,23 @@ def repair_jsonl(path: Path) -> int:
     return len(data) - keep
 
 
+class TrajectoryFileError(ValueError):
+    """A file that should hold trajectories holds something else."""
+
+
+def parse_record(line: str | bytes, path: Path, number: int) -> Trajectory:
+    """Line ``number`` of ``path`` as a Trajectory, or a ``TrajectoryFileError`` naming the line."""
+    try:
+        return Trajectory.from_json(line)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError) as exc:
+        raise TrajectoryFileError(f"{path}:{number}: not a trajectory record ({exc})") from exc
+
+
 def iter_jsonl(path: Path) -> Iterator[Trajectory]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield Trajectory.from_json(line)
-            except (json.JSONDecodeError, TypeError, KeyError) as exc:
-                raise ValueError(f"{path}:{number}: not a trajectory record ({exc})") from exc
+            if line.strip():
+                yield parse_record(line, path, number)
 
 
 class JsonlWriter:
@@ -146,9 +154,14 @@ def write_parquet(trajectories: Iterable[Trajectory], path: Path, row_group: int
 
 def iter_parquet(path: Path) -> Iterator[Trajectory]:
     """One row group at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches():
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TrajectoryFileError(f"{path}: not a trajectory Parquet file ({exc})") from exc
+    for batch in table.iter_batches():
         for row in batch.to_pylist():
             for key in _JSON_COLUMNS:
                 row[key] = json.loads(row[key])

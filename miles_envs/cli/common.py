@@ -25,7 +25,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 def fail(message: str) -> NoReturn:
     """Print ``message`` (plain text: brackets such as ``[embedded]`` are kept) and exit with status 1."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
     raise typer.Exit(1)
 
 

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
+from miles_envs.cli.common import check_output_file, fail, make_progress
 from miles_envs.cli.common import err as console
-from miles_envs.cli.common import fail
-
 
 
 def register(app: typer.Typer) -> None:
@@ -52,15 +51,22 @@ def register(app: typer.Typer) -> None:
         from miles_envs.loop import LoopConfig
         from miles_envs.registry import RegistryError
         from miles_envs.runner import metrics_path, run_to_file
+        from miles_envs.trajectory_io import TrajectoryFileError
         from miles_envs.session import RolloutSession, SessionConfig, UpdateNotSupported
         from miles_envs.cli.wiring import build_engine, build_renderer
         from miles_envs.logging_sinks import open_sinks
 
-        check_counts(n=n, group_size=group_size, retries=retries, concurrency=concurrency, max_running=max_running)
+        check_counts(
+            n=n, group_size=group_size, retries=retries, concurrency=concurrency, max_running=max_running,
+            max_turns=max_turns, max_new_tokens=max_new_tokens, max_context=max_context, log_every=log_every,
+        )
         if not drain_timeout > 0:
             fail(f"--drain-timeout {drain_timeout:g}: must be positive (seconds)")
+        if not temperature >= 0:
+            fail(f"--temperature {temperature:g}: must be 0 (greedy) or more")
         if out.suffix not in (".jsonl", ".parquet"):
             fail(f"output {out} must end in .jsonl or .parquet")
+        check_output_file(out, "-o")
         try:
             session = SessionConfig(
                 update_policy=update_policy, keep_partial=not drop_partial, drain_timeout_s=drain_timeout,
@@ -75,9 +81,12 @@ def register(app: typer.Typer) -> None:
                     "(it has no routing to record): drop --routed-experts"
                 )
             RolloutSession(policy, session)  # an engine the policy cannot drive fails here, before any episode
-            sink = open_sinks(log)
         except (RegistryError, ValueError, FileNotFoundError, ImportError, UpdateNotSupported) as exc:
             fail(str(exc))
+        try:
+            sink = open_sinks(log)
+        except (ValueError, ImportError, OSError) as exc:
+            fail(f"--log {' '.join(log)}: {exc}")
         config = LoopConfig(
             sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
             max_turns=max_turns, max_context=max_context, return_routed_experts=routed_experts, retries=retries,
@@ -86,7 +95,7 @@ def register(app: typer.Typer) -> None:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[rate]}"),
         )
-        with Progress(*columns, console=console) as progress:
+        with make_progress(*columns, console=console) as progress:
             bar = progress.add_task(env_id, total=n * group_size, rate="")
 
             def on_trajectory(_, metrics) -> None:
@@ -106,7 +115,11 @@ def register(app: typer.Typer) -> None:
                 finally:
                     await policy.close()
 
-            summary = asyncio.run(main())
+            try:
+                summary = asyncio.run(main())
+            except TrajectoryFileError as exc:
+                progress.update(bar, visible=False)
+                fail(f"cannot resume into -o {out}: {exc}; give a new output path or move the file away")
         if summary.get("already_complete"):
             sink.close()
             console.print(f"already complete: {summary['episodes']} episodes in {out} (metrics → {metrics_path(out)})")

@@ -25,6 +25,12 @@ BAD_INPUT = [
     (["--update-policy", "abort"], "unknown update policy 'abort': choose from continue, abort_and_resume, drain"),
     (["--routed-experts"], "--routed-experts needs a mixture-of-experts model"),
     (["--env-id", "miles/TicTacToe-v0"], "miles/TicTacToe-v0 is a multi-agent env"),
+    (["--concurrency", "0"], "--concurrency 0: must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--max-turns", "0"], "--max-turns 0: must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1: must be 0 (greedy) or more"),
+    (["--log", "json:/proc/m.json"], "--log json:/proc/m.json"),
+    (["--log", "nosuch:x"], "--log nosuch:x"),
 ]
 
 
@@ -43,6 +49,24 @@ def test_bad_input_fails_fast_with_a_clear_message_and_writes_nothing(tmp_path, 
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr + result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["/proc/out.jsonl", "{tmp}/afile/out.jsonl"])
+def test_an_unwritable_output_fails_before_any_work(tmp_path, where):
+    (tmp_path / "afile").write_text("")
+    result = rollout(where.format(tmp=tmp_path))
+    assert result.returncode != 0 and "-o" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("name, content", [("out.jsonl", '{"a": 1}\n'), ("out.parquet", '{"a": 1}\n')])
+def test_an_output_that_is_not_a_trajectory_file_is_refused_and_left_alone(tmp_path, name, content):
+    out = tmp_path / name
+    out.write_text(content)
+    result = rollout(out, "-n", "2")
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
+    assert f"cannot resume into -o {out}" in " ".join(result.stderr.split())
+    assert [p.name for p in tmp_path.iterdir()] == [name] and out.read_text() == content
 
 
 def test_a_finished_run_says_already_complete_and_keeps_its_metrics(tmp_path):
