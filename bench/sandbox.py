@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from miles_envs.sandbox import SandboxPool, make_sandbox
+from miles_envs.sandbox.docker_backend import docker_unavailable
 from miles_envs.sandbox.local import LocalSandbox
 
 CODE = "print(1)"
@@ -93,19 +94,6 @@ async def pooled(backend: str, runs: int, concurrency: int) -> tuple[list[float]
         return latencies, runs / (time.perf_counter() - start)
 
 
-def docker_reason() -> str | None:
-    from miles_envs.sandbox import SandboxError
-    from miles_envs.sandbox.docker_backend import DEFAULT_IMAGE, docker_client
-
-    try:
-        docker_client().images.get(DEFAULT_IMAGE)
-    except SandboxError as e:
-        return str(e)
-    except Exception:
-        return f"image {DEFAULT_IMAGE} missing: run scripts/build_sandbox_image.sh"
-    return None
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -119,7 +107,7 @@ async def main() -> None:
     rows.append(summarize("local cold", *await cold("local", args.cold_runs, concurrency)))
     rows.append(summarize("local pooled", *await pooled("local", args.runs, concurrency)))
     skipped = None if not args.no_docker else "--no-docker"
-    skipped = skipped or docker_reason()
+    skipped = skipped or docker_unavailable()
     if skipped is None:
         rows.append(summarize("docker cold", *await cold("docker", args.docker_cold_runs, concurrency)))
         rows.append(summarize("docker pooled", *await pooled("docker", args.runs, concurrency)))

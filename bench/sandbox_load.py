@@ -217,19 +217,6 @@ def run_cell_process(args: argparse.Namespace, backend: str, sessions: int) -> d
     return cell
 
 
-def docker_reason() -> str | None:
-    from miles_envs.sandbox import SandboxError
-    from miles_envs.sandbox.docker_backend import DEFAULT_IMAGE, docker_client
-
-    try:
-        docker_client().images.get(DEFAULT_IMAGE)
-    except SandboxError as e:
-        return str(e)
-    except Exception:
-        return f"image {DEFAULT_IMAGE} missing: run scripts/build_sandbox_image.sh"
-    return None
-
-
 def summarize(cells: list[dict]) -> dict:
     """The repeats of one (backend, sessions): medians, and the spread of the exec p99."""
     p99s = [c["exec"]["p99_ms"] for c in cells]
@@ -289,8 +276,10 @@ def main() -> None:
         print(json.dumps(asyncio.run(run_cell(backend, sessions, args.execs, pool_size, args.max_starting))))
         return
 
+    from miles_envs.sandbox.docker_backend import docker_unavailable
+
     skipped = {}
-    if "docker" in args.backends and (reason := docker_reason()):
+    if "docker" in args.backends and (reason := docker_unavailable()):
         skipped["docker"] = reason
     rows, cells = [], []
     for backend in (b for b in args.backends if b not in skipped):

@@ -48,6 +48,19 @@ def docker_client(client: Any = None) -> Any:
     return client
 
 
+def docker_unavailable(image: str = DEFAULT_IMAGE) -> str | None:
+    """Why this machine cannot start docker sandboxes (None when it can), for callers that skip the backend."""
+    try:
+        client = docker_client()
+    except SandboxError as e:
+        return str(e)
+    try:
+        client.images.get(image)
+    except Exception:
+        return f"docker image {image} is not built: {BUILD_HINT}"
+    return None
+
+
 class _DemuxedStdout:
     """Feeds a StreamReader with the stdout stream of docker's multiplexed socket."""
 

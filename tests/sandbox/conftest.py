@@ -7,23 +7,11 @@ import shutil
 
 import pytest
 
-from miles_envs.sandbox import Limits, SandboxError, make_sandbox
-from miles_envs.sandbox.docker_backend import DEFAULT_IMAGE, docker_client
+from miles_envs.sandbox import Limits, make_sandbox
+from miles_envs.sandbox.docker_backend import docker_unavailable
 
 # Small limits keep the bombs quick; the tests pass smaller ones where they probe a limit.
 TEST_LIMITS = Limits(cpu_s=5, memory_mb=256, pids=32, file_mb=4, output_kb=16)
-
-
-def docker_unavailable() -> str | None:
-    try:
-        client = docker_client()
-    except SandboxError as e:
-        return str(e)
-    try:
-        client.images.get(DEFAULT_IMAGE)
-    except Exception:
-        return f"docker image {DEFAULT_IMAGE} is not built: run scripts/build_sandbox_image.sh"
-    return None
 
 
 def local_unavailable() -> str | None:
