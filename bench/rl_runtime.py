@@ -27,9 +27,16 @@ of the process is not the run's).
 The throughput model: ``slots`` sequences decode together; a decode step takes ``base_s +
 per_seq_s × batch`` plus ``prefill_s_per_token`` × the input tokens of requests joining it; an
 update pauses decoding for ``update_pause_s``. Replies are scripted (real Qwen2.5 token ids).
-No restart-recovery figure: it needs the SGLang client's restart handling, not part of this build.
+
+Part 4, restart recovery: 24 four-turn episodes through ``SGLangEngine`` (its default retry and
+backoff settings, loop retries off) against the protocol server as a child process paced by the
+shipped ``ThroughputModel`` (16 slots); once a third of the generations are done the server is
+SIGKILLed, restarted on the same port after ``--down-s``, and the rollout runs on. Reported per
+repeat: episodes completed, recovery time (restarted server ready → first generation completed
+after it: the client's backoff and resubmission) and the total stall (kill → that generation).
 
     python bench/rl_runtime.py [--repeats 3] [--concurrent 5000] [--rss-sizes 100000 1000000]
+    python bench/rl_runtime.py --only restart   # rerun one section, keep the others' stored figures
 """
 
 from __future__ import annotations
@@ -377,6 +384,69 @@ def peak_rss(sizes: list[int]) -> dict:
     return {"runs": runs, "peak_ratio_largest_to_smallest": runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]}
 
 
+# -- part 4: restart recovery ---------------------------------------------------------------------
+RESTART_EPISODES, RESTART_SLOTS = 24, 16
+
+
+class Timestamped:
+    """Passes calls through; notes when each generation completed."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.done_at = inner, []
+
+    async def generate(self, *args, **kwargs):
+        generation = await self.inner.generate(*args, **kwargs)
+        self.done_at.append(time.monotonic())
+        return generation
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def crash_mid_rollout(server, renderer, down_s: float) -> dict:
+    from miles_envs.agents.sglang import SGLangEngine
+
+    async def play(engine) -> list:
+        return [t async for t in rollout(lambda: FourTurns(), engine, renderer, parser=get_parser("hermes"),
+                                         n=RESTART_EPISODES, concurrency=RESTART_EPISODES, config=LoopConfig(retries=0))]
+
+    async with SGLangEngine(server.url) as client:
+        engine = Timestamped(client)
+        rolling = asyncio.ensure_future(play(engine))
+        while len(engine.done_at) < RESTART_EPISODES * TURNS // 3:
+            await asyncio.sleep(0.005)
+        await asyncio.to_thread(server.kill)
+        killed, done_before = time.monotonic(), len(engine.done_at)
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(server.start)  # returns once the server listens again
+        ready = time.monotonic()
+        trajectories = await rolling
+    first_after = min(t for t in engine.done_at if t >= ready)
+    return {"episodes_completed": sum(t.status is Status.COMPLETED for t in trajectories),
+            "episodes": RESTART_EPISODES, "generations_before_kill": done_before,
+            "generations_while_down": sum(killed < t < ready for t in engine.done_at),
+            "server_down_s": ready - killed, "recovery_s": first_after - ready, "stall_s": first_after - killed}
+
+
+def restart_recovery(renderer, repeats: int, down_s: float) -> dict:
+    from miles_envs.agents.protocol_server import ServerProcess
+
+    reply = " ".join(("red", "blue", "green", "amber", "teal")[i % 5] for i in range(24))
+    args = ["--tokenizer", TOKENIZER, "--slots", str(RESTART_SLOTS), "--decode-ms", "15", "--reply", reply]
+    with ServerProcess(args) as server:
+        runs = [asyncio.run(crash_mid_rollout(server, renderer, down_s)) for _ in range(repeats)]
+    summary = {"episodes": RESTART_EPISODES, "turns": TURNS, "slots": RESTART_SLOTS, "down_s": down_s, "runs": runs,
+               "episodes_completed_min": min(r["episodes_completed"] for r in runs)}
+    for key in ("recovery_s", "stall_s"):
+        values = [r[key] for r in runs]
+        summary[key] = statistics.median(values)
+        summary[f"{key}_min_max"] = [min(values), max(values)]
+    return summary
+
+
+SECTIONS = ("lost", "busy", "rss", "restart")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -384,7 +454,11 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--busy-seconds", type=float, default=60.0, help="part 2: how long each admission runs")
     parser.add_argument("--rss-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["lost", "busy", "rss"])
+    parser.add_argument("--restart-repeats", type=int, default=3, help="part 4: crashes, each in its own rollout")
+    parser.add_argument("--down-s", type=float, default=2.0, help="part 4: how long the server stays down")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
+                        help="run just these sections and update only their keys in an existing --out")
     parser.add_argument("--serve", nargs=2, metavar=("PORT_FILE", "STATS_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "rl_runtime.json")
@@ -394,27 +468,35 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args.rss_child)
     renderer = ChatRenderer(load_tokenizer(TOKENIZER))
-    results: dict = {"timing": "wall clock for the simulated server; process CPU time for the client"}
-    if "lost" not in args.skip:
+    sections = [section for section in args.only or SECTIONS if section not in args.skip]
+    results: dict = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
+    results["timing"] = "wall clock for the simulated server; process CPU time for the client"
+    if "lost" in sections:
         results["lost_tokens"] = lost_tokens(renderer, args.repeats)
         print(f"{'policy':34} {'lost tok/update':>16} {'(min..max)':>14} {'lost episodes':>14} {'split turns':>12} {'wall s':>8}")
         for name, row in results["lost_tokens"]["policies"].items():
             lo, hi = row["lost_tokens_per_update_min_max"]
             print(f"{name:34} {row['lost_tokens_per_update']:16.1f} {f'{lo:.0f}..{hi:.0f}':>14} "
                   f"{row['lost_episodes']:14.1f} {row['split_turns']:12.1f} {row['wall_s']:8.2f}")
-    if "busy" not in args.skip:
+    if "busy" in sections:
         results["server_busy"] = server_busy(renderer, args.concurrent, args.slots, args.busy_seconds)
         print(f"\n{args.concurrent} concurrent episodes, {args.slots} server slots")
         for name, row in results["server_busy"]["admission"].items():
             print(f"  {name:36} busy {row['busy_fraction']:6.1%}  wall {row['wall_s']:6.1f} s  "
                   f"client CPU {row['client_cpu_s']:6.1f} s  load average {row['load_average_1min']:.1f}")
-    if "rss" not in args.skip:
+    if "rss" in sections:
         results["peak_rss"] = peak_rss(args.rss_sizes)
         print()
         for run in results["peak_rss"]["runs"]:
             print(f"  {run['episodes']:>9} episodes: peak RSS {run['peak_rss_mb']:7.1f} MB "
                   f"(before the run {run['rss_before_run_mb']:.1f} MB, growth {run['growth_mb']:.1f} MB), CPU {run['cpu_s']:.0f} s")
         print(f"  peak RSS ratio {results['peak_rss']['peak_ratio_largest_to_smallest']:.3f}")
+    if "restart" in sections:
+        results["restart_recovery"] = restart_recovery(renderer, args.restart_repeats, args.down_s)
+        print(f"\nSIGKILL mid-rollout, restart after {args.down_s:g} s")
+        for row in results["restart_recovery"]["runs"]:
+            print(f"  {row['episodes_completed']}/{row['episodes']} episodes completed; recovery {row['recovery_s']:.2f} s "
+                  f"after the server was ready; stall {row['stall_s']:.2f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n→ {args.out}")

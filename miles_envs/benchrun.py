@@ -351,6 +351,15 @@ def rl_runtime_measures(data: dict) -> list[Measure]:
         measures.append(Measure(f"peak RSS, {largest['episodes']:,} ÷ {smallest['episodes']:,} episodes",
                                 rss["peak_ratio_largest_to_smallest"], "×", at_most(1.1),
                                 note=f"{largest['peak_rss_mb']:.0f} MB vs {smallest['peak_rss_mb']:.0f} MB"))
+    restart = data.get("restart_recovery")
+    if restart:
+        crash = f"server SIGKILLed mid-rollout, restarted after {restart['down_s']:g} s"
+        measures.append(Measure(f"episodes completed, {crash}", restart["episodes_completed_min"], f"of {restart['episodes']}",
+                                at_least(restart["episodes"]), note=f"fewest over {len(restart['runs'])} crashes"))
+        (lo, hi), (stall_lo, stall_hi) = restart["recovery_s_min_max"], restart["stall_s_min_max"]
+        measures.append(Measure("restart recovery: restarted server ready → first generation completed", restart["recovery_s"], "s",
+                                note=f"median; {lo:.2f}–{hi:.2f} s over {len(restart['runs'])} crashes; whole stall from the kill "
+                                     f"{restart['stall_s']:.1f} s ({stall_lo:.1f}–{stall_hi:.1f} s)"))
     return measures
 
 
@@ -458,7 +467,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("rl_runtime", "rl_runtime.py", rl_runtime_measures,
           ("--repeats", "1", "--concurrent", "500", "--busy-seconds", "10", "--rss-sizes", "2000", "20000"),
           about="weight updates landing on 256 episodes of a throughput-model server (per update policy vs "
-                "aborting all), 5,000 concurrent episodes over HTTP against it, whole runs at two sizes"),
+                "aborting all), 5,000 concurrent episodes over HTTP against it, whole runs at two sizes, a server "
+                "SIGKILLed and restarted mid-rollout"),
 )
 
 
