@@ -119,13 +119,17 @@ class LocalSandbox(RunnerSandbox):
         return RunnerChannel(self._process.stdout, self._process.stdin)
 
     def _identity(self) -> dict:
-        """subprocess arguments that drop to nobody and, first, join the cgroup (which needs root)."""
+        """subprocess arguments that drop to nobody and, first, join the cgroup (which needs root).
+
+        uvloop (the loop of Ray's async actors and of our server stack) takes no ``user``/``group``
+        arguments, so under it the drop happens in ``preexec_fn`` as the cgroup join does."""
         cgroup = self._cgroup
-        if cgroup is None:
+        if cgroup is None and (not self.run_as_nobody or isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)):
             return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if self.run_as_nobody else {}
 
         def join_cgroup_then_drop() -> None:
-            cgroup.add(os.getpid())
+            if cgroup is not None:
+                cgroup.add(os.getpid())
             if self.run_as_nobody:
                 os.setgroups([])
                 os.setgid(NOBODY)

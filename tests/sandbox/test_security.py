@@ -202,3 +202,23 @@ async def test_code_cannot_reach_the_runners_channel_to_the_host(sandbox):
         "    print(type(e).__name__)"
     )
     assert result.stdout == "PermissionError\n"
+
+
+def test_local_sandbox_drops_to_nobody_under_uvloop_too():
+    """uvloop (Ray's async actors, the server stack) takes no user/group arguments for subprocesses."""
+    import asyncio
+
+    uvloop = pytest.importorskip("uvloop")
+    if os.geteuid() != 0:
+        pytest.skip("dropping to nobody needs root")
+    from miles_envs.sandbox import make_sandbox
+
+    async def identity() -> tuple[str, str]:
+        box = make_sandbox("local")
+        try:
+            result = await box.run("import os; print(os.getuid(), os.getgid(), os.getgroups())")
+            return result.stdout, result.status
+        finally:
+            await box.close()
+
+    assert uvloop.run(identity()) == asyncio.run(identity()) == ("65534 65534 []\n", "ok")
