@@ -34,9 +34,15 @@ def make_renderer():
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Ray fixes its auth mode for the whole process at the first init; a private local cluster needs
+    # none, and later tests in this process attach to clusters started the same way.
+    saved = dict(os.environ)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MILES_ENVS_")}})
     yield
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _key(t):
