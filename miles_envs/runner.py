@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from miles_envs.atomic import write_text_atomically
 from miles_envs.loop import LoopConfig, rollout
 from miles_envs.metrics import RolloutMetrics
 from miles_envs.run_index import GridSet, IndexEntry, compact, index_path, iter_index, sync_index
@@ -33,12 +33,6 @@ SCORED = (Status.COMPLETED.value, Status.TRUNCATED.value)
 
 def metrics_path(out: Path) -> Path:
     return out.with_name(out.name + ".metrics.json")
-
-
-def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def prepare_resume(out: Path, env_id: str | None, n: int, group_size: int) -> tuple[GridSet, int]:
@@ -146,5 +140,5 @@ async def run_to_file(
         summary["written"] = write_parquet(iter_jsonl(journal), out)
         journal.unlink()
         index.unlink()
-    write_json_atomically(metrics_path(out), summary)
+    write_text_atomically(metrics_path(out), json.dumps(summary, indent=2))
     return summary

@@ -13,13 +13,13 @@ did not save) are cut, so every step appears once. The asynchronous loop is
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
 from miles_envs.agents.engine import Engine
+from miles_envs.atomic import write_text_atomically
 from miles_envs.loop import LoopConfig, rollout
 from miles_envs.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_run_state, save_checkpoint
 from miles_envs.trainer.torch_backend import Trainer
@@ -51,9 +51,7 @@ def trim_jsonl(path: Path, last_step: int) -> None:
             continue
         if int(record.get("step", 0)) <= last_step:
             kept.append(line)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(staging, path)
+    write_text_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
 class RunFolder:

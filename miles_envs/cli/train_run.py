@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import shutil
 import time
 import uuid
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from miles_envs.agents.engine import SamplingParams
+from miles_envs.atomic import write_text_atomically
 from miles_envs.loop import LoopConfig, rollout
 
 EVAL_SEED = 1_000_000  # held-out env seeds: training uses seed + step * tasks_per_step + i
@@ -339,14 +339,10 @@ def wandb_run_id(out: Path) -> str:
     """The W&B run id of this run folder, made once."""
     file = out / "wandb_run_id"
     if not file.is_file():
-        write_atomic(file, uuid.uuid4().hex[:16])
+        write_text_atomically(file, uuid.uuid4().hex[:16])
     return file.read_text().strip()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -516,5 +512,5 @@ def write_summary(settings: TrainSettings, wall_s: float) -> dict[str, Any]:
         "train_reward_last": steps[-1][1]["reward_mean"] if steps else None,
         "sft_loss_last": sft[-1]["sft/loss"] if sft else None,
     }
-    write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
+    write_text_atomically(out / "metrics.json", json.dumps(summary, indent=2))
     return summary
