@@ -55,7 +55,7 @@ from miles_envs.agents.embedded_prefix import (
     row_columns,
 )
 from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, distributions, sample_rows
-from miles_envs.agents.engine import FinishReason, Generation, SamplingParams, SpecStats
+from miles_envs.engine import FinishReason, Generation, SamplingParams, SpecStats
 from miles_envs.models.loading import LoadedCheckpoint, load_checkpoint
 from miles_envs.models.routing import RoutingRecorder, moe_routers
 

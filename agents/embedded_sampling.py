@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 
 
 @dataclass

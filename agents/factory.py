@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from miles_envs.agents.engine import Engine
+from miles_envs.engine import Engine
 
 SPEC_FORMS = "scripted[:REPLY], sglang://HOST:PORT[?option=value&...], embedded:PATH"
 DEFAULT_SCRIPTED_REPLY = "Done."

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from miles_envs.agents.engine import Engine, Generation
+from miles_envs.engine import Engine, Generation
 from miles_envs.agents.sglang_wire import generate_response, sampling_from_request
 from miles_envs.serving import DELAY_KEY, Fault, FaultLayer, HTTPServer, ServerLimits, in_thread, json_body, read_body, send_reply
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from miles_envs.agents.engine import Generation, SamplingParams, SpecStats
+from miles_envs.engine import Generation, SamplingParams, SpecStats
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from miles_envs.agents.engine import Generation, SamplingParams
+from miles_envs.engine import Generation, SamplingParams
 from miles_envs.agents.http_pool import ConnectError, ConnectionPool, HTTPError, ReadTimeout, RemoteProtocolError, Response
 from miles_envs.agents.sglang_wire import ProtocolError, generate_request, parse_generate_response
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from miles_envs.agents.engine import Generation, SamplingParams, SpecStats
+from miles_envs.engine import Generation, SamplingParams, SpecStats
 
 
 class ProtocolError(ValueError):

@@ -17,7 +17,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from miles_envs.agents.engine import Engine, Generation, SamplingParams
+from miles_envs.engine import Engine, Generation, SamplingParams
 
 
 @dataclass

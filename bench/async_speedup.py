@@ -52,7 +52,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from miles_envs.agents.engine import Generation, SamplingParams
+from miles_envs.engine import Generation, SamplingParams
 from miles_envs.chat import ChatRenderer
 from miles_envs.env import Env, user
 from miles_envs.loop import LoopConfig

@@ -242,7 +242,7 @@ class Engine:
         self.engine = SGLangEngine(url, context_length=1 << 20, num_layers=ROUTING[1], topk=ROUTING[2])
 
     async def post(self, path: str, body: dict) -> object:
-        from miles_envs.agents.engine import SamplingParams
+        from miles_envs.engine import SamplingParams
 
         routed = bool(body.get("return_routed_experts"))
         start = len(body["input_ids"]) - (ROUTING[0] - OUTPUT_TOKENS + 1)  # rows of the last observation and the outputs

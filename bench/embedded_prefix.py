@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.chat import ChatRenderer
 from miles_envs.envs.guess_number import GuessNumberEnv
 from miles_envs.loop import LoopConfig, rollout

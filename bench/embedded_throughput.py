@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.models.factory import init_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

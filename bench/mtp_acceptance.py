@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.models.factory import init_model
 from miles_envs.trainer import Trainer, TrainerConfig
 from miles_envs.trainer.checkpoint import save_checkpoint

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.models.factory import init_model
 from miles_envs.trainer import Trainer, TrainerConfig, pack
 from miles_envs.trainer.r3 import RoutingRecord, mismatch_metrics

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams, SpecStats
+from miles_envs.engine import SamplingParams, SpecStats
 from miles_envs.models.factory import init_model
 from miles_envs.models.loading import load_checkpoint
 from miles_envs.models.toy import make_draftable

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from miles_envs.agents.engine import Engine, Generation, SamplingParams
+from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Env, Message
 from miles_envs.pacing import LagWindow
 from miles_envs.session import as_session

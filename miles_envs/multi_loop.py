@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from miles_envs.agents.engine import Engine, Generation, SamplingParams
+from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Message, MultiAgentEnv
 from miles_envs.loop import (
     NON_APPEND_ONLY,

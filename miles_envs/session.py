@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from miles_envs.agents.engine import Generation, SamplingParams, SpecStats
+from miles_envs.engine import Generation, SamplingParams, SpecStats
 
 UPDATE_POLICIES = ("continue", "abort_and_resume", "drain")
 

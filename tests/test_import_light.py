@@ -4,7 +4,7 @@ import sys
 
 def test_import_pulls_no_heavy_dependency():
     code = (
-        "import sys, miles_envs, miles_envs.registry, miles_envs.agents.engine\n"
+        "import sys, miles_envs, miles_envs.registry, miles_envs.engine, miles_envs.agents.factory\n"
         "heavy = {'torch', 'transformers', 'ray', 'sglang', 'pyarrow', 'docker', 'megatron'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )

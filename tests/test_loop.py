@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from miles_envs import Env, user
-from miles_envs.agents.engine import Generation, SamplingParams
+from miles_envs.engine import Generation, SamplingParams
 from miles_envs.agents.scripted import ScriptedEngine, SyntheticRouting, synthetic_logprob
 from miles_envs.chat import ChatRenderer
 from miles_envs.loop import LoopConfig, rollout, run_episode

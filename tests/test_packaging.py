@@ -15,7 +15,7 @@ def test_wheel_holds_the_namespaced_packages_and_data(tmp_path):
     wheel = next(tmp_path.glob("miles_envs-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"miles_envs", wheel.name.split("-py3")[0] + ".dist-info"}
-    for module in ("agents/engine.py", "registry/core.py", "sandbox/runner.py", "trainer/torch_backend.py",
+    for module in ("engine.py", "agents/sglang.py", "registry/core.py", "sandbox/runner.py", "trainer/torch_backend.py",
                    "trainer/megatron/weights.py", "viewer/templates/viewer.js", "envs/data/search_corpus.jsonl"):
         assert f"miles_envs/{module}" in names, module
 
@@ -23,7 +23,7 @@ def test_wheel_holds_the_namespaced_packages_and_data(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     code = (
-        "import importlib.util as u, miles_envs.agents.engine, miles_envs.registry, miles_envs.sandbox, miles_envs.trainer;"
+        "import importlib.util as u, miles_envs.engine, miles_envs.agents.sglang, miles_envs.registry, miles_envs.sandbox, miles_envs.trainer;"
         "print(miles_envs.__file__.startswith(%r), [n for n in ('agents','registry','sandbox','trainer') if u.find_spec(n)])"
         % str(target)
     )

@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
-from miles_envs.agents.engine import Engine
+from miles_envs.engine import Engine
 from miles_envs.atomic import write_text_atomically
 from miles_envs.loop import LoopConfig, rollout
 from miles_envs.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_run_state, save_checkpoint

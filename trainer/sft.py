@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.scripted import ScriptContext, ScriptedEngine
 from miles_envs.env import Env, Message
 from miles_envs.loop import LoopConfig, run_episode

@@ -54,7 +54,7 @@ async def _arm(folder: Path, seed: int, with_sft: bool, args) -> dict:
     import r3_trained
 
     from miles_envs.agents.embedded import EmbeddedEngine
-    from miles_envs.agents.engine import SamplingParams
+    from miles_envs.engine import SamplingParams
     from miles_envs.loop import LoopConfig, rollout
     from miles_envs.models.factory import save_folder
     from miles_envs.trainer import Trainer, TrainerConfig

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, mean_ci, ratio_ci, write  # noqa: E402
 
-from miles_envs.agents.engine import SamplingParams  # noqa: E402
+from miles_envs.engine import SamplingParams  # noqa: E402
 from miles_envs.loop import LoopConfig, rollout  # noqa: E402
 from miles_envs.trainer import Trainer, TrainerConfig, pack  # noqa: E402
 from miles_envs.trainer.r3 import RoutingRecord, mismatch_metrics  # noqa: E402

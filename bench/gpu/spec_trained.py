@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, mean_ci, ratio_ci, write  # noqa: E402
 
-from miles_envs.agents.engine import SamplingParams, SpecStats  # noqa: E402
+from miles_envs.engine import SamplingParams, SpecStats  # noqa: E402
 
 PROMPT_ENVS = ("miles/GuessNumber-v0", "miles/ToolCalc-v0", "miles/Echo-v0")
 

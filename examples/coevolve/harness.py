@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.chat import ChatRenderer
 from miles_envs.multi_loop import AgentPolicy
 from miles_envs.trajectory_io import JsonlWriter

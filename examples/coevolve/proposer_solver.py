@@ -19,7 +19,7 @@ from statistics import mean
 
 from harness import Learner, RunLog, common_arguments, console, embedded_learner, use_embedded
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.scripted import ScriptContext, ScriptedEngine
 from miles_envs.chat import ChatRenderer
 from miles_envs.envs.proposer_solver import ProposerSolverEnv, evaluate

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Roll out N×G episodes; rerunning with the same output resumes where a killed run stopped
         (aborted episodes are played again)."""
-        from miles_envs.agents.engine import SamplingParams
+        from miles_envs.engine import SamplingParams
         from miles_envs.loop import LoopConfig
         from miles_envs.registry import RegistryError
         from miles_envs.runner import metrics_path, run_to_file

@@ -27,7 +27,7 @@ import weakref
 from functools import lru_cache
 from typing import Any
 
-from miles_envs.agents.engine import Engine
+from miles_envs.engine import Engine
 from miles_envs.agents.sglang_wire import sampling_from_request
 from miles_envs.integrations.miles_sample import fill_sample, siblings
 from miles_envs.loop import LoopConfig, run_episode

@@ -16,7 +16,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from miles_envs.agents.engine import Engine, Generation, SamplingParams
+from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Message
 from miles_envs.loop import NON_APPEND_ONLY, TokenStream, append_generation, parse_turn, reply_text
 from miles_envs.trajectory import Status, Trajectory

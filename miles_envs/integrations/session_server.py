@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from miles_envs.agents.engine import Engine, Generation, SamplingParams
+from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.integrations.session import ChatSession, EngineAborted
 
 DEFAULT_SESSION = "default"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import Engine, SamplingParams
+from miles_envs.engine import Engine, SamplingParams
 from miles_envs.models.loading import load_checkpoint
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401
 

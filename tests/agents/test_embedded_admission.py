@@ -3,7 +3,7 @@
 import asyncio
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.models.loading import load_checkpoint
 from miles_envs.trainer.lora import LoraSettings, adapter_state_dict, apply_lora, save_adapter
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401

@@ -8,7 +8,7 @@ import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
 from miles_envs.agents.embedded_prefix import PrefixEntry, PrefixStore
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.models.loading import load_checkpoint
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401
 

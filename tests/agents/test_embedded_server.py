@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.sglang import SGLangEngine
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401
 

@@ -9,7 +9,7 @@ import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
 from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.models.loading import load_checkpoint
 from miles_envs.models.toy import make_draftable
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from miles_envs.agents.factory import EngineSpecError, make_engine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.scripted import ScriptedEngine
 from miles_envs.agents.sglang import SGLangEngine
 from tests.models.tiny_checkpoints import tiny_checkpoint  # noqa: F401

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from miles_envs.agents.engine import Engine, SamplingParams
+from miles_envs.engine import Engine, SamplingParams
 from miles_envs.agents.scripted import ScriptedEngine, ScriptedReply, SyntheticRouting, synthetic_logprob
 
 IM_END = 151645

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.protocol_server import Fault, ProtocolServer
 from miles_envs.agents.scripted import ScriptedEngine, ScriptedReply, SyntheticRouting
 from miles_envs.agents.sglang import EngineAdminError, SGLangEngine

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.protocol_server import ProtocolServer
 from miles_envs.agents.scripted import ScriptedEngine
 from miles_envs.agents.sglang import SGLangEngine

@@ -13,7 +13,7 @@ from miles_envs.agents.scripted import ScriptContext, ScriptedEngine, SyntheticR
 from miles_envs.chat import ChatRenderer  # noqa: E402
 from miles_envs.distributed import distributed_rollout, rank_actors, start_rollout_workers, trainer_placement_group  # noqa: E402
 from miles_envs.loop import LoopConfig, rollout  # noqa: E402
-from miles_envs.agents.engine import SamplingParams  # noqa: E402
+from miles_envs.engine import SamplingParams  # noqa: E402
 from miles_envs.tokenizers import load_tokenizer  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the test module

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from miles_envs import system, user
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.scripted import ScriptedEngine, SyntheticRouting
 from miles_envs.envs.negotiation import NegotiationEnv
 from miles_envs.envs.proposer_solver import ProposerSolverEnv

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.agents.scripted import ScriptedEngine
 from miles_envs.chat.renderer import ChatRenderer
 from miles_envs.env import Env, user

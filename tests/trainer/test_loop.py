@@ -3,7 +3,7 @@ import json
 import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.chat.renderer import ChatRenderer
 from miles_envs.loop import LoopConfig
 from miles_envs.models.factory import init_model

@@ -3,7 +3,7 @@
 import pytest
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.engine import SamplingParams
+from miles_envs.engine import SamplingParams
 from miles_envs.chat.renderer import ChatRenderer
 from miles_envs.envs.echo import EchoEnv
 from miles_envs.models.factory import init_model
