@@ -36,7 +36,7 @@ import toolrl  # noqa: E402
 from common import RESULTS, write  # noqa: E402
 
 PHASES = ("pretrain", "r3", "spec", "rl", "toolrl")
-RL_RESERVE_S = {"rl": 100.0, "toolrl": 150.0}  # process start, evals and R3-after-RL around each RL loop
+RL_RESERVE_S = {"rl": 75.0, "toolrl": 150.0}  # process start, evals and R3-after-RL around each RL loop
 
 
 def kept_checkpoint(folder: Path, args) -> bool:
