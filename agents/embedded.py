@@ -27,7 +27,9 @@ the trainer's adapter tensors) and applied unmerged per request (``generate(...,
 
 Speculative decoding drafts ``draft_tokens`` tokens with the checkpoint's first MTP layer
 applied recursively (SGLang's NextN scheme); further stored MTP layers are kept for training
-and weight sync but not used for drafting.
+and weight sync but not used for drafting. The step is batched tensor work over all running rows
+(drafting, verification, acceptance, cache trimming; see ``embedded_sampling.accept_rows``), with
+one read-back per step to emit tokens, so its cost does not grow with per-row host work.
 """
 
 from __future__ import annotations
