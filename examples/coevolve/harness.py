@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,6 @@ def scripted_policy(renderer: ChatRenderer, reply, name: str, max_new_tokens: in
 
     Its rng is seeded by the turn's sampling seed and the context length, so runs are reproducible.
     """
-    import random
-
     from miles_envs.agents.scripted import ScriptContext, ScriptedEngine
 
     tokenizer = renderer.tokenizer

@@ -14,6 +14,8 @@ proposer's reward; every ``--eval-every`` iterations the solver answers a fixed 
 problems (greedy), per operator count.
 
     python examples/coevolve/proposer_solver.py --iterations 3 --games 8 --out runs/proposer_solver
+
+``bench/gpu/coevolve.py`` runs it at a size that learns, on a GPU.
 """
 
 from __future__ import annotations
@@ -56,9 +58,8 @@ def exact_solver(renderer: ChatRenderer) -> AgentPolicy:
 
 
 def careless_player(renderer: ChatRenderer, seed: int) -> AgentPolicy:
-    """Scripted rollouts: proposes random expressions; as a solver, seats with an odd sampling seed
-    ignore operator precedence (they read left to right), so problems where precedence matters
-    split the solvers."""
+    """Scripted rollouts: proposes random expressions; as a solver, ignores operator precedence (reads
+    left to right) on a coin flip per answer, so problems where precedence matters split the solvers."""
 
     def reply(text: str, rng: random.Random) -> str:
         if "Problem: " not in text:

@@ -12,6 +12,8 @@ else random). Its win+draw rate against them, with a 95% Wilson interval, is the
 whether self-play made it stronger.
 
     python examples/coevolve/selfplay_tictactoe.py --iterations 3 --games 8 --out runs/selfplay
+
+``bench/gpu/coevolve.py`` runs it at a size that learns, on a GPU.
 """
 
 from __future__ import annotations
