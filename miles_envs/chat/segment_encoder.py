@@ -18,10 +18,13 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
+from miles_envs.chat.backend import TokenizerCalls
+
 
 class SegmentEncoder:
-    def __init__(self, tokenizer: Any, size: int = 8192, verify_every: int = 256) -> None:
+    def __init__(self, tokenizer: Any, size: int = 8192, verify_every: int = 256, tokenizer_calls: TokenizerCalls | None = None) -> None:
         self.tokenizer = tokenizer
+        self.tokenizer_calls = tokenizer_calls or TokenizerCalls(tokenizer)
         self.size, self.verify_every = size, verify_every
         self.calls = 0
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
@@ -37,12 +40,14 @@ class SegmentEncoder:
             if segment:
                 ids += self._segment_ids(segment)
         self.calls += 1
-        if (self.calls == 1 or self.calls % self.verify_every == 0) and ids != self._encode(text):
-            self.enabled = False
-            self._ids.clear()
-            warnings.warn("this tokenizer does not tokenise chat text the same piece by piece; segment reuse turned off "
-                          "(tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=2)
-            return self._encode(text)
+        if self.calls == 1 or self.calls % self.verify_every == 0:
+            whole = self.tokenizer_calls.reference_encode(text)
+            if ids != whole:
+                self.enabled = False
+                self._ids.clear()
+                warnings.warn("this tokenizer does not tokenise chat text the same piece by piece; segment reuse turned off "
+                              "(tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=2)
+                return whole
         return ids
 
     def _segment_ids(self, segment: str) -> list[int]:
@@ -54,7 +59,7 @@ class SegmentEncoder:
         return ids
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer_calls.encode(text)
 
 
 def _cut_tokens(tokenizer: Any) -> list[str]:
