@@ -2,12 +2,13 @@
 
 Every episode of an env renders the same system prompt and tool schemas, and tokenising that text
 costs more than the rest of a turn (≈0.3 µs per character with a 150k vocabulary). Tokenizers cut
-text at special tokens before any normalisation or BPE, so text split just before each special token
-tokenises to the same ids piece by piece as in one go. ``SegmentEncoder`` splits there, keeps the
-ids of recent segments, and tokenises only the pieces it has not seen.
+text at added tokens (special ones, and markup such as Qwen's ``<tool_response>``) before any
+normalisation or BPE, so text split just before each added token tokenises to the same ids piece by
+piece as in one go. ``SegmentEncoder`` splits there, keeps the ids of recent segments, and
+tokenises only the pieces it has not seen: a tool result costs only its own characters.
 
-Only special tokens that cannot absorb the whitespace before them (``lstrip``) and are matched
-before normalisation are used as cut points. As with the delta cache, the first and every ``verify_every``-th
+Only added tokens that cannot absorb the whitespace before them (``lstrip``), match regardless of
+their neighbours (not ``single_word``) and are matched before normalisation are used as cut points. As with the delta cache, the first and every ``verify_every``-th
 call is also tokenised whole and compared; one mismatch turns the reuse off for good, with a warning.
 """
 
@@ -63,6 +64,7 @@ class SegmentEncoder:
 
 
 def _cut_tokens(tokenizer: Any) -> list[str]:
-    """Special tokens that are safe places to cut the text before."""
+    """Added tokens that are safe places to cut the text before."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return [t.content for t in added.values() if t.special and not t.lstrip and not getattr(t, "normalized", False)]
+    return [t.content for t in added.values()
+            if not t.lstrip and not getattr(t, "single_word", False) and not getattr(t, "normalized", False)]
