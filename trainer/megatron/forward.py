@@ -1,7 +1,8 @@
 """One megatron forward over a ``PackedBatch`` (the torch backend's packed layout).
 
-Packed rows hold several sequences whose position ids restart at 0. megatron's local attention
-takes an explicit mask, so each row gets a block-diagonal causal mask built from ``seq_index``; the
+Packed rows hold several sequences whose position ids restart at 0. With ``PackedAttention``
+installed (``attention.py``) every sequence attends causally within itself; without it megatron's
+own attention gets a block-diagonal causal mask built from ``seq_index`` (the dense reference). The
 rotary table is indexed by the packed position ids (``PackedRotary``), so every sequence sees the
 positions it had at rollout. The result equals running each sequence alone, as the HF path does.
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from miles_envs.trainer.batch import PackedBatch
+from miles_envs.trainer.megatron.attention import PackedAttention, PackedLayout
 
 
 def packed_attention_mask(seq_index: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class PackedRotary(nn.Module):
     def forward(self, seq_len: int, *args, **kwargs) -> torch.Tensor:
         if self.positions is None:
             return self.inner(seq_len, *args, **kwargs)
-        table = self.inner(int(self.positions.max()) + 1, *args, **kwargs)  # [L, 1, 1, dim]
+        table = self.inner(self.positions.shape[-1], *args, **kwargs)  # [T, 1, 1, dim]: positions < T
         return table[:, 0, 0, :][self.positions.t()].unsqueeze(2)  # [T, rows, 1, dim]
 
 
@@ -80,16 +82,28 @@ def _capture_output_layer(gpt_model: nn.Module, copy: bool) -> Iterator[list[tor
         handle.remove()
 
 
-def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch) -> ForwardOutput:
-    """Forward ``batch`` through ``model`` (``gpt_model`` is the unwrapped ``GPTModel`` inside it)."""
+def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> ForwardOutput:
+    """Forward ``batch`` (host tensors) through ``model`` (``gpt_model`` is the ``GPTModel`` inside it)."""
     rotary = install_packed_rotary(gpt_model)
+    packed = [m for m in gpt_model.modules() if isinstance(m, PackedAttention)]
+    if packed:
+        layout = PackedLayout.of(batch.seq_index, batch.position_ids, batch.num_sequences).to(torch.device(device))
+        mask = None
+    else:
+        mask = packed_attention_mask(batch.seq_index).to(device)
     depth = gpt_model.config.mtp_num_layers or 0
-    extra = {"labels": batch.targets, "loss_mask": mtp_loss_mask(batch, depth)} if depth else {}
+    loss_mask = mtp_loss_mask(batch, depth) if depth else None
+    batch = batch.to(device)
+    extra = {"labels": batch.targets, "loss_mask": loss_mask.to(device)} if depth else {}
     rotary.positions = batch.position_ids
+    for module in packed:
+        module.layout = layout
     try:
         with _capture_output_layer(gpt_model, copy=bool(depth)) as calls:
-            model(batch.input_ids, batch.position_ids, packed_attention_mask(batch.seq_index), **extra)
+            model(batch.input_ids, batch.position_ids, mask, **extra)
     finally:
         rotary.positions = None
+        for module in packed:
+            module.layout = None
     logits = [c.transpose(0, 1) for c in calls]  # [T, rows, V] -> [rows, T, V]
     return ForwardOutput(logits=logits[-1], mtp_logits=logits[:-1])

@@ -28,7 +28,8 @@ class MegatronSettings:
     token_dispatcher: str = "alltoall"  # "allgather" for the CPU/gloo path
     use_cpu_initialization: bool = False
     recompute: bool = False  # full activation recompute (REPLAY_BACKWARD replays the routing)
-    distributed_optimizer: bool = True
+    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (DP > 1; not checkpointed)
+    attention: str = "packed"  # "packed": causal SDPA per sequence; "dense": megatron's masked attention (reference)
 
 
 SUPPORTED = ("qwen3_moe", "qwen3")
