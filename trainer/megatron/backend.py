@@ -26,9 +26,9 @@ from miles_envs.trainer.batch import PackedBatch
 from miles_envs.trainer.config import TrainerConfig
 from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
 from miles_envs.trainer.megatron.attention import install_packed_attention
-from miles_envs.trainer.megatron.forward import run_forward
+from miles_envs.trainer.megatron.forward import pad_width, run_forward
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
-from miles_envs.trainer.megatron.parallel import ensure_parallel
+from miles_envs.trainer.megatron.parallel import MegatronUnavailable, ensure_parallel
 from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
 from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
 from miles_envs.trainer.mtp_sft import mtp_labels
@@ -124,6 +124,11 @@ class MegatronTrainer(Trainer):
         self.device = pick_device(cfg.device)
         self.hf_config = hf_config
         self.gpt = build_gpt_model(hf_config, self.settings)
+        if self.settings.tensor_parallel > 1 and self.gpt.config.num_moe_experts and not self.gpt.config.sequence_parallel:
+            raise MegatronUnavailable(
+                "training an MoE with tensor_parallel > 1 needs sequence parallelism, which megatron-core supports only "
+                "with transformer-engine's norms (not installed): install transformer-engine or use expert_parallel"
+            )
         if cfg.mtp_sft and not self.gpt.config.mtp_num_layers:
             raise ValueError("mtp_sft=True needs a config with MTP layers (num_nextn_predict_layers > 0)")
         load_hf_weights(self.gpt, hf_config, hf_weights)
@@ -178,14 +183,18 @@ class MegatronTrainer(Trainer):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, batch: PackedBatch, *, replay: bool, model=None, hidden_states: bool = False) -> ForwardResult:
+        width = batch.input_ids.shape[1]
+        if self.gpt.config.sequence_parallel:
+            batch = pad_width(batch, self.settings.tensor_parallel)
         routing = self.replay.apply(batch.routed_experts, replay=replay) if self.replay else nullcontext(RoutingRecord())
         with routing as record:
             out = run_forward(self.model, self.gpt, batch, self.device)
         if self.settings.recompute and self.replay is not None and replay and out.logits.requires_grad:
             out.logits.register_hook(lambda grad: (self.replay.for_recompute(), grad)[1])
-        self._mtp_logits = out.mtp_logits
-        logits = out.logits if self.config.temperature == 1.0 else out.logits / self.config.temperature
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets.to(logits.device))
+        self._mtp_logits = [m[:, :width] for m in out.mtp_logits]
+        logits = out.logits[:, :width]
+        logits = logits if self.config.temperature == 1.0 else logits / self.config.temperature
+        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets[:, :width].to(logits.device))
         return ForwardResult(logprobs, entropy, record)
 
     # -- the step ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ hook keeps a copy.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
@@ -66,6 +66,25 @@ def install_packed_rotary(gpt_model: nn.Module) -> PackedRotary:
     return gpt_model.rotary_pos_emb
 
 
+_PAD = {"position_ids": 0, "rollout_versions": -1, "seq_index": -1, "routed_experts": -1}
+
+
+def pad_width(batch: PackedBatch, multiple: int) -> PackedBatch:
+    """``batch`` with its rows padded to a multiple of ``multiple`` tokens (sequence parallelism
+    splits every row's positions evenly over the tensor-parallel ranks); padding is no sequence."""
+    extra = -batch.input_ids.shape[1] % multiple
+    if not extra:
+        return batch
+    padded = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            tail = value.new_full((value.shape[0], extra, *value.shape[2:]), _PAD.get(f.name, 0))
+            value = torch.cat([value, tail], dim=1)
+        padded[f.name] = value
+    return PackedBatch(**padded)
+
+
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [rows, T, vocab]
@@ -105,5 +124,9 @@ def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, devi
         rotary.positions = None
         for module in packed:
             module.layout = None
+    if gpt_model.config.tensor_model_parallel_size > 1:  # vocab-parallel logits: every rank gets all
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        calls = [gather_from_tensor_model_parallel_region(c) for c in calls]
     logits = [c.transpose(0, 1) for c in calls]  # [T, rows, V] -> [rows, T, V]
     return ForwardOutput(logits=logits[-1], mtp_logits=logits[:-1])

@@ -85,7 +85,8 @@ def transformer_config(hf_config, settings: MegatronSettings):
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=settings.tensor_parallel,
         expert_model_parallel_size=settings.expert_parallel,
-        sequence_parallel=settings.tensor_parallel > 1,
+        # megatron's torch norms refuse sequence parallelism: it needs transformer-engine's
+        sequence_parallel=settings.tensor_parallel > 1 and have_transformer_engine(),
         bf16=settings.bf16,
         params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
