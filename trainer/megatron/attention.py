@@ -30,8 +30,8 @@ class PackedLayout:
     @classmethod
     def of(cls, seq_index: torch.Tensor, position_ids: torch.Tensor, sequences: int) -> PackedLayout:
         """From a packed batch's ``seq_index``/``position_ids`` ([rows, T], host tensors)."""
-        seq = seq_index.t().reshape(-1)  # megatron order: token t of row b is t * rows + b
-        pos = position_ids.t().reshape(-1)
+        seq = seq_index.cpu().t().reshape(-1)  # megatron order: token t of row b is t * rows + b
+        pos = position_ids.cpu().t().reshape(-1)
         valid = seq >= 0
         max_len = int(pos[valid].max()) + 1 if bool(valid.any()) else 1
         slots = sequences * max_len
@@ -56,7 +56,7 @@ class PackedAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.layout: PackedLayout | None = None
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None, **_):
         layout = self.layout
         if layout is None:
             raise RuntimeError("PackedAttention runs inside run_forward, which sets the packed layout")
