@@ -168,6 +168,8 @@ def main() -> None:
                   "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
                   "megatron_core": __import__("megatron.core", fromlist=["__version__"]).__version__,
                   "model": "tiny qwen3-moe (2 layers, 8 experts top-2, 1 MTP layer), fp32", "layouts": {}}
+        if args.device == "cpu":
+            report["grad_norm_note"] = "CPU: torch AdamW per rank clips on the rank's own parameters, so under EP the norm covers its local experts only"
         for (tp, ep), res in results.items():
             keys = ("pg_loss", "mtp/loss", "mismatch/router_disagreement", "grad_norm")
             entry = {

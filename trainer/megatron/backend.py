@@ -215,15 +215,19 @@ class MegatronTrainer(Trainer):
 
     @torch.no_grad()
     def _mtp_stats(self, batch: PackedBatch, stats) -> None:
-        """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``."""
+        """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``;
+        they stay on the device (``MeanAccumulator`` reads them once per step)."""
         loss = 0.0
         for depth, logits in enumerate(self._mtp_logits):
-            _, _, labels, mask = (t.to(logits.device) for t in mtp_labels(batch, depth))
+            _, _, labels, mask = mtp_labels(batch, depth)  # host tensors: their counts need no sync
+            labelled = int(mask.sum())
+            count = max(1, labelled)
+            labels, mask = labels.to(logits.device), mask.to(logits.device)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            loss += float((ce * mask).sum()) / max(1, int(mask.sum())) / len(self._mtp_logits)
+            loss = loss + (ce * mask).sum() / count / len(self._mtp_logits)
             if depth == 0:
-                tokens = int(mask.sum())
-                hits = float(((logits.argmax(-1) == labels).float() * mask).sum())
+                tokens = labelled
+                hits = ((logits.argmax(-1) == labels).float() * mask).sum()
         stats.add("mtp/loss", loss, tokens)
         stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
 
