@@ -129,7 +129,10 @@ class ScriptedEngine:
     ) -> None:
         if not callable(replies) and not replies:
             raise ValueError("ScriptedEngine needs at least one reply (or a callable)")
+        from miles_envs.chat.backend import TokenizerCalls  # here: the chat package imports transformers
+
         self.tokenizer = tokenizer
+        self._tokenizer_calls = TokenizerCalls(tokenizer)  # the Rust tokenizer directly where it matches
         self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         if self.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: pass eos_token_id= (the end-of-turn token)")
@@ -250,7 +253,7 @@ class ScriptedEngine:
     def _encode(self, reply: ScriptedReply) -> _Encoded:
         encoded = self._cache.get(reply)
         if encoded is None:
-            ids = list(self.tokenizer.encode(reply.text, add_special_tokens=False))
+            ids = list(self._tokenizer_calls.encode(reply.text))
             if reply.stop_on_eos:
                 ids.append(self.eos_token_id)
             if len(self._cache) >= _CACHE_LIMIT:  # callables may produce endless distinct replies

@@ -121,7 +121,7 @@ class RolloutSession:
         while True:
             request_rid = rid if rid is not None and not pieces else uuid.uuid4().hex
             gen = await self._submit(
-                list(input_ids) + kept, replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)),
+                [*input_ids, *kept] if kept else input_ids, replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)),
                 return_routed_experts=return_routed_experts, routed_experts_start=start, lora=lora, rid=request_rid,
             )
             aborted_by_update = self._take_update_abort(request_rid)
