@@ -41,6 +41,7 @@ from miles_envs.trainer.buffer import STALE_POLICIES, Group, GroupPosition, Roll
 from miles_envs.trainer.loop import RunFolder, rollout_metrics
 from miles_envs.trainer.staleness import staleness_metrics
 from miles_envs.trajectory import Trajectory
+from miles_envs.weight_sync import Tensors
 
 # (group number, group size, loop config, env seed) -> that group's trajectories as they finish
 GroupRunner = Callable[[int, int, LoopConfig, int], AsyncIterator[Trajectory]]
@@ -235,7 +236,7 @@ class AsyncRun:
         self.trainer_clock.enter()
         try:
             metrics = await asyncio.to_thread(trainer.train_step, trajectories)
-            await self.engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+            await self.engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
         finally:
             self.trainer_clock.exit()
         self.pushed += 1
@@ -305,7 +306,7 @@ async def train_async(
     history: list[dict[str, Any]] = []
     if trainer.step >= steps:
         return history
-    await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+    await engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
     run = AsyncRun(
         engine, trainer, run_group or local_group_runner(env_id, engine, renderer, parser),
         tasks_per_step=tasks_per_step, group_size=group_size, loop_config=config, seed=seed, settings=settings,

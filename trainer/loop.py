@@ -24,6 +24,7 @@ from miles_envs.loop import LoopConfig, rollout
 from miles_envs.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_run_state, save_checkpoint
 from miles_envs.trainer.torch_backend import Trainer
 from miles_envs.trajectory import Trajectory
+from miles_envs.weight_sync import Tensors
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -110,7 +111,7 @@ async def train(
     if out_dir is not None:
         folder = RunFolder(out_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
         if folder.resume(trainer) is not None:
-            await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+            await engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
     history = []
     while trainer.step < steps:
         step_seed = seed + trainer.step * tasks_per_step
@@ -122,7 +123,7 @@ async def train(
             )
             trajectories = [t async for t in stream]
         metrics = {**trainer.train_step(trajectories), **rollout_metrics(trajectories)}
-        await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+        await engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
         history.append(metrics)
         if folder is not None:
             folder.record(trainer, metrics, steps)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol
 from miles_envs.engine import SamplingParams
 from miles_envs.atomic import write_text_atomically
 from miles_envs.loop import LoopConfig, rollout
+from miles_envs.weight_sync import CheckpointFolder, Tensors, WeightSource
 
 EVAL_SEED = 1_000_000  # held-out env seeds: training uses seed + step * tasks_per_step + i
 DEMO_SEED = 2_000_000  # warm-start demonstration seeds
@@ -165,8 +166,8 @@ def trainer_config(settings: TrainSettings):
 class SyncedEngine:
     """The rollout engine with the trainer's weight sync in the form this engine takes weights.
 
-    The trainer loop calls ``update_weights(trainer.state_dict(), version=...)``; ``push`` turns
-    that into an in-process load, an adapter update, or a checkpoint folder the server reloads.
+    The trainer loop calls ``update_weights(Tensors(trainer.state_dict()), version=...)``; ``push``
+    turns that into an in-process load, an adapter update, or a checkpoint folder the server reloads.
     """
 
     def __init__(self, engine: Any, push: Callable[[Any, Any, str | None], Any]) -> None:
@@ -178,7 +179,7 @@ class SyncedEngine:
     async def generate(self, *args: Any, **kwargs: Any):
         return await self.engine.generate(*args, **kwargs)
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+    async def update_weights(self, source: WeightSource, *, version: str | None = None) -> None:
         await self._push(self.engine, source, version)
 
     async def abort(self, rid: str | None = None) -> None:
@@ -225,7 +226,7 @@ async def build_engine(settings: TrainSettings, trainer: Any) -> SyncedEngine:
         folder = serving / (version or "latest")
         trainer.model.save_pretrained(folder, safe_serialization=True)
         if not lora:
-            await engine.update_weights(str(folder), version=version)
+            await engine.update_weights(CheckpointFolder(folder), version=version)
         else:
             if adapter_loaded:
                 await engine.unload_lora_adapter(ADAPTER_NAME)
@@ -424,11 +425,11 @@ async def run_training(settings: TrainSettings, reporter: Reporter) -> dict[str,
         reporter.train_step(metrics)
 
     try:
-        await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+        await engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
         if resume is None and settings.sft_warmup:
             await warm_start_run(settings, trainer, renderer, log, reporter, eval_now if settings.eval_every else None)
             save_checkpoint(trainer, out / "checkpoints", keep=settings.keep_checkpoints)
-            await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+            await engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
         evaluated = {int(e["step"]) for e in read_jsonl(out / "eval.jsonl") if e["phase"] == RL_PHASE}
         if settings.eval_every and trainer.step not in evaluated:
             await eval_now()
