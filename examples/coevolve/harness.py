@@ -1,9 +1,11 @@
 """What both co-evolution scripts share: the engine (embedded tiny model on CPU, or scripted), the
-trainer, frozen snapshots for the opponent pool, and the run log (trajectories JSONL + metrics JSON).
+trainer, the supervised warm start, frozen snapshots for the opponent pool, the run log
+(trajectories JSONL + metrics JSON) and the curves (JSON + PNG).
 
 With ``--engine embedded`` (the default when ``miles_envs.agents.embedded`` is installed) a random-init
-tiny model plays and ``miles_envs.trainer.Trainer`` updates it after every iteration; with
-``--engine scripted`` the seats are scripted policies and the run is rollout-only (no weights to train).
+tiny model is warm-started on scripted demonstrations, then plays and ``miles_envs.trainer.Trainer``
+updates it after every iteration; with ``--engine scripted`` the seats are scripted policies and the
+run is rollout-only (no weights to train).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +40,19 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--games", type=int, default=16, help="episodes per iteration")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--arch", default="qwen3", help="tiny model architecture (qwen3, qwen3-moe, deepseek-v3)")
+    parser.add_argument("--arch", default="qwen3", help="model architecture (qwen3, qwen3-moe, deepseek-v3)")
+    parser.add_argument("--size", default="tiny", help="model size (tiny, small, medium)")
+    parser.add_argument("--device", default="cpu", help="where the model runs and trains (cpu, cuda)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-games", type=int, default=128, help="scripted demonstration episodes for the warm start")
+    parser.add_argument("--warmup-steps", type=int, default=60, help="SFT steps of the warm start (0: none)")
+    parser.add_argument("--warmup-lr", type=float, default=1e-3)
+    parser.add_argument("--eval-games", type=int, default=64, help="episodes per evaluation")
+    parser.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="stop iterating (then evaluate) once the run is this old")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/coevolve"))
+    parser.add_argument("--results", type=Path, default=None, help="folder for the curves JSON + PNG (e.g. bench/results/coevolve)")
     return parser
 
 
@@ -64,27 +77,88 @@ class Learner:
         await self.policy.engine.update_weights(self.trainer.state_dict(), version=self.trainer.weight_version)
         return {f"train/{k}": v for k, v in metrics.items()}
 
+    async def warm_start(self, demonstrations: list, steps: int, lr: float, batch_size: int = 32) -> list[dict[str, float]]:
+        """SFT on scripted demonstrations (tokenised by the same loop and template as RL), then push the weights."""
+        from miles_envs.trainer.sft import warm_start
+
+        if self.trainer is None or steps == 0:
+            return []
+        history = warm_start(self.trainer, demonstrations, steps, batch_size=batch_size, lr=lr)
+        await self.policy.engine.update_weights(self.trainer.state_dict(), version="sft")
+        return history
+
     async def snapshot(self) -> AgentPolicy:
-        """A frozen copy at the current weights, for the opponent pool (a second engine on CPU)."""
+        """A frozen copy at the current weights, for the opponent pool (a second engine)."""
         from miles_envs.agents.embedded import EmbeddedEngine
 
-        engine = EmbeddedEngine.from_path(self.model_path, device="cpu", weight_version=self.version)
+        engine = EmbeddedEngine.from_path(self.model_path, device=self.device, weight_version=self.version)
         await engine.update_weights(self.trainer.state_dict(), version=self.version)
         return AgentPolicy(engine, self.policy.sampling, trainable=False)
 
+    @property
+    def device(self) -> str:
+        return str(self.trainer.device) if self.trainer else "cpu"
+
 
 def embedded_learner(args: argparse.Namespace) -> Learner:
-    """A random-init tiny model served in-process and trained by the torch trainer, both on CPU."""
+    """A random-init model served in-process and trained by the torch trainer, on ``--device``."""
     from miles_envs.agents.embedded import EmbeddedEngine
     from miles_envs.models.factory import init_model
     from miles_envs.trainer import Trainer, TrainerConfig
 
-    path = init_model(args.out / "model", arch=args.arch, size="tiny", tokenizer="qwen3", seed=args.seed)
-    engine = EmbeddedEngine.from_path(path, device="cpu", weight_version="step-0")
-    trainer = Trainer.from_pretrained(str(path), TrainerConfig(lr=args.lr, device="cpu", seed=args.seed))
+    path = init_model(args.out / "model", arch=args.arch, size=args.size, tokenizer="qwen3", seed=args.seed)
+    engine = EmbeddedEngine.from_path(path, device=args.device, weight_version="step-0")
+    trainer = Trainer.from_pretrained(str(path), TrainerConfig(lr=args.lr, device=args.device, seed=args.seed))
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
     policy = AgentPolicy(engine, sampling, name="learner")
     return Learner(policy, ChatRenderer(engine.checkpoint.tokenizer), trainer, path)
+
+
+def scripted_policy(renderer: ChatRenderer, reply, name: str, max_new_tokens: int = 16) -> AgentPolicy:
+    """A fixed seat played by ``reply(decoded conversation, rng) -> text`` (never trained).
+
+    Its rng is seeded by the turn's sampling seed and the context length, so runs are reproducible.
+    """
+    from miles_envs.agents.scripted import ScriptContext, ScriptedEngine
+
+    tokenizer = renderer.tokenizer
+
+    def answer(context: ScriptContext) -> str:
+        rng = random.Random(f"{name}:{context.sampling.seed}:{len(context.input_ids)}")
+        return reply(tokenizer.decode(context.input_ids), rng)
+
+    end_of_turn = renderer.turn_end_id if renderer.turn_end_id is not None else renderer.stop_token_ids[0]
+    engine = ScriptedEngine(tokenizer, answer, eos_token_id=end_of_turn, weight_version=name)
+    return AgentPolicy(engine, SamplingParams(max_new_tokens=max_new_tokens), trainable=False, name=name)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate (sound at 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def write_curves(results: Path | None, name: str, payload: dict[str, Any], plot) -> None:
+    """``name.json`` and ``name.png`` (drawn by ``plot(figure, payload)``) into ``results``."""
+    if results is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    figure = plt.figure(figsize=(11, 4.2))
+    plot(figure, payload)
+    figure.tight_layout()
+    figure.savefig(results / f"{name}.png", dpi=110)
+    plt.close(figure)
+    console.print(f"wrote {results / name}.json and .png")
 
 
 def use_embedded(args: argparse.Namespace) -> bool:
@@ -117,6 +191,11 @@ class RunLog:
         self.rows.append(row)
         (self.out / "metrics.json").write_text(json.dumps({"config": self.config, "iterations": self.rows}, indent=2))
         console.print(f"[bold]{self.title}[/] " + "  ".join(f"{c}={_cell(row.get(c))}" for c in self.columns))
+
+    def last_iteration(self, iteration: int, args: argparse.Namespace) -> bool:
+        """Whether ``iteration`` ends the run: the last one asked for, or the time budget is spent."""
+        spent = args.time_budget_s is not None and time.perf_counter() - self.started > args.time_budget_s
+        return iteration + 1 == args.iterations or spent
 
     def close(self) -> None:
         self.writer.close()

@@ -1,60 +1,98 @@
 """Self-play on tic-tac-toe against a growing pool of frozen past versions.
 
-Each iteration the learner plays ``--games`` games, alternating X and O, each against a snapshot
-drawn from the pool; its trajectories get per-role group ids (a per-seat baseline, so X's
-first-move edge is not credited to its moves) and go to the trainer; after each iteration the
-current weights join the pool. Prints per iteration: the win rate against the pool (win 1, draw
-0.5, loss 0) overall and per seat, the illegal-move rate, and the trainer's metrics.
+A random-init model first learns the format from demonstrations: games between two random-legal
+players, tokenised by the same loop and chat template RL uses, so it makes legal moves but plays
+no better than chance. Then each iteration the learner plays ``--games`` games, alternating X and
+O, each against a snapshot drawn from the pool; its trajectories get per-role group ids (a per-seat
+baseline, so X's first-move edge is not credited to its moves) and go to the trainer (pool seats
+are not trainable); after each iteration the current weights join the pool. Every
+``--eval-every`` iterations the learner plays fixed reference opponents on fixed seeds, half the
+games as X: ``random`` (a random legal move) and ``one_ply`` (win if possible, block if needed,
+else random). Its win+draw rate against them, with a 95% Wilson interval, is the curve that shows
+whether self-play made it stronger.
 
     python examples/coevolve/selfplay_tictactoe.py --iterations 3 --games 8 --out runs/selfplay
+
+``bench/gpu/coevolve.py`` runs it at a size that learns, on a GPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import re
 from statistics import mean
 
-from harness import Learner, RunLog, common_arguments, console, embedded_learner, use_embedded
+from harness import Learner, RunLog, common_arguments, console, embedded_learner, scripted_policy, use_embedded, wilson, write_curves
 
-from miles_envs.engine import SamplingParams
-from miles_envs.agents.scripted import ScriptContext, ScriptedEngine
 from miles_envs.chat import ChatRenderer
-from miles_envs.envs.tictactoe import TicTacToeEnv
+from miles_envs.envs.tictactoe import TicTacToeEnv, one_ply_move, random_move, read_board
 from miles_envs.multi_loop import AgentPolicy, MultiLoopConfig, rollout_multi
 from miles_envs.multiagent import OpponentPool, group_by_role
 from miles_envs.tokenizers import load_tokenizer
 
-_BOARD_ROW = re.compile(r"(\S) \| (\S) \| (\S)")
+CONFIG = MultiLoopConfig(max_context=2048)
+REFERENCES = {"random": random_move, "one_ply": one_ply_move}
 
 
-def random_legal_mover(tokenizer, seed: object):
-    """A scripted player: a free cell of the last board it was shown, drawn from a seeded rng."""
+def reference_player(renderer: ChatRenderer, name: str) -> AgentPolicy:
+    """A fixed opponent that reads the last board it was shown and answers with its move."""
+    choose = REFERENCES[name]
 
-    def reply(context: ScriptContext) -> str:
-        shown = tokenizer.decode(context.input_ids).rsplit("Your move.", 1)[0]
-        cells = [cell for row in _BOARD_ROW.findall(shown)[-3:] for cell in row]
-        free = [cell for cell in cells if cell.isdigit()]
-        return random.Random(f"{seed}:{len(context.input_ids)}").choice(free or ["5"])
+    def reply(text: str, rng: random.Random) -> str:
+        agent, board = read_board(text)
+        return str(choose(board, agent, rng))
 
-    return reply
-
-
-def scripted_learner(args) -> tuple[Learner, callable]:
-    tokenizer = load_tokenizer("qwen3")
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    policy = AgentPolicy(ScriptedEngine(tokenizer, random_legal_mover(tokenizer, args.seed)), sampling, name="learner")
-
-    async def snapshot(version: str) -> AgentPolicy:
-        engine = ScriptedEngine(tokenizer, random_legal_mover(tokenizer, version), weight_version=version)
-        return AgentPolicy(engine, sampling, trainable=False)
-
-    return Learner(policy, ChatRenderer(tokenizer)), snapshot
+    return scripted_policy(renderer, reply, name)
 
 
 def score(reward: float) -> float:
     return 1.0 if reward > 0 else 0.5 if reward == 0 else 0.0
+
+
+def other(seat: str) -> str:
+    return "o" if seat == "x" else "x"
+
+
+async def play(renderer, seatings: list[dict[str, AgentPolicy]], seed: int, sampling_seed: int) -> list:
+    """One game per seating; episodes in game order."""
+    episodes = [
+        e async for e in rollout_multi(
+            TicTacToeEnv, lambda game, _play: seatings[game], renderer, n=len(seatings), config=CONFIG,
+            seed=seed, sampling_seed=sampling_seed,
+        )
+    ]
+    return sorted(episodes, key=lambda e: int(e.episode_id.split(":")[0]))
+
+
+async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int) -> dict:
+    """Win+draw rate (95% CI), win rate and forfeit rate against each reference, on fixed seeds."""
+    row = {}
+    seats = ["x" if g % 2 == 0 else "o" for g in range(games)]
+    for name, reference in references.items():
+        seatings = [{seat: learner.policy, other(seat): reference} for seat in seats]
+        episodes = await play(learner.renderer, seatings, seed=10**6 + seed, sampling_seed=10**7 + seed * 10_000)
+        rewards = [e.returns[seat] for e, seat in zip(episodes, seats)]
+        forfeits = [e.infos.get(seat, {}).get("forfeit") and r < 0 for e, seat, r in zip(episodes, seats, rewards)]
+        not_lost = sum(r >= 0 for r in rewards)
+        row[name] = {
+            "win_draw": not_lost / games, "win_draw_ci95": wilson(not_lost, games),
+            "win": sum(r > 0 for r in rewards) / games, "forfeit": sum(forfeits) / games, "games": games,
+        }
+    return row
+
+
+async def demonstrations(renderer: ChatRenderer, games: int, seed: int) -> list:
+    """Both seats' trajectories of random-legal self-play games: what the warm start imitates."""
+    mover = reference_player(renderer, "random")
+    episodes = await play(renderer, [{"x": mover, "o": mover}] * games, seed=2 * 10**6 + seed, sampling_seed=seed)
+    return [t for e in episodes for t in e.trajectories.values()]
+
+
+def scripted_learner(args) -> Learner:
+    renderer = ChatRenderer(load_tokenizer("qwen3"))
+    policy = reference_player(renderer, "random")
+    policy.name, policy.trainable = "learner", True
+    return Learner(policy, renderer)
 
 
 async def main() -> None:
@@ -63,46 +101,54 @@ async def main() -> None:
     args = parser.parse_args()
     if use_embedded(args):
         learner = embedded_learner(args)
-
-        async def snapshot(version: str) -> AgentPolicy:
-            return await learner.snapshot()
     else:
-        learner, snapshot = scripted_learner(args)
+        learner = scripted_learner(args)
         console.print("[yellow]scripted engine: rollout-only, nothing is trained[/]")
+    references = {name: reference_player(learner.renderer, name) for name in REFERENCES}
+    config = {**{k: str(v) for k, v in vars(args).items()}, "trained": learner.trainer is not None}
+    log = RunLog(
+        args.out, "tic-tac-toe self-play",
+        ["iteration", "version", "pool", "win_rate", "win_rate_x", "win_rate_o", "illegal_rate", "train/loss"], config,
+    )
+    evals: list[dict] = []
+    warm_start: list[dict] = []
+
+    async def eval_point(iteration: int, phase: str) -> None:
+        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, args.eval_games, args.seed)}
+        evals.append(row)
+        cells = "  ".join(f"{n}: {row[n]['win_draw']:.3f} {row[n]['win_draw_ci95']}" for n in REFERENCES)
+        console.print(f"[bold]eval[/] iteration={iteration} {phase}  win+draw  {cells}")
+        # rewritten at every evaluation, so a run cut short keeps its curves
+        payload = {"config": config, "summary": summary(evals), "evals": evals, "warm_start": warm_start, "iterations": log.rows}
+        write_curves(args.results, f"selfplay_tictactoe_seed{args.seed}", payload, plot)
+
+    if learner.trainer is not None and args.warmup_steps:
+        await eval_point(0, "init")
+        demos = await demonstrations(learner.renderer, args.warmup_games, args.seed)
+        warm_start += await learner.warm_start(demos, args.warmup_steps, args.warmup_lr)
+        console.print(f"warm start: {len(demos)} demonstration trajectories, {args.warmup_steps} SFT steps, "
+                      f"loss {warm_start[0]['sft/loss']:.3f} -> {warm_start[-1]['sft/loss']:.3f}")
+    await eval_point(0, "start")
+
     engines = [learner.policy.engine]
+    pool = OpponentPool(max_size=args.pool_size)
 
     async def add_snapshot(version: str) -> None:
-        frozen = await snapshot(version)
+        frozen = await learner.snapshot() if learner.trainer else reference_player(learner.renderer, "random")
         engines.append(frozen.engine)
         pool.add(version, frozen)
 
-    pool = OpponentPool(max_size=args.pool_size)
     await add_snapshot(learner.version if learner.trainer else "scripted-0")
-    log = RunLog(
-        args.out, "tic-tac-toe self-play",
-        ["iteration", "version", "pool", "win_rate", "win_rate_x", "win_rate_o", "illegal_rate", "train/loss"],
-        {**{k: str(v) for k, v in vars(args).items()}, "trained": learner.trainer is not None},
-    )
-    config = MultiLoopConfig(max_context=2048)
     for iteration in range(args.iterations):
         rng = random.Random(args.seed * 1_000_003 + iteration)
         seats = ["x" if g % 2 == 0 else "o" for g in range(args.games)]
         opponents = [pool.sample(rng) for _ in range(args.games)]
-        seatings = [
-            {seat: learner.policy, ("o" if seat == "x" else "x"): opponent}
-            for seat, (_, opponent) in zip(seats, opponents)
-        ]
-        episodes = [
-            e async for e in rollout_multi(
-                TicTacToeEnv, lambda game, play, seatings=seatings: seatings[game], learner.renderer, n=args.games, config=config,
-                seed=args.seed + iteration * args.games, sampling_seed=(args.seed + iteration) * 10_000,
-            )
-        ]
+        seatings = [{seat: learner.policy, other(seat): opponent} for seat, (_, opponent) in zip(seats, opponents)]
+        episodes = await play(learner.renderer, seatings, seed=args.seed + iteration * args.games,
+                              sampling_seed=(args.seed + iteration) * 10_000)
         results: dict[str, list[float]] = {"x": [], "o": []}
         illegal = []
-        for episode in episodes:
-            game = int(episode.episode_id.split(":")[0])
-            seat, (version, _) = seats[game], opponents[game]
+        for episode, seat, (version, _) in zip(episodes, seats, opponents):
             results[seat].append(score(episode.returns[seat]))
             pool.record(version, results[seat][-1])
             mine = episode.trajectories.get(seat)
@@ -125,9 +171,50 @@ async def main() -> None:
             **train_metrics,
         })
         await add_snapshot(learner.version if learner.trainer else f"scripted-{iteration + 1}")
+        last = log.last_iteration(iteration, args)
+        if (iteration + 1) % args.eval_every == 0 or last:
+            await eval_point(iteration + 1, "self_play")
+        if last:
+            break
     log.close()
+    console.print(f"win+draw from the warm start to the end of self-play: {summary(evals)}")
     for engine in engines:
         await engine.close()
+
+
+def summary(evals: list[dict]) -> dict:
+    """Win+draw rate per reference at the start of self-play (after any warm start) and now."""
+    started = [e for e in evals if e["phase"] != "init"]
+    if not started:
+        return {}
+    start, end = started[0], started[-1]
+    return {
+        name: {"start": start[name]["win_draw"], "end": end[name]["win_draw"],
+               "lift_points": round(100 * (end[name]["win_draw"] - start[name]["win_draw"]), 1)}
+        for name in REFERENCES
+    }
+
+
+def plot(figure, payload: dict) -> None:
+    left, middle, right = figure.subplots(1, 3)
+    for name in REFERENCES:
+        points = [e for e in payload["evals"] if e["phase"] != "init"]
+        xs = [e["iteration"] for e in points]
+        line, = left.plot(xs, [e[name]["win_draw"] for e in points], marker="o", label=f"vs {name}")
+        left.fill_between(xs, [e[name]["win_draw_ci95"][0] for e in points], [e[name]["win_draw_ci95"][1] for e in points],
+                          color=line.get_color(), alpha=0.2)
+        init = [e for e in payload["evals"] if e["phase"] == "init"]
+        if init:
+            left.scatter([0], [init[0][name]["win_draw"]], marker="x", color=line.get_color())
+    left.set(title="win+draw vs references (x: untrained)", xlabel="self-play iteration", ylim=(0, 1))
+    left.legend()
+    rows = payload["iterations"]
+    middle.plot([r["iteration"] + 1 for r in rows], [r["win_rate"] for r in rows], label="score vs pool")
+    middle.plot([r["iteration"] + 1 for r in rows], [r["illegal_rate"] or 0.0 for r in rows], label="illegal-move rate")
+    middle.set(title="self-play", xlabel="self-play iteration", ylim=(0, 1))
+    middle.legend()
+    right.plot([s["sft/loss"] for s in payload["warm_start"]])
+    right.set(title="warm start (SFT) loss", xlabel="SFT step")
 
 
 if __name__ == "__main__":

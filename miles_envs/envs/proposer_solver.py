@@ -37,7 +37,7 @@ def evaluate(expression: str, max_operators: int) -> int:
         raise InvalidProblem(f"not an arithmetic expression ({exc.msg})") from None
     except (RecursionError, ValueError):
         raise InvalidProblem("not an arithmetic expression (nested too deeply or holds a null byte)") from None
-    operators = sum(isinstance(node, (ast.BinOp, ast.UnaryOp)) for node in ast.walk(tree))
+    operators = _operators(tree)
     if operators > max_operators:  # checked before evaluating, which recurses once per operator
         raise InvalidProblem(f"{operators} operators; use between 1 and {max_operators}")
     value = _value(tree.body)
@@ -58,6 +58,25 @@ def _value(node: ast.AST) -> int:
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
         return _OPERATORS[type(node.op)](_value(node.left), _value(node.right))
     raise InvalidProblem(f"{ast.unparse(node)!r} is not allowed: use integers, + - * and parentheses")
+
+
+def random_problem(rng: random.Random, operators: int, max_literal: int = 9) -> str:
+    """A random allowed expression with exactly ``operators`` binary operators and literals 0..``max_literal``."""
+    if operators < 1:
+        raise ValueError(f"operators={operators}: a problem has at least one operator")
+    expression = str(rng.randint(0, max_literal))
+    for _ in range(operators):
+        expression += rng.choice("+-*") + str(rng.randint(0, max_literal))
+    return expression
+
+
+def count_operators(expression: str) -> int:
+    """Operators in an expression (the difficulty the proposer chose)."""
+    return _operators(ast.parse(expression.strip(), mode="eval"))
+
+
+def _operators(tree: ast.AST) -> int:
+    return sum(isinstance(node, (ast.BinOp, ast.UnaryOp)) for node in ast.walk(tree))
 
 
 def extract_problem(text: str) -> str:

@@ -4,11 +4,15 @@ Agents ``x`` and ``o`` alternate; X moves first. A move is the number (1-9) of a
 number in the reply counts. An illegal move is explained and may be retried ``illegal_retries``
 times, after which the mover forfeits. Rewards: win +1, loss -1, draw 0. ``opening_moves`` random
 moves (drawn from the seed) may be pre-placed, so seeds give different positions.
+
+``read_board``, ``random_move`` and ``one_ply_move`` are the fixed reference players a learning
+policy is measured against: they read the last board the env showed.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from miles_envs.env import Message, system, user
@@ -17,6 +21,44 @@ from miles_envs.multiagent.turn_based import AgentStep, TurnBasedEnv
 
 LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))
 MARKS = {"x": "X", "o": "O"}
+_BOARD_ROW = re.compile(r"^(\S) \| (\S) \| (\S)$", re.MULTILINE)
+_SEAT = re.compile(r"You play tic-tac-toe as ([XO])")
+
+
+def read_board(text: str) -> tuple[str, list[str | None]]:
+    """(the reader's seat, the last board rendered in ``text``) from a player's conversation."""
+    seat = _SEAT.search(text)
+    rows = _BOARD_ROW.findall(text)[-3:]
+    if seat is None or len(rows) < 3:
+        raise ValueError("no tic-tac-toe seat and board in the text: pass the conversation the env rendered")
+    marks = {mark: agent for agent, mark in MARKS.items()}
+    return marks[seat.group(1)], [marks.get(cell) for row in rows for cell in row]
+
+
+def free_cells(board: list[str | None]) -> list[int]:
+    return [i + 1 for i, mark in enumerate(board) if mark is None]
+
+
+def winning_cell(board: list[str | None], agent: str) -> int | None:
+    """A free cell that completes a line of ``agent``'s, if any."""
+    for line in LINES:
+        marks = [board[i] for i in line]
+        if marks.count(agent) == 2 and marks.count(None) == 1:
+            return line[marks.index(None)] + 1
+    return None
+
+
+def random_move(board: list[str | None], agent: str, rng: random.Random) -> int:
+    return rng.choice(free_cells(board))
+
+
+def one_ply_move(board: list[str | None], agent: str, rng: random.Random) -> int:
+    """Win if possible, else block the opponent's win, else a random free cell."""
+    opponent = "o" if agent == "x" else "x"
+    for cell in (winning_cell(board, agent), winning_cell(board, opponent)):
+        if cell is not None:
+            return cell
+    return random_move(board, agent, rng)
 
 
 class TicTacToeEnv(TurnBasedEnv):
@@ -64,7 +106,7 @@ class TicTacToeEnv(TurnBasedEnv):
         return AgentStep(observations={opponent: [prompt]}, next_agent=opponent)
 
     def free_cells(self) -> list[int]:
-        return [i + 1 for i, mark in enumerate(self.board) if mark is None]
+        return free_cells(self.board)
 
     def render(self) -> str:
         cells = [MARKS[m] if m else str(i + 1) for i, m in enumerate(self.board)]

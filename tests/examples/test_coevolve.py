@@ -1,4 +1,4 @@
-"""Smoke tests: each co-evolution script finishes on CPU at CI size and writes its metrics."""
+"""Smoke tests: each co-evolution script finishes on CPU at CI size and writes its metrics and curves."""
 
 import importlib.util
 import json
@@ -18,18 +18,24 @@ needs_embedded = pytest.mark.skipif(
 )
 
 
-def run(script, out, *args):
+def run(script, tmp_path, *args):
+    out, results = tmp_path / "run", tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), "--iterations", "2", "--out", str(out), *args],
-        capture_output=True, text=True, cwd=out.parent, env={**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"},
+        [sys.executable, str(SCRIPTS / script), "--iterations", "2", "--out", str(out), "--results", str(results), *args],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    return result.stdout, metrics, read_trajectories(out / "trajectories.jsonl")
+    name = f"{Path(script).stem}_seed0"
+    curves = json.loads((results / f"{name}.json").read_text())
+    assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return result.stdout, metrics, curves, read_trajectories(out / "trajectories.jsonl")
 
 
 def test_selfplay_scripted_is_rollout_only(tmp_path):
-    stdout, metrics, trajectories = run("selfplay_tictactoe.py", tmp_path / "run", "--engine", "scripted", "--games", "4")
+    stdout, metrics, curves, trajectories = run(
+        "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "4", "--eval-games", "40", "--eval-every", "1"
+    )
     assert "rollout-only" in stdout and metrics["config"]["trained"] is False
     rows = metrics["iterations"]
     assert [r["iteration"] for r in rows] == [0, 1] and [r["pool"] for r in rows] == [1, 2]
@@ -37,23 +43,51 @@ def test_selfplay_scripted_is_rollout_only(tmp_path):
     # random legal movers finish every game: both seats move, so two trajectories per episode
     assert len(trajectories) == 2 * 4 * 2 == sum(r["trajectories"] for r in rows)
     assert {t.metadata["policy"] for t in trajectories} >= {"learner", "pool:scripted-0"}
+    # nothing trains: every evaluation replays the same fixed seeds, so the curve is flat
+    assert [(e["iteration"], e["phase"]) for e in curves["evals"]] == [(0, "start"), (1, "self_play"), (2, "self_play")]
+    assert curves["summary"]["random"]["lift_points"] == 0.0 == curves["summary"]["one_ply"]["lift_points"]
+    start = curves["evals"][0]
+    assert start["random"]["forfeit"] == 0.0 and start["random"]["games"] == 40
+    low, high = start["random"]["win_draw_ci95"]
+    assert low <= start["random"]["win_draw"] <= high
+    # blocking and taking wins beats a random mover far more often than a random mover does
+    assert start["one_ply"]["win_draw"] < start["random"]["win_draw"]
 
 
 def test_proposer_solver_scripted_scores_split_problems(tmp_path):
-    _, metrics, trajectories = run("proposer_solver.py", tmp_path / "run", "--engine", "scripted", "--games", "6")
+    _, metrics, curves, trajectories = run(
+        "proposer_solver.py", tmp_path, "--engine", "scripted", "--games", "6", "--eval-games", "12"
+    )
     rows = metrics["iterations"]
     assert all(r["valid_rate"] == 1.0 for r in rows)
-    assert all(0.0 <= r["solver_accuracy"] <= 1.0 and 0.0 <= r["difficulty"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["solver_success"] <= 1.0 and 1 <= r["operators"] <= 3 for r in rows)
     assert {t.metadata["role"] for t in trajectories} == {"proposer", "solver"}
     assert len(trajectories) == 2 * 6 * 5
+    held_out = curves["evals"][-1]
+    assert held_out["problems"] == 12 and set(held_out["by_operators"]) <= {"1", "2", "3", "4"}
+    assert curves["summary"]["held_out_start"] == curves["evals"][0]["accuracy"]
 
 
 @needs_embedded
 @pytest.mark.parametrize("script, extra", [("selfplay_tictactoe.py", []), ("proposer_solver.py", ["--solvers", "2"])])
-def test_embedded_engine_trains_between_iterations(tmp_path, script, extra):
-    _, metrics, trajectories = run(script, tmp_path / "run", "--engine", "embedded", "--games", "2", "--max-new-tokens", "4", *extra)
+def test_embedded_engine_warm_starts_then_trains_between_iterations(tmp_path, script, extra):
+    _, metrics, curves, trajectories = run(
+        script, tmp_path, "--engine", "embedded", "--games", "2", "--max-new-tokens", "4",
+        "--warmup-games", "2", "--warmup-steps", "2", "--eval-games", "2", *extra,
+    )
     assert metrics["config"]["trained"] is True
     assert [r["version"] for r in metrics["iterations"]] == ["step-1", "step-2"]
     assert all("train/loss" in r for r in metrics["iterations"])
+    assert len(curves["warm_start"]) == 2 and all(s["sft/loss"] > 0 for s in curves["warm_start"])
+    assert [e["phase"] for e in curves["evals"]][:2] == ["init", "start"]
     versions = {turn.weight_version for t in trajectories for turn in t.turns if turn.kind == "model"}
-    assert {"step-0", "step-1"} <= versions  # the second iteration played the updated weights
+    assert {"sft", "step-1"} <= versions  # the first iteration played the warm start, the second the updated weights
+
+
+def test_time_budget_stops_iterating_and_still_evaluates(tmp_path):
+    _, metrics, curves, _ = run(
+        "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "2", "--eval-games", "2",
+        "--eval-every", "10", "--time-budget-s", "0",
+    )
+    assert [r["iteration"] for r in metrics["iterations"]] == [0]
+    assert [e["iteration"] for e in curves["evals"]] == [0, 1]
