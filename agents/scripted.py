@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from miles_envs.engine import Generation, SamplingParams, SpecStats
+from miles_envs.weight_sync import ALL_KINDS, WeightSource, weight_source
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class _Partial:
 
 class ScriptedEngine:
     """An ``Engine`` that replays scripted text as real tokens; no model, microseconds per call."""
+
+    weight_sources = ALL_KINDS  # it has no weights: an update only relabels the tokens that follow
 
     def __init__(
         self,
@@ -316,7 +319,9 @@ class ScriptedEngine:
         verify_ct = math.ceil(n_tokens / (k + 1))
         return SpecStats(verify_ct=verify_ct, accepted_tokens=n_tokens - verify_ct, draft_tokens=verify_ct * k)
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
+        """Label later tokens ``version`` (by default the source as given: a folder's path, say)."""
+        weight_source(source)  # still a clear error for something that is no weight source at all
         self.weight_version = version if version is not None else str(source)
 
     async def abort(self, rid: str | None = None) -> None:

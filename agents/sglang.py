@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from miles_envs.engine import Generation, SamplingParams
+from miles_envs.weight_sync import BroadcastGroup, WeightSource, accept
 from miles_envs.agents.http_pool import ConnectError, ConnectionPool, HTTPError, ReadTimeout, RemoteProtocolError, Response
 from miles_envs.agents.sglang_wire import ProtocolError, encode_generate_request, load_generate_body, parse_generate_response
 
@@ -338,12 +339,22 @@ class SGLangEngine:
             pending.wake.set()
         await self._admin("POST", "/abort_request", {"rid": pending.wire_rid if pending else rid})
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
-        """Reload weights from a checkpoint directory the server can read."""
-        body: dict[str, Any] = {"model_path": str(source)}
+    weight_sources = frozenset({"folder", "broadcast"})  # a server cannot see the trainer's memory
+
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
+        """Reload from a ``CheckpointFolder`` the server can read, or take a ``BroadcastGroup``'s tensors.
+
+        For a broadcast the server must have joined the group (``/init_weights_update_group``) and the
+        trainer broadcasts the announced tensors while this request waits for the server to load them.
+        """
+        typed = accept(source, self.weight_sources, "SGLangEngine")
+        if isinstance(typed, BroadcastGroup):
+            path, body = "/update_weights_from_distributed", typed.to_sglang()
+        else:
+            path, body = "/update_weights_from_disk", {"model_path": typed.path}
         if version is not None:
             body["weight_version"] = version
-        await self._admin("POST", "/update_weights_from_disk", body)
+        await self._admin("POST", path, body)
         if version is not None:
             self.weight_version = version
 

@@ -5,6 +5,9 @@ Each script stays a plain program (prints its own table, writes ``bench/results/
 module only runs it in a subprocess and reads that JSON. With a results folder other than
 ``bench/results`` the scripts run from a copy of ``bench/`` whose ``results`` points there, so quick
 runs never overwrite the published numbers.
+
+A development tool: the scripts and their published results live in the source checkout's
+``bench/`` folder, beside ``miles_envs/``, which a wheel does not ship (``checkout_bench_dir``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+class NotACheckout(RuntimeError):
+    """The benches run from a source checkout, and this ``miles_envs`` is installed without one."""
+
+
+def checkout_bench_dir() -> Path:
+    """The checkout's ``bench/`` folder, or ``NotACheckout`` saying how to get one."""
+    if not BENCH_DIR.is_dir() or not any(BENCH_DIR.glob("*.py")):
+        raise NotACheckout(
+            f"miles-envs bench runs the scripts in a source checkout's bench/ folder, and this miles_envs "
+            f"({Path(__file__).resolve().parent}) is installed without one (a wheel ships no bench/): clone the "
+            "repository, `pip install -e '.[test]'` in it, and run `miles-envs bench` there"
+        )
+    return BENCH_DIR
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from miles_envs.engine import Generation, SamplingParams, SpecStats
+from miles_envs.weight_sync import WeightSource, accept, accepted_kinds
 
 UPDATE_POLICIES = ("continue", "abort_and_resume", "drain")
 
@@ -139,11 +140,19 @@ class RolloutSession:
                 self.stats.dropped_tokens += len(gen.output_ids)
             self.stats.resubmissions += 1
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
-        """Apply an update under the session's policy (safe to call while episodes run)."""
+    @property
+    def weight_sources(self) -> frozenset[str]:
+        return accepted_kinds(self.engine)
+
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
+        """Apply an update under the session's policy (safe to call while episodes run).
+
+        A source the engine cannot take is refused before any request is paused or aborted.
+        """
         update = getattr(self.engine, "update_weights", None)
         if not callable(update):
             raise UpdateNotSupported(f"{type(self.engine).__name__} cannot update its weights (it has no update_weights)")
+        accept(source, self.weight_sources, type(self.engine).__name__)
         loop = asyncio.get_running_loop()
         async with self._update_lock:
             policy = self.config.update_policy
