@@ -128,8 +128,14 @@ def loop_overhead_measures(data: dict) -> list[Measure]:
 
 def client_overhead_measures(data: dict) -> list[Measure]:
     rows = [r for r in field_at(data, "rows") if r["client"].startswith("SGLangEngine")]
+
+    def variant(row: dict) -> str:
+        """How the token history reached the client (a plain list, or the loop's episode stream)."""
+        detail = row["client"].partition(", ")[2]
+        return f", {detail}" if detail else ""
+
     return [
-        Measure(f"SGLang client CPU per /generate, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
+        Measure(f"SGLang client CPU per /generate{variant(r)}, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
                 at_most(100) if r["response"] == "logprobs" else None, f"min–max {r['cpu_us_min']:.0f}–{r['cpu_us_max']:.0f}")
         for r in rows
     ]
