@@ -9,7 +9,9 @@ an ``asyncio.Protocol``: no stream objects, no per-request tasks.
 
 Connections are reused LIFO (light load keeps hitting warm sockets), idle ones are dropped before
 the server's keep-alive timeout would close them under us, and at most ``max_connections`` are
-open: further requests wait for one to come back.
+open: further requests wait for one to come back. At most ``connect_concurrency`` connections are
+being opened at once: a cold start of thousands of requests opens them a few dozen per loop pass
+(each costs a few tasks and callbacks) instead of all in one stall.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One socket; one request at a time (no pipelining)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deliveries: _Deliveries) -> None:
+        self.deliveries = deliveries
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Response] | None = None
@@ -121,8 +124,8 @@ class _Connection(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.closed = True
             self.transport.close()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+        if waiter is not None:
+            self.deliveries.put(waiter, response)
 
     # requests
     def send(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Response]:
@@ -150,6 +153,7 @@ class ConnectionPool:
         max_connections: int = 1024,
         connect_timeout: float = 10.0,
         idle_timeout: float = 4.0,
+        connect_concurrency: int = 32,
         headers: dict[str, str] | None = None,
     ) -> None:
         if max_connections < 1:
@@ -168,6 +172,8 @@ class ConnectionPool:
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._deadlines = _Deadlines()
+        self._deliveries = _Deliveries()
+        self._connecting = asyncio.Semaphore(connect_concurrency)
         keep_freed_heap()
 
     async def request(self, method: str, path: str, body: bytes | list[bytes] | None = None, *, timeout: float) -> Response:
@@ -212,13 +218,16 @@ class ConnectionPool:
                 return await self._checkout(loop)
         self._open += 1
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_Connection, self.host, self.port), self.connect_timeout
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
+            async with self._connecting:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Connection(self._deliveries), self.host, self.port), self.connect_timeout
+                )
+        except BaseException as exc:
             self._open -= 1
             self._wake()
-            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}") from exc
+            if isinstance(exc, (OSError, asyncio.TimeoutError)):
+                raise ConnectError(f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}") from exc
+            raise
         return conn
 
     def _checkin(self, conn: _Connection, reusable: bool) -> None:
@@ -242,6 +251,38 @@ class ConnectionPool:
         for conn in idle:
             conn.transport.close()
         self._open -= len(idle)
+
+
+class _Deliveries:
+    """Hands complete responses to their requests at most ``per_pass`` per event-loop pass.
+
+    A server answers in bursts (requests that arrived together finish together), and one selector
+    pass then reads thousands of responses. Waking every request at once would run all their turns
+    (parsing, the env step, rendering the next request) back to back and stall the loop for a tenth
+    of a second; the rest wait for the next pass, behind timers and the other tasks.
+    """
+
+    def __init__(self, per_pass: int = 64) -> None:
+        self.per_pass = per_pass
+        self._queue: deque[tuple[asyncio.Future[Response], Response]] = deque()
+        self._scheduled = False
+
+    def put(self, waiter: asyncio.Future[Response], response: Response) -> None:
+        self._queue.append((waiter, response))
+        if not self._scheduled:
+            self._scheduled = True
+            waiter.get_loop().call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        queue = self._queue
+        for _ in range(min(self.per_pass, len(queue))):
+            waiter, response = queue.popleft()
+            if not waiter.done():  # its deadline may have passed while it waited here
+                waiter.set_result(response)
+        if queue:
+            queue[0][0].get_loop().call_soon(self._deliver)
+        else:
+            self._scheduled = False
 
 
 class _Deadlines:

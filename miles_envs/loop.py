@@ -21,7 +21,7 @@ import numpy as np
 
 from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Env, Message
-from miles_envs.pacing import LagWindow
+from miles_envs.pacing import LagWindow, quiet_collector
 from miles_envs.session import as_session
 from miles_envs.token_ids import TokenIds
 from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
@@ -30,6 +30,7 @@ EnvFactory = Callable[[], Env]
 T = TypeVar("T")
 E = TypeVar("E", bound=Env)
 NON_APPEND_ONLY = "non_append_only_template"
+STARTS_PER_PASS = 256
 
 
 @dataclass
@@ -43,7 +44,8 @@ class LoopConfig:
     # "truncate": a length stop ends the episode; "continue": the env still sees the cut-off reply.
     on_length: str = "truncate"
     # Client CPU work (env steps, rendering) in flight is bounded so the event loop's lag stays near
-    # this (None: unbounded). Generation requests are bounded by the engine's capacity instead.
+    # this (None: unbounded), and the collector's full passes are kept out of the rollout
+    # (``pacing.QuietCollector``). Generation requests are bounded by the engine's capacity instead.
     max_loop_lag: float | None = 0.01
     # An aborted episode (engine trouble, never the env's) is replayed up to this many times with the same seeds.
     retries: int = 2
@@ -300,8 +302,9 @@ async def rollout(
         return trajectory
 
     try:
-        async for trajectory in run_grid(one, n, group_size, concurrency, skip):
-            yield trajectory
+        with quiet_collector if config.max_loop_lag else nullcontext():
+            async for trajectory in run_grid(one, n, group_size, concurrency, skip):
+                yield trajectory
     finally:
         if admission is not None:
             admission.close()
@@ -313,29 +316,42 @@ async def run_grid(
     """``play(task, member)`` for every cell of the ``n`` × ``group_size`` grid not in ``skip``, at most
     ``concurrency`` at once, yielding results as they finish (the rest are cancelled if the caller stops).
 
-    Cells are started lazily in grid order, so memory is bounded by ``concurrency``, not by the grid.
+    Cells are started lazily in grid order, so memory is bounded by ``concurrency``, not by the grid,
+    and at most ``STARTS_PER_PASS`` per event-loop pass: ten thousand first steps in one pass would
+    stall the loop for a quarter of a second.
     """
     cells = ((t, m) for t in range(n) for m in range(group_size) if episode_key(t, m) not in skip)
     finished: asyncio.Queue[asyncio.Future[T]] = asyncio.Queue()
     running: set[asyncio.Future[T]] = set()
+    loop = asyncio.get_running_loop()
+    more: asyncio.Handle | None = None
 
     def on_done(future: asyncio.Future[T]) -> None:
         running.discard(future)
         finished.put_nowait(future)
 
     def top_up() -> None:
-        while len(running) < concurrency and (cell := next(cells, None)) is not None:
+        nonlocal more
+        more = None
+        for _ in range(STARTS_PER_PASS):
+            if len(running) >= concurrency or (cell := next(cells, None)) is None:
+                return
             future = asyncio.ensure_future(play(*cell))
             running.add(future)
             future.add_done_callback(on_done)
+        if more is None and len(running) < concurrency:
+            more = loop.call_soon(top_up)  # the rest next pass, after what is ready now
 
     try:
         top_up()
         while running or not finished.empty():
             future = await finished.get()
-            top_up()
+            if more is None:
+                top_up()
             yield future.result()
     finally:
+        if more is not None:
+            more.cancel()
         for future in list(running):
             future.cancel()
 
