@@ -10,7 +10,9 @@ ToolCalc), 64 episodes at a time: client-process CPU + server-process CPU (``/pr
 turn, and the same less the env's own CPU (construction, reset, steps) from part 1.
 Part 3: 10,000 concurrent episodes × 3 turns through ``SGLangEngine`` against the protocol server
 with 50 ms latency: wall time, event-loop lag p50/p99 (a 5 ms ticker's lateness), both processes'
-CPU per turn over the run, and the loop's admission window sampled over time.
+CPU per turn over the run, the collector's pauses during the run, and the loop's admission window
+sampled over time; once with the loop's pacing (lag window and quiet collector, the default) and
+once without (``max_loop_lag=None``), in that order on fresh servers.
 
 CPU figures are ``time.thread_time`` / ``time.process_time`` / kernel tick counts (robust to other
 load on the machine); each is the median of ``--repeats`` runs with min–max.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -246,7 +249,32 @@ def http_turn(name: str, episodes: int, tokenizer, server: ServerChild) -> dict:
 # ----------------------------------------------------------------------------- part 3: 10,000 concurrent
 
 
-async def _concurrent(server: ServerChild, episodes: int, turns: int) -> dict:
+class CollectorPauses:
+    """The cyclic collector's passes while recording: (generation, seconds)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._started = 0.0
+
+    def __enter__(self) -> CollectorPauses:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def summary(self) -> dict:
+        return {f"gen{g}": {"count": len(d), "total_s": round(sum(d), 4), "max_ms": round(max(d) * 1e3, 1)}
+                for g in range(3) if (d := [s for gen, s in self.pauses if gen == g])}
+
+
+async def _concurrent(server: ServerChild, episodes: int, turns: int, max_loop_lag: float | None) -> dict:
     import miles_envs.loop as loop_module
 
     windows: list = []
@@ -275,9 +303,12 @@ async def _concurrent(server: ServerChild, episodes: int, turns: int) -> dict:
 
     metrics = RolloutMetrics()
     tick = asyncio.create_task(ticker())
+    collector = CollectorPauses()
     try:
-        await _drain(rollout(lambda: FixedTurns(turns), engine, ChatRenderer(tokenizer), parser=get_parser("hermes"), n=episodes,
-                             concurrency=episodes, config=LoopConfig(max_turns=turns)), metrics)
+        with collector:
+            await _drain(rollout(lambda: FixedTurns(turns), engine, ChatRenderer(tokenizer), parser=get_parser("hermes"),
+                                 n=episodes, concurrency=episodes, config=LoopConfig(max_turns=turns, max_loop_lag=max_loop_lag)),
+                         metrics)
     finally:
         wall = time.perf_counter() - wall0
         client_cpu, server_cpu = time.process_time() - client0, server.cpu_s() - server0
@@ -288,10 +319,12 @@ async def _concurrent(server: ServerChild, episodes: int, turns: int) -> dict:
             loop_module.LagWindow = window_class
     s = metrics.summary()
     return {
-        "episodes": episodes, "turns_per_episode": turns, "completed": s["status"].get("completed", 0),
+        "max_loop_lag": max_loop_lag, "episodes": episodes, "turns_per_episode": turns,
+        "completed": s["status"].get("completed", 0),
         "wall_s": wall, "ideal_wall_s": turns * 0.05, "target_wall_s": 3.0,
         "loop_lag_p50_ms": float(np.percentile(lags, 50) * 1e3), "loop_lag_p99_ms": float(np.percentile(lags, 99) * 1e3),
-        "target_lag_p99_ms": 50, "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
+        "loop_lag_max_ms": float(max(lags) * 1e3), "lag_ticks": len(lags), "lag_ticks_over_50ms": sum(lag > 0.05 for lag in lags),
+        "target_lag_p99_ms": 50, "client_cpu_s": client_cpu, "server_cpu_s": server_cpu, "collector_pauses": collector.summary(),
         "client_us_per_turn": client_cpu / (episodes * turns) * 1e6, "server_us_per_request": server_cpu / (episodes * turns) * 1e6,
         "admission_window_over_time": [
             {"t_s": t, "window": w, "in_flight": f} for t, w, f in samples],
@@ -307,7 +340,7 @@ class FixedTurns(FixedEnv):
         return [user("again")], 1.0, self.t >= self.turns, False, {}
 
 
-def concurrent_episodes(episodes: int, turns: int, event_loop: str) -> dict:
+def concurrent_episodes(episodes: int, turns: int, event_loop: str, max_loop_lag: float | None) -> dict:
     """The rollout process runs on ``event_loop`` (uvloop is what production rollout and SGLang servers use)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -316,10 +349,10 @@ def concurrent_episodes(episodes: int, turns: int, event_loop: str) -> dict:
         if event_loop == "uvloop":
             import uvloop
 
-            result = uvloop.run(_concurrent(server, episodes, turns))
+            result = uvloop.run(_concurrent(server, episodes, turns, max_loop_lag))
         else:
-            result = asyncio.run(_concurrent(server, episodes, turns))
-        return {**result, "event_loop": event_loop}
+            result = asyncio.run(_concurrent(server, episodes, turns, max_loop_lag))
+        return {**result, "event_loop": event_loop, "load_average": os.getloadavg()}
     finally:
         server.close()
 
@@ -357,11 +390,12 @@ def main() -> None:
         through_http[name] = _median_row(runs, ("client_us", "server_us", "full_turn_us"))
         env_us = in_process[name]["env_us"]  # the env's own CPU, measured in part 1
         through_http[name].update(env_us=env_us, full_turn_without_env_us=through_http[name]["full_turn_us"] - env_us)
-    concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop)
-    report(in_process, through_http, concurrent, args)
+    concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop, LoopConfig().max_loop_lag)
+    unpaced = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop, None)
+    report(in_process, through_http, concurrent, unpaced, args)
 
 
-def report(in_process: dict, through_http: dict, concurrent: dict, args) -> None:
+def report(in_process: dict, through_http: dict, concurrent: dict, unpaced: dict, args) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -382,21 +416,25 @@ def report(in_process: dict, through_http: dict, concurrent: dict, args) -> None
                       f"{row['full_turn_us']:.0f} ({row['full_turn_us_min']:.0f}–{row['full_turn_us_max']:.0f})",
                       f"{row['env_us']:.0f}", f"{row['full_turn_without_env_us']:.0f}", "≤ 300")
     console.print(table)
-    windows = [s["window"] for s in concurrent["admission_window_over_time"] if s["window"] is not None]
-    console.print(
-        f"{concurrent['episodes']} concurrent episodes × {concurrent['turns_per_episode']} turns, 50 ms latency ({concurrent['event_loop']}): "
-        f"wall {concurrent['wall_s']:.2f} s (target ≤ 3, ideal {concurrent['ideal_wall_s']:.2f}), "
-        f"loop lag p50 {concurrent['loop_lag_p50_ms']:.1f} ms / p99 {concurrent['loop_lag_p99_ms']:.1f} ms (target < 50), "
-        f"completed {concurrent['completed']}; CPU per turn: client {concurrent['client_us_per_turn']:.0f} µs, "
-        f"server {concurrent['server_us_per_request']:.0f} µs; admission window min/median/max "
-        + (f"{min(windows)}/{int(statistics.median(windows))}/{max(windows)}" if windows else "n/a")
-    )
+    for run in (concurrent, unpaced):
+        windows = [s["window"] for s in run["admission_window_over_time"] if s["window"] is not None]
+        pauses = run["collector_pauses"]
+        console.print(
+            f"{run['episodes']} concurrent episodes × {run['turns_per_episode']} turns, 50 ms latency ({run['event_loop']}, "
+            f"max_loop_lag={run['max_loop_lag']}): wall {run['wall_s']:.2f} s (target ≤ 3, ideal {run['ideal_wall_s']:.2f}), "
+            f"loop lag p50 {run['loop_lag_p50_ms']:.1f} ms / p99 {run['loop_lag_p99_ms']:.1f} ms / max {run['loop_lag_max_ms']:.0f} ms "
+            f"(target p99 < 50), completed {run['completed']}; CPU per turn: client {run['client_us_per_turn']:.0f} µs, "
+            f"server {run['server_us_per_request']:.0f} µs; collector {sum(p['total_s'] for p in pauses.values()):.2f} s "
+            f"(longest {max((p['max_ms'] for p in pauses.values()), default=0):.0f} ms); admission window min/median/max "
+            + (f"{min(windows)}/{int(statistics.median(windows))}/{max(windows)}" if windows else "n/a")
+            + f"; load average {run['load_average'][0]:.1f}"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "loop_overhead.json"
     out.write_text(json.dumps({
         "method": "CPU time: loop thread (thread_time), client process (process_time), server process (/proc stat ticks)",
         "episodes": args.episodes, "repeats": args.repeats,
-        "in_process_turn": in_process, "through_http": through_http, "concurrent": concurrent,
+        "in_process_turn": in_process, "through_http": through_http, "concurrent": concurrent, "concurrent_unpaced": unpaced,
     }, indent=2))
     print(f"wrote {out}")
 

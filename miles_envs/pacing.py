@@ -107,9 +107,11 @@ class QuietCollector:
         self.thresholds = (young, middle, full)
         self._depth = 0
         self._saved: tuple[int, int, int] | None = None
+        self._unfreeze = False
 
     def __enter__(self) -> QuietCollector:
         if self._depth == 0 and gc.isenabled():
+            self._unfreeze = gc.get_freeze_count() == 0  # a heap frozen by the program itself stays frozen
             gc.collect()  # what is garbage now must not be frozen with the rest
             gc.freeze()
             self._saved = gc.get_threshold()
@@ -121,7 +123,8 @@ class QuietCollector:
         self._depth -= 1
         if self._depth == 0 and self._saved is not None:
             gc.set_threshold(*self._saved)
-            gc.unfreeze()
+            if self._unfreeze:
+                gc.unfreeze()
             self._saved = None
 
 
