@@ -27,7 +27,9 @@ the trainer's adapter tensors) and applied unmerged per request (``generate(...,
 
 Speculative decoding drafts ``draft_tokens`` tokens with the checkpoint's first MTP layer
 applied recursively (SGLang's NextN scheme); further stored MTP layers are kept for training
-and weight sync but not used for drafting.
+and weight sync but not used for drafting. The step is batched tensor work over all running rows
+(drafting, verification, acceptance, cache trimming; see ``embedded_sampling.accept_rows``), with
+one read-back per step to emit tokens, so its cost does not grow with per-row host work.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from miles_envs.agents.embedded_prefix import (
     prefilled_cache,
     row_columns,
 )
-from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, distributions, sample_rows
+from miles_envs.agents.embedded_sampling import RowSampler, accept_rows, distributions, sample_rows, sample_tensor
 from miles_envs.engine import FinishReason, Generation, SamplingParams, SpecStats
 from miles_envs.models.loading import LoadedCheckpoint, load_checkpoint
 from miles_envs.models.routing import RoutingRecorder, moe_routers
@@ -84,10 +86,28 @@ class _Sequence:
     aborted: bool = False
     # The last sampled token: emitted but not yet fed to the model.
     pending: int = -1
-    # Speculative state: drafts of the current round, their distributions, the MTP hidden state.
-    drafts: list[int] = field(default_factory=list)
-    draft_probs: list[torch.Tensor] = field(default_factory=list)
-    mtp_hidden: torch.Tensor | None = None
+
+
+@dataclass
+class _Drafts:
+    """The running rows' drafts of this round as one batch, row-aligned with the KV caches."""
+
+    tokens: torch.Tensor  # [B, j]
+    probs: torch.Tensor  # [B, j, V]: the distribution each draft was sampled from
+    hidden: torch.Tensor  # [B, H]: the MTP layer's last output, the next draft's input
+
+    def extend(self, other: _Drafts) -> None:
+        self.tokens = torch.cat([self.tokens, other.tokens], dim=1)
+        self.probs = torch.cat([self.probs, other.probs], dim=1)
+        self.hidden = other.hidden
+
+    def concat(self, other: _Drafts) -> None:
+        self.tokens, self.probs = torch.cat([self.tokens, other.tokens]), torch.cat([self.probs, other.probs])
+        self.hidden = torch.cat([self.hidden, other.hidden])
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.tokens.device)
+        self.tokens, self.probs, self.hidden = self.tokens[index], self.probs[index], self.hidden[index]
 
 
 class EmbeddedEngine:
@@ -127,6 +147,7 @@ class EmbeddedEngine:
         self._running: list[_Sequence] = []
         self._cache: BatchedKVCache | None = None
         self._mtp_cache: BatchedKVCache | None = None
+        self._drafts: _Drafts | None = None
         self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -388,8 +409,8 @@ class EmbeddedEngine:
             mtp_cache.next_position += 1  # MTP inputs sit one position ahead of the hidden states
             next_ids = torch.cat([ids[:, 1:], torch.tensor([[s.pending] for s in batch], device=self.device)], dim=1)
             out = self._mtp_forward(mtp_cache, next_ids, hidden, valid)
-            self._first_drafts(batch, out[:, -1])
-        self._join(batch, cache, mtp_cache if self.draft_tokens else None)
+            drafts = self._draft([s.sampler for s in batch], out[:, -1])
+        self._join(batch, cache, mtp_cache if self.draft_tokens else None, drafts if self.draft_tokens else None)
 
     def _prefill_key(self, sequence: _Sequence) -> tuple:
         return tuple(sequence.input_ids), sequence.lora, sequence.want_routing and sequence.routing_start
@@ -411,29 +432,22 @@ class EmbeddedEngine:
             hit = PrefixHit(hit.entry, min(hit.length, sequence.routing_start))
         return hit
 
-    def _join(self, batch: list[_Sequence], cache: BatchedKVCache, mtp_cache: BatchedKVCache | None) -> None:
+    def _join(self, batch: list[_Sequence], cache: BatchedKVCache, mtp_cache: BatchedKVCache | None,
+              drafts: _Drafts | None) -> None:
         if self._cache is None or not self._running:
-            self._cache, self._mtp_cache = cache, mtp_cache
+            self._cache, self._mtp_cache, self._drafts = cache, mtp_cache, drafts
         else:
             self._cache.concat(cache)
             if mtp_cache is not None:
                 self._mtp_cache.concat(mtp_cache)
+                self._drafts.concat(drafts)
         self._running.extend(batch)
         self._admitting = []
 
-    def _first_drafts(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
-        for sequence in batch:
-            sequence.drafts, sequence.draft_probs = [], []
-        self._extend_drafts(batch, hidden)
-
-    def _extend_drafts(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
-        """Sample one more draft per row from MTP output ``hidden [B, H]``."""
-        samplers = [s.sampler for s in batch]
+    def _draft(self, samplers: list[RowSampler], hidden: torch.Tensor) -> _Drafts:
+        """One draft per row sampled from MTP output ``hidden [B, H]``."""
         probs, _ = distributions(samplers, self.mtp._project_to_logits(hidden).float())
-        for sequence, token, row_probs, row_hidden in zip(batch, sample_rows(samplers, probs), probs, hidden):
-            sequence.drafts.append(token)
-            sequence.draft_probs.append(row_probs)
-            sequence.mtp_hidden = row_hidden
+        return _Drafts(sample_tensor(samplers, probs)[:, None], probs[:, None], hidden)
 
     def _step(self) -> None:
         if self.draft_tokens:
@@ -459,38 +473,37 @@ class EmbeddedEngine:
                 self._emit(sequence, [token], [logprob])
 
     def _speculative_step(self) -> None:
-        running, k = self._running, self.draft_tokens
+        """Draft ``k`` tokens per row, verify all rows in one forward, accept, trim the caches: all
+        as batched tensor work; the host reads the outcome back once, to emit tokens."""
+        running, k, drafts = self._running, self.draft_tokens, self._drafts
+        samplers = [s.sampler for s in running]
+        rows = torch.arange(len(running), device=self.device)
         ones = torch.ones(len(running), 1, dtype=torch.bool, device=self.device)
         for _ in range(k - 1):
-            ids = torch.tensor([[s.drafts[-1]] for s in running], device=self.device)
-            hidden = torch.stack([s.mtp_hidden for s in running])[:, None]
-            out = self._mtp_forward(self._mtp_cache, ids, hidden, ones)
-            self._extend_drafts(running, out[:, -1])
+            out = self._mtp_forward(self._mtp_cache, drafts.tokens[:, -1:], drafts.hidden[:, None], ones)
+            drafts.extend(self._draft(samplers, out[:, -1]))
 
-        ids = torch.tensor([[s.pending, *s.drafts] for s in running], device=self.device)
+        pending = torch.tensor([[s.pending] for s in running], device=self.device)
+        ids = torch.cat([pending, drafts.tokens], dim=1)
         hidden, routing = self._forward(self._cache, ids, torch.ones_like(ids, dtype=torch.bool), running)
-        targets, target_logprobs = distributions([s.sampler for s in running], self._logits(hidden))
-        next_ids = torch.zeros(len(running), k + 1, dtype=torch.long, device=self.device)
-        next_valid = torch.zeros(len(running), k + 1, dtype=torch.bool, device=self.device)
-        accepted_counts = []
-        for row, sequence in enumerate(running):
-            logprobs = target_logprobs[row]
-            accepted, token = accept_drafts(sequence.sampler, targets[row], torch.stack(sequence.draft_probs), sequence.drafts)
-            emitted = sequence.drafts[:accepted] + [token]
+        targets, target_logprobs = distributions(samplers, self._logits(hidden))
+        accepted, tokens = accept_rows(samplers, targets, drafts.probs, drafts.tokens)
+        logprobs = target_logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+        self._cache.drop_last(k - accepted)
+        self._mtp_cache.drop_last(torch.full_like(accepted, k - 1))
+        emitted = torch.arange(k + 1, device=self.device)[None] <= accepted[:, None]
+        out = self._mtp_forward(self._mtp_cache, tokens, hidden, emitted)
+        self._drafts = self._draft(samplers, out[rows, accepted])
+
+        for row, (sequence, count, row_tokens, row_logprobs) in enumerate(
+            zip(running, accepted.tolist(), tokens.tolist(), logprobs.tolist())
+        ):
             if routing is not None:
-                sequence.routing.append(routing[row, : accepted + 1])
-            self._cache.drop_last(row, k - accepted)
-            self._mtp_cache.drop_last(row, k - 1)
-            sequence.spec = sequence.spec + SpecStats(1, accepted, k)
-            sequence.pending = token
+                sequence.routing.append(routing[row, : count + 1])
+            sequence.spec = sequence.spec + SpecStats(1, count, k)
+            sequence.pending = row_tokens[count]
             if sequence.finish is None:
-                self._emit(sequence, emitted, [float(logprobs[j, t]) for j, t in enumerate(emitted)])
-            next_ids[row, : accepted + 1] = torch.tensor(emitted)
-            next_valid[row, : accepted + 1] = True
-            accepted_counts.append(accepted)
-        out = self._mtp_forward(self._mtp_cache, next_ids, hidden, next_valid)
-        last = torch.tensor(accepted_counts, device=self.device)
-        self._first_drafts(running, out[torch.arange(len(running), device=self.device), last])
+                self._emit(sequence, row_tokens[: count + 1], row_logprobs[: count + 1])
 
     def _emit(self, sequence: _Sequence, tokens: list[int], logprobs: list[float]) -> None:
         """Append sampled tokens, stopping at a stop id/string or the token budget."""
@@ -530,6 +543,7 @@ class EmbeddedEngine:
         self._cache.select(keep)
         if self._mtp_cache is not None:
             self._mtp_cache.select(keep)
+            self._drafts.select(keep)
 
     def _kv_tokens(self, row: int, sequence: _Sequence) -> list[int]:
         """The ids whose KV columns ``row`` of the running cache holds."""

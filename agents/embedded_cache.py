@@ -52,13 +52,11 @@ class BatchedKVCache:
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         self.next_position += new_valid.long().sum(dim=1)
 
-    def drop_last(self, row: int, count: int) -> None:
-        """Invalidate the newest ``count`` valid columns of ``row`` (rejected drafts)."""
-        if count <= 0:
-            return
-        valid_columns = self.valid[row].nonzero().flatten()
-        self.valid[row, valid_columns[-count:]] = False
-        self.next_position[row] -= count
+    def drop_last(self, counts: torch.Tensor) -> None:
+        """Invalidate each row's newest ``counts[row]`` valid columns (rejected drafts), all rows at once."""
+        valid_from_right = self.valid.flip(1).cumsum(dim=1).flip(1)  # valid columns at or right of each column
+        self.valid &= valid_from_right > counts[:, None]
+        self.next_position -= counts
 
     def _layers(self):
         return [layer for layer in self.cache.layers if layer.keys is not None and layer.keys.numel()]

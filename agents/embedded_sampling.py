@@ -7,7 +7,8 @@ untransformed model distribution (``log_softmax(logits)``), the useful quantity 
 
 Rows of a batch carry their own settings and random stream (per-request seeds), but the
 transforms run vectorised over the batch; a draw is one uniform per row mapped through the
-row's cumulative distribution (inverse-CDF sampling).
+row's cumulative distribution (inverse-CDF sampling). Draws stay on the device: a decode step
+waits for the device once, when its tokens are read back, not once per row.
 """
 
 from __future__ import annotations
@@ -41,9 +42,6 @@ class RowSampler:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator, device=self.generator.device))
-
     def sample(self, probs: torch.Tensor) -> int:
         """One token from ``probs [V]`` (argmax when greedy)."""
         return sample_rows([self], probs[None])[0]
@@ -60,13 +58,15 @@ def distributions(samplers: list[RowSampler], logits: torch.Tensor) -> tuple[tor
     temperature = torch.tensor([s.temperature if not s.greedy else 1.0 for s in samplers], device=logits.device)
     scaled = logits / temperature.view(shape)
     vocab = logits.shape[-1]
-    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab and not s.greedy else vocab for s in samplers], device=logits.device)
-    if bool((top_k < vocab).any()):
-        kth = torch.topk(scaled, int(top_k.max()), dim=-1).values
+    row_top_k = [s.top_k if 0 < s.top_k < vocab and not s.greedy else vocab for s in samplers]
+    if min(row_top_k) < vocab:
+        top_k = torch.tensor(row_top_k, device=logits.device)
+        kth = torch.topk(scaled, max(row_top_k), dim=-1).values
         kth = kth.gather(-1, (top_k - 1).view(shape).expand(*kth.shape[:-1], 1))
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    top_p = torch.tensor([s.top_p if not s.greedy else 1.0 for s in samplers], device=logits.device)
-    if bool((top_p < 1.0).any()):
+    row_top_p = [s.top_p if not s.greedy else 1.0 for s in samplers]
+    if min(row_top_p) < 1.0:
+        top_p = torch.tensor(row_top_p, device=logits.device)
         sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p.
@@ -82,35 +82,74 @@ def distributions(samplers: list[RowSampler], logits: torch.Tensor) -> tuple[tor
     return probs, logprobs
 
 
-def sample_rows(samplers: list[RowSampler], probs: torch.Tensor) -> list[int]:
-    """One token per row of ``probs [B, V]`` using each row's own random stream."""
-    uniforms = torch.tensor([s.uniform() for s in samplers], device=probs.device, dtype=probs.dtype)
+def uniforms(samplers: list[RowSampler], count: int, device: torch.device) -> torch.Tensor:
+    """``[B, count]`` uniforms, row ``b`` from ``samplers[b]``'s stream, drawn on the device.
+
+    Greedy rows draw nothing (any uniform picks the argmax of a one-hot and accepts an equal
+    draft), so their streams are left untouched.
+    """
+    zeros = torch.zeros(count, device=device)
+    return torch.stack(
+        [zeros if s.greedy else torch.rand(count, generator=s.generator, device=s.generator.device).to(device) for s in samplers]
+    )
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [B, V]`` (unnormalised) for ``uniform [B]``: a device tensor."""
     cdf = torch.cumsum(probs, dim=-1)
-    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    targets = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     # Rounding at the top of the cdf can land past the last non-zero token: take that token then.
     stray = probs.gather(-1, tokens[:, None]).squeeze(-1) <= 0
-    if bool(stray.any()):
-        last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
-        tokens = torch.where(stray, last_nonzero, tokens)
-    return tokens.tolist()
+    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+    return torch.where(stray, last_nonzero, tokens)
+
+
+def sample_tensor(samplers: list[RowSampler], probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [B, V]`` using each row's own random stream, as a device tensor."""
+    return inverse_cdf(probs, uniforms(samplers, 1, probs.device)[:, 0])
+
+
+def sample_rows(samplers: list[RowSampler], probs: torch.Tensor) -> list[int]:
+    """One token per row of ``probs [B, V]`` using each row's own random stream."""
+    return sample_tensor(samplers, probs).tolist()
+
+
+def accept_rows(
+    samplers: list[RowSampler], target: torch.Tensor, draft: torch.Tensor, draft_tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023) for a batch: ``(accepted [B], tokens [B, k+1])``.
+
+    ``target [B, k+1, V]``: the target distribution at each draft position plus the bonus position;
+    ``draft [B, k, V]``: the distributions the drafts ``draft_tokens [B, k]`` were sampled from.
+    Draft ``j`` is kept with probability ``min(1, p_j(d) / q_j(d))``; at the first rejection the
+    replacement is drawn from ``normalise(max(0, p_j - q_j))``, after ``k`` acceptances a bonus
+    token from ``p_k``. Row ``b`` emits ``tokens[b, : accepted[b] + 1]``: the accepted drafts,
+    then the replacement or bonus, distributed exactly as sampling from the target alone. All of
+    it is tensor work on the device, with no per-row loop and no read-back.
+    """
+    rows, k = draft_tokens.shape
+    draws = uniforms(samplers, k + 1, target.device)
+    index = draft_tokens[..., None]
+    p = target[:, :k].gather(-1, index).squeeze(-1)
+    q = draft.gather(-1, index).squeeze(-1)
+    kept = (q > 0) & (draws[:, :k] * q < p)
+    accepted = kept.long().cumprod(dim=-1).sum(dim=-1)
+    arange = torch.arange(rows, device=target.device)
+    p_next = target[arange, accepted]
+    q_next = draft[arange, accepted.clamp(max=k - 1)] * (accepted < k)[:, None]  # no draft at the bonus position
+    residual = (p_next - q_next).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    tokens = torch.cat([draft_tokens, draft_tokens.new_zeros(rows, 1)], dim=1)
+    tokens[arange, accepted] = inverse_cdf(residual, draws[:, k])
+    return accepted, tokens
 
 
 def accept_drafts(
     sampler: RowSampler, target: torch.Tensor, draft: torch.Tensor, draft_tokens: list[int]
 ) -> tuple[int, int]:
-    """Speculative sampling (Leviathan et al. 2023): returns ``(accepted, next_token)``.
-
-    ``target [k+1, V]``: the target distribution at each draft position plus the bonus position;
-    ``draft [k, V]``: the distributions the drafts were sampled from. Draft ``j`` is kept with
-    probability ``min(1, p_j(d) / q_j(d))``; on the first rejection the replacement is drawn from
-    ``normalise(max(0, p_j - q_j))``, otherwise a bonus token from ``p_k``. The emitted tokens
-    are distributed exactly as sampling from the target alone.
-    """
-    for j, token in enumerate(draft_tokens):
-        p, q = float(target[j, token]), float(draft[j, token])
-        if q > 0 and sampler.uniform() * q < p:
-            continue
-        residual = (target[j] - draft[j]).clamp(min=0)
-        return j, sampler.sample(residual if float(residual.sum()) > 0 else target[j])
-    return len(draft_tokens), sampler.sample(target[len(draft_tokens)])
+    """:func:`accept_rows` for one row (``target [k+1, V]``, ``draft [k, V]``): ``(accepted, next_token)``."""
+    ids = torch.tensor([draft_tokens], dtype=torch.long, device=target.device)
+    accepted, tokens = accept_rows([sampler], target[None], draft[None], ids)
+    count = int(accepted[0])
+    return count, int(tokens[0, count])

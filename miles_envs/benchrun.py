@@ -454,9 +454,9 @@ BENCHES: tuple[Bench, ...] = (
           about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
                 "trainer forwards, with and without replay"),
     Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
-          results="gpu/run2-spec/gpu_spec_decode.json",
+          results="gpu/run3-batched-spec/gpu_spec_decode.json",
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
-                "(its model: a shorter pretraining run, bench/results/gpu/run2-spec/gpu_pretrain.json)"),
+                "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
           results="gpu/run3-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "

@@ -44,6 +44,7 @@ def arm(job: tuple) -> dict:
     """One RL run (one seed, one condition): its per-step history and R3-after-RL row, or its error."""
     folder, seed, with_sft, args = job
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # six arms share one card
+    torch.set_num_threads(2)  # arms share the host's cores too
     try:
         return asyncio.run(_arm(Path(folder), seed, with_sft, args))
     except Exception:  # one failed arm must not cost the others their results
@@ -62,7 +63,7 @@ async def _arm(folder: Path, seed: int, with_sft: bool, args) -> dict:
 
     label = f"{'with' if with_sft else 'without'}_mtp_sft seed {seed}"
     config = TrainerConfig(algo="grpo", lr=args.rl_lr, r3=True, mtp_sft=with_sft, mtp_lr=args.mtp_lr if with_sft else None,
-                           device=args.device, dtype="float32", max_row_tokens=4096, seed=seed)
+                           device=args.device, dtype="float32", max_row_tokens=args.rl_row_tokens, seed=seed)
     trainer = Trainer.from_pretrained(str(folder), config, experts_implementation="eager")
     engine = EmbeddedEngine.from_path(folder, device=args.device, dtype=torch.bfloat16, draft_tokens=args.draft_tokens,
                                       max_running=args.tasks * args.group_size)
@@ -93,6 +94,8 @@ async def _arm(folder: Path, seed: int, with_sft: bool, args) -> dict:
                                             "entropy", "grad_norm") if k in metrics},
             }
             history.append(row)
+            if args.partial_dir:  # what a killed run still leaves behind
+                write(Path(args.partial_dir) / f"mtp_sft_{label.replace(' ', '_')}.json", {"seed": seed, "mtp_sft": with_sft, "steps": history})
             print(f"{label}: step {step:2d} accept {row['accept_rate']:.3f} len {row['accept_length']:.2f} "
                   f"reward {row['reward']:.3f} ({time.perf_counter() - started:.0f}s)", flush=True)
         r3_after = None
@@ -180,9 +183,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rl-lr", type=float, default=5e-5)
     parser.add_argument("--mtp-lr", type=float, default=1e-4)
     parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--rl-row-tokens", type=int, default=2048, help="tokens per packed trainer row")
     parser.add_argument("--rl-time-limit", type=float, default=240.0, help="seconds per arm at most")
     parser.add_argument("--r3-after", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--partial-dir", help="each arm rewrites its history here after every step")
 
 
 def main() -> None:

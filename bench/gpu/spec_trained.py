@@ -6,9 +6,10 @@ template, ``--new-tokens`` tokens each with the stop tokens ignored, so every ru
 number of tokens (as ``ignore_eos`` benchmarks do; past the end of a turn the model writes the
 next turns of the transcript itself). tokens/s = generated tokens / wall time; plain (0 drafts)
 and speculative runs alternate ``--repeats`` times, and the speedup is the geometric mean of the
-per-repeat ratios with a 95% t-interval. At T=0 it also checks that the speculative output equals
-the plain one (bf16 batched numerics can flip a near-tie; the share of identical requests is
-reported).
+per-repeat ratios with a 95% t-interval. Every batch shape is warmed up first, and the repeat
+loop is the outer one, so a time limit leaves every setting with the same number of repeats. At
+T=0 it also checks that the speculative output equals the plain one (bf16 batched numerics can
+flip a near-tie; the share of identical requests is reported).
 
     python bench/gpu/spec_trained.py --model /tmp/miles-moe       # writes bench/results/gpu_spec_decode.json
 """
@@ -59,6 +60,25 @@ async def decode(engine, prompts: list[list[int]], new_tokens: int, temperature:
             "accept_length": spec.accept_length, "outputs": [r.output_ids for r in results]}
 
 
+def spec_row(temperature: float, concurrency: int, k: int, runs: dict[int, list[dict]]) -> dict:
+    """Speculative (``k`` drafts) vs plain over the paired repeats of one setting."""
+    plain = runs[0]
+    same = [a == b for r_spec, r_plain in zip(runs[k], plain) for a, b in zip(r_spec["outputs"], r_plain["outputs"])]
+    row = {
+        "temperature": temperature, "concurrency": concurrency, "draft_tokens": k,
+        "plain_tok_s": mean_ci([r["tok_s"] for r in plain]),
+        "spec_tok_s": mean_ci([r["tok_s"] for r in runs[k]]),
+        "speedup": ratio_ci([r["tok_s"] for r in runs[k]], [r["tok_s"] for r in plain]),
+        "accept_rate": mean_ci([r["accept_rate"] for r in runs[k]]),
+        "accept_length": mean_ci([r["accept_length"] for r in runs[k]]),
+        "greedy_identical_share": sum(same) / len(same) if temperature == 0 else None,
+    }
+    print(f"spec T={temperature} c={concurrency} k={k}: {row['plain_tok_s']['mean']:.0f} -> {row['spec_tok_s']['mean']:.0f} "
+          f"tok/s ({row['speedup']['ratio']:.2f}x), accept {row['accept_rate']['mean']:.2f}, "
+          f"len {row['accept_length']['mean']:.2f}", flush=True)
+    return row
+
+
 def spec_report(folder: Path, args) -> dict:
     from miles_envs.agents.embedded import EmbeddedEngine
     from miles_envs.models.loading import load_checkpoint
@@ -70,46 +90,31 @@ def spec_report(folder: Path, args) -> dict:
     from miles_envs.chat.renderer import ChatRenderer
 
     prompts = env_prompts(ChatRenderer(checkpoint.tokenizer), max(args.concurrency), args.seed)
-    rows = []
+
+    settings = [(temperature, concurrency) for temperature in (0.0, 1.0) for concurrency in args.concurrency]
+    runs = {setting: {k: [] for k in engines} for setting in settings}
 
     async def go():
         try:
-            for engine in engines.values():
-                await decode(engine, prompts[:4], 8, 1.0)  # warm-up: kernels, allocator
+            for temperature, concurrency in settings:  # warm-up at every batch shape: kernels, allocator
+                for engine in engines.values():
+                    await decode(engine, prompts[:concurrency], 8, temperature)
             deadline = time.perf_counter() + args.spec_time_limit
-            for temperature in (0.0, 1.0):
-                for concurrency in args.concurrency:
-                    if time.perf_counter() > deadline:
-                        print(f"spec: time limit reached, T={temperature} c={concurrency} not run", flush=True)
-                        continue
-                    batch = prompts[:concurrency]
-                    runs = {k: [] for k in engines}
-                    for _ in range(args.repeats):
-                        for k, engine in engines.items():
-                            runs[k].append(await decode(engine, batch, args.new_tokens, temperature))
-                    plain = runs[0]
-                    for k in engines:
-                        if k == 0:
-                            continue
-                        same = [a == b for r_spec, r_plain in zip(runs[k], plain) for a, b in zip(r_spec["outputs"], r_plain["outputs"])]
-                        row = {
-                            "temperature": temperature, "concurrency": concurrency, "draft_tokens": k,
-                            "plain_tok_s": mean_ci([r["tok_s"] for r in plain]),
-                            "spec_tok_s": mean_ci([r["tok_s"] for r in runs[k]]),
-                            "speedup": ratio_ci([r["tok_s"] for r in runs[k]], [r["tok_s"] for r in plain]),
-                            "accept_rate": mean_ci([r["accept_rate"] for r in runs[k]]),
-                            "accept_length": mean_ci([r["accept_length"] for r in runs[k]]),
-                            "greedy_identical_share": sum(same) / len(same) if temperature == 0 else None,
-                        }
-                        rows.append(row)
-                        print(f"spec T={temperature} c={concurrency} k={k}: {row['plain_tok_s']['mean']:.0f} -> "
-                              f"{row['spec_tok_s']['mean']:.0f} tok/s ({row['speedup']['ratio']:.2f}x), accept "
-                              f"{row['accept_rate']['mean']:.2f}, len {row['accept_length']['mean']:.2f}", flush=True)
+            # repeats outermost: a time limit costs every setting the same repeats, never a whole setting
+            for repeat in range(args.repeats):
+                if repeat >= 2 and time.perf_counter() > deadline:
+                    print(f"spec: time limit reached after {repeat} repeats", flush=True)
+                    break
+                for setting in settings:
+                    for k, engine in engines.items():
+                        runs[setting][k].append(await decode(engine, prompts[: setting[1]], args.new_tokens, setting[0]))
         finally:
             for engine in engines.values():
                 await engine.close()
 
     asyncio.run(go())
+    rows = [spec_row(temperature, concurrency, k, runs[(temperature, concurrency)])
+            for temperature, concurrency in settings for k in engines if k]
     return {
         "machine": machine(),
         "command": " ".join(["python", *sys.argv]),
@@ -127,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-drafts", type=int, nargs="+", default=[0, 1, 2, 3], help="draft tokens; 0 = plain")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--spec-time-limit", type=float, default=600.0, help="seconds; later settings are skipped")
+    parser.add_argument("--spec-time-limit", type=float, default=600.0, help="seconds; later repeats (past 2) are skipped")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts
+from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, accept_rows
 from miles_envs.engine import SamplingParams
 from miles_envs.models.loading import load_checkpoint
 from miles_envs.models.toy import make_draftable
@@ -53,6 +53,20 @@ def test_accept_rule_takes_a_perfect_draft_every_time():
     for _ in range(200):
         drafts = [sampler.sample(p[0]), sampler.sample(p[1])]
         assert accept_drafts(sampler, p, p[:2], drafts) == (2, 0)
+
+
+def test_batched_accept_rule_decides_each_row_by_its_own_distributions():
+    """One batch: a greedy row with a wrong second draft, a perfect draft, a draft the target rules out."""
+    one_hot = lambda *ids: torch.nn.functional.one_hot(torch.tensor(ids), 4).float()  # noqa: E731
+    target = torch.stack([one_hot(1, 2, 0), one_hot(0, 3, 2), torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 3)])
+    draft = torch.stack([one_hot(1, 0), one_hot(0, 3), torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25] * 4])])
+    drafts = torch.tensor([[1, 0], [0, 3], [0, 2]])
+    samplers = [RowSampler.from_params(SamplingParams(temperature=t, seed=7), torch.device("cpu")) for t in (0, 1, 1)]
+    accepted, tokens = accept_rows(samplers, target, draft, drafts)
+    assert accepted.tolist() == [1, 2, 0]
+    assert tokens[0, :2].tolist() == [1, 2]  # kept draft, then the target's argmax
+    assert tokens[1].tolist() == [0, 3, 2]  # both drafts, then the bonus token
+    assert tokens[2, 0].item() in (2, 3)  # replacement from the residual of the rejected draft
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +131,21 @@ async def test_sampled_tokens_follow_the_target_distribution(draftable):
         counts[cells[tuple(g.output_ids)]] += 1
     stat, df = chi_square(counts, np.array(probs))
     assert stat < chi_square_critical(df), (counts, probs)
+
+
+async def test_greedy_output_is_identical_while_rows_join_and_leave_the_speculative_batch(draftable):
+    """Two running rows at most, uneven lengths: rows retire mid-batch and waiting ones join it."""
+    lengths = [6, 24, 12, 20]
+    plain, spec = EmbeddedEngine(draftable, max_running=2), EmbeddedEngine(draftable, draft_tokens=3, max_running=2)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]
+    try:
+        want = await asyncio.gather(*[plain.generate(p, s) for p, s in zip(PROMPTS, params)])
+        got = await asyncio.gather(*[spec.generate(p, s) for p, s in zip(PROMPTS, params)])
+    finally:
+        await plain.close()
+        await spec.close()
+    assert [len(g.output_ids) for g in got] == lengths
+    for a, b in zip(want, got):
+        assert b.output_ids == a.output_ids
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert 0 < sum(g.spec.accepted_tokens for g in got) < sum(g.spec.draft_tokens for g in got)

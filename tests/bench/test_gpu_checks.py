@@ -14,6 +14,7 @@ sys.path.insert(0, str(GPU_DIR))
 import common  # noqa: E402
 import corpus  # noqa: E402
 import mtp_sft_rl  # noqa: E402
+import toolrl  # noqa: E402
 
 from miles_envs.benchrun import gpu_mtp_sft_measures, gpu_r3_measures, gpu_spec_measures  # noqa: E402
 from miles_envs.envs.guess_number import GuessNumberEnv  # noqa: E402
@@ -135,3 +136,32 @@ def test_mtp_sft_rows_report_the_gap_in_standard_errors():
     assert with_sft.value == pytest.approx(-1.0) and with_sft.met
     assert without.value == pytest.approx(-5.0) and without.met is None
     assert gap.value == pytest.approx(4.0) and gap.met
+
+
+@pytest.mark.parametrize("env_id", toolrl.ENVS)
+async def test_tool_demonstrations_solve_the_env_through_the_real_loop(env_id, tokenizer):
+    """The warm start's scripted solver: every call parses, the chain is complete, the answer scores 1."""
+    from miles_envs.chat.renderer import ChatRenderer
+    from miles_envs.trainer.sft import collect_demonstrations
+
+    demos = await collect_demonstrations(toolrl.DEMONSTRATED[env_id], ChatRenderer(tokenizer), list(range(12)), max_context=4096)
+    stats = toolrl.episode_stats(demos)
+    assert stats["reward"] == 1.0 and stats["parse_error_rate"] == 0.0
+    calls = [sum(m["role"] == "tool" for m in d.messages) for d in demos]
+    if env_id == "miles/ToolCalc-v0":
+        assert set(calls) == {1}
+    else:  # 3 or 5 dependent lookups, as the question needs
+        assert set(calls) <= {3, 5} and len(set(calls)) == 2
+
+
+def test_toolrl_summary_counts_only_finished_seeds():
+    def run(seed, sft, rl):
+        per_env = lambda value: {env: {"reward": value} for env in toolrl.ENVS}  # noqa: E731
+        return {"seed": seed, "steps": [{}] * 3, "eval": {"pretrained": {"reward": 0.0, "per_env": per_env(0.0)},
+                                                           "after_sft": {"reward": sft, "per_env": per_env(sft)},
+                                                           "after_rl": {"reward": rl, "per_env": per_env(rl)}}}
+
+    summary = toolrl.summarize([run(0, 0.4, 0.6), run(1, 0.5, 0.6), {"seed": 2, "steps": [], "error": "OOM"}])
+    assert summary["seeds_done"] == 2
+    assert summary["rl_lift_points"]["values"] == pytest.approx([20.0, 10.0])
+    assert summary["eval_after_rl_miles/LookupChain-v0"]["mean"] == pytest.approx(0.6)
