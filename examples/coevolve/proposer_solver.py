@@ -193,10 +193,9 @@ async def main() -> None:
         last = log.last_iteration(iteration, args)
         if last:
             await eval_point(iteration + 1, "end")
-        elif (iteration + 1) % args.eval_every == 0:
-            await eval_point(iteration + 1, "co_evolution")
-        if last:
             break
+        if (iteration + 1) % args.eval_every == 0:
+            await eval_point(iteration + 1, "co_evolution")
     log.close()
     console.print(f"held-out solver accuracy from the warm start to the end: {summary(evals)}")
     await learner.policy.engine.close()

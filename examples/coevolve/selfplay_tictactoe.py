@@ -185,10 +185,9 @@ async def main() -> None:
         last = log.last_iteration(iteration, args)
         if last:
             await eval_point(iteration + 1, "end")
-        elif (iteration + 1) % args.eval_every == 0:
-            await eval_point(iteration + 1, "self_play")
-        if last:
             break
+        if (iteration + 1) % args.eval_every == 0:
+            await eval_point(iteration + 1, "self_play")
     log.close()
     console.print(f"win+draw from the warm start to the end of self-play: {summary(evals)}")
     for engine in engines:
