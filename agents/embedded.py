@@ -60,6 +60,7 @@ from miles_envs.agents.embedded_sampling import RowSampler, accept_rows, distrib
 from miles_envs.engine import FinishReason, Generation, SamplingParams, SpecStats
 from miles_envs.models.loading import LoadedCheckpoint, load_checkpoint
 from miles_envs.models.routing import RoutingRecorder, moe_routers
+from miles_envs.weight_sync import Tensors, WeightSource, accept
 
 
 @dataclass
@@ -112,6 +113,8 @@ class _Drafts:
 
 class EmbeddedEngine:
     """Engine protocol over a local checkpoint; see the module docstring for the scheduling."""
+
+    weight_sources = frozenset({"tensors", "folder"})  # in-process: the trainer's tensors or a folder
 
     def __init__(
         self,
@@ -218,8 +221,8 @@ class EmbeddedEngine:
             sequence.aborted = True
             raise
 
-    async def update_weights(self, source: Any, *, version: str | None = None, lora: str | None = None) -> None:
-        """Load new weights between scheduler steps; ``source`` is a state dict or a checkpoint folder.
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None, lora: str | None = None) -> None:
+        """Load new weights between scheduler steps from ``Tensors`` (a state dict) or a ``CheckpointFolder``.
 
         State-dict keys use the live model's names; MTP tensors use either ``mtp.<MtpModel key>`` or
         the on-disk ``model.layers.{num_hidden_layers + i}.*`` names. Running sequences keep their
@@ -228,7 +231,9 @@ class EmbeddedEngine:
         weights instead (peft key names, as ``Trainer.state_dict()`` gives them under LoRA, plus any
         ``mtp.*`` tensors) or an adapter folder, which also (re)loads the adapter's config.
         """
-        load = (lambda: self._load_weights(source)) if lora is None else (lambda: self._load_adapter(lora, source))
+        typed = accept(source, self.weight_sources, "EmbeddedEngine")
+        payload = typed.state_dict if isinstance(typed, Tensors) else typed.path
+        load = (lambda: self._load_weights(payload)) if lora is None else (lambda: self._load_adapter(lora, payload))
         await self._call(lambda: self._apply_update(load, None if version is None else str(version)))
 
     async def capacity(self) -> int:

@@ -234,7 +234,10 @@ class ProtocolServer:
         task = asyncio.ensure_future(run())
         self._in_flight[rid] = task
         try:
-            await asyncio.wait({task})
+            await asyncio.shield(task)  # /abort_request cancels the task; the handler stays to reply
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # the handler itself was cancelled (the server is stopping)
         finally:
             self._in_flight.pop(rid, None)
             self._in_engine.discard(rid)

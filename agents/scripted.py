@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from miles_envs.engine import Generation, SamplingParams, SpecStats
+from miles_envs.weight_sync import ALL_KINDS, WeightSource, weight_source
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class _Partial:
 class ScriptedEngine:
     """An ``Engine`` that replays scripted text as real tokens; no model, microseconds per call."""
 
+    weight_sources = ALL_KINDS  # it has no weights: an update only relabels the tokens that follow
+
     def __init__(
         self,
         tokenizer: Any,
@@ -129,7 +132,10 @@ class ScriptedEngine:
     ) -> None:
         if not callable(replies) and not replies:
             raise ValueError("ScriptedEngine needs at least one reply (or a callable)")
+        from miles_envs.chat.backend import TokenizerCalls  # here: the chat package imports transformers
+
         self.tokenizer = tokenizer
+        self._tokenizer_calls = TokenizerCalls(tokenizer)  # the Rust tokenizer directly where it matches
         self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         if self.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: pass eos_token_id= (the end-of-turn token)")
@@ -250,7 +256,7 @@ class ScriptedEngine:
     def _encode(self, reply: ScriptedReply) -> _Encoded:
         encoded = self._cache.get(reply)
         if encoded is None:
-            ids = list(self.tokenizer.encode(reply.text, add_special_tokens=False))
+            ids = list(self._tokenizer_calls.encode(reply.text))
             if reply.stop_on_eos:
                 ids.append(self.eos_token_id)
             if len(self._cache) >= _CACHE_LIMIT:  # callables may produce endless distinct replies
@@ -313,7 +319,9 @@ class ScriptedEngine:
         verify_ct = math.ceil(n_tokens / (k + 1))
         return SpecStats(verify_ct=verify_ct, accepted_tokens=n_tokens - verify_ct, draft_tokens=verify_ct * k)
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
+        """Label later tokens ``version`` (by default the source as given: a folder's path, say)."""
+        weight_source(source)  # still a clear error for something that is no weight source at all
         self.weight_version = version if version is not None else str(source)
 
     async def abort(self, rid: str | None = None) -> None:

@@ -13,21 +13,28 @@ Failure taxonomy (what the env loop sees):
 - a read timeout returns ``abort`` at once and asks the server to abort the request's ``rid``;
 - a body that is not valid JSON or breaks the wire invariants returns ``abort`` with the reason.
 Admin calls raise ``EngineAdminError`` instead, because they are configuration, not data.
+
+Cost per request (a measured budget, ``bench/client_overhead.py``): the history of an episode's
+``TokenIds`` stream is encoded once, each turn adding only its own ids; routing rows are decoded
+from the raw body without passing through the JSON parser (``sglang_wire``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from miles_envs.engine import Generation, SamplingParams
+from miles_envs.weight_sync import BroadcastGroup, WeightSource, accept
 from miles_envs.agents.http_pool import ConnectError, ConnectionPool, HTTPError, ReadTimeout, RemoteProtocolError, Response
-from miles_envs.agents.sglang_wire import ProtocolError, generate_request, parse_generate_response
+from miles_envs.agents.sglang_wire import ProtocolError, encode_generate_request, load_generate_body, parse_generate_response
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,8 @@ class SGLangEngine:
         self._recovery: asyncio.Future[str] | None = None
         self._incompatible: str | None = None  # set when a restarted server serves something else
         self.weight_version: str | None = None  # the newest version this client has seen or set
+        self._rid_prefix = f"{uuid.uuid4().hex[:16]}-"  # unique per client; a counter after it (no syscall per request)
+        self._rids = itertools.count()
 
     # ------------------------------------------------------------------ generation
 
@@ -121,7 +130,7 @@ class SGLangEngine:
         lora: str | None = None,
         rid: str | None = None,
     ) -> Generation:
-        rid = rid or uuid.uuid4().hex
+        rid = rid or f"{self._rid_prefix}{next(self._rids):x}"
         if self._incompatible:
             return _aborted(input_ids, self._incompatible)
         try:
@@ -136,15 +145,17 @@ class SGLangEngine:
                 [], [], "length", prompt_tokens=len(input_ids),
                 error=f"the prompt ({len(input_ids)} tokens) fills the context length {context_length}",
             )
-        body = generate_request(
-            input_ids,
-            sampling,
-            max_new_tokens=min(sampling.max_new_tokens, budget),
-            return_routed_experts=return_routed_experts,
-            routed_experts_start=routed_experts_start,
-            lora=lora,
-            rid=rid,
-        )
+        def body(wire_rid: str) -> list[bytes]:
+            return encode_generate_request(
+                input_ids,
+                sampling,
+                max_new_tokens=min(sampling.max_new_tokens, budget),
+                return_routed_experts=return_routed_experts,
+                routed_experts_start=routed_experts_start,
+                lora=lora,
+                rid=wire_rid,
+            )
+
         pending = self._pending[rid] = _Pending(rid)
         started_under = self.weight_version
         try:
@@ -158,7 +169,7 @@ class SGLangEngine:
             self._pending.pop(rid, None)
         try:
             generation = parse_generate_response(
-                orjson.loads(response.content),
+                load_generate_body(response.content),
                 prompt_len=len(input_ids),
                 routed_experts_start=routed_experts_start if return_routed_experts else None,
                 routing_shape=self.routing_shape,
@@ -169,10 +180,14 @@ class SGLangEngine:
         self._label_versions(generation, started_under)
         return generation
 
-    async def _generate_with_recovery(self, body: dict[str, Any], pending: _Pending) -> Response:
-        """POST /generate until a response, a 4xx, the caller's abort, or a server gone past the deadline."""
+    async def _generate_with_recovery(self, body: Callable[[str], list[bytes]], pending: _Pending) -> Response:
+        """POST /generate until a response, a 4xx, the caller's abort, or a server gone past the deadline.
+
+        ``body(rid)`` is the request body sent under ``rid``.
+        """
         loop = asyncio.get_running_loop()
-        data = orjson.dumps(body)
+        original_rid = pending.wire_rid
+        data = body(original_rid)
         attempts, renames, trouble_since = 0, 0, None
         while True:
             if pending.aborted:
@@ -194,8 +209,8 @@ class SGLangEngine:
                 error, seen_by_server = f"HTTP {response.status_code}: {_error_message(response)}", True
             if seen_by_server:  # never resend an id the server has seen
                 renames += 1
-                pending.wire_rid = f"{body['rid'].split('.retry')[0]}.retry{renames}"
-                data = orjson.dumps({**body, "rid": pending.wire_rid})
+                pending.wire_rid = f"{original_rid}.retry{renames}"
+                data = body(pending.wire_rid)
             trouble_since = trouble_since if trouble_since is not None else loop.time()
             attempts += 1
             if attempts <= self.retries:
@@ -324,12 +339,22 @@ class SGLangEngine:
             pending.wake.set()
         await self._admin("POST", "/abort_request", {"rid": pending.wire_rid if pending else rid})
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
-        """Reload weights from a checkpoint directory the server can read."""
-        body: dict[str, Any] = {"model_path": str(source)}
+    weight_sources = frozenset({"folder", "broadcast"})  # a server cannot see the trainer's memory
+
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
+        """Reload from a ``CheckpointFolder`` the server can read, or take a ``BroadcastGroup``'s tensors.
+
+        For a broadcast the server must have joined the group (``/init_weights_update_group``) and the
+        trainer broadcasts the announced tensors while this request waits for the server to load them.
+        """
+        typed = accept(source, self.weight_sources, "SGLangEngine")
+        if isinstance(typed, BroadcastGroup):
+            path, body = "/update_weights_from_distributed", typed.to_sglang()
+        else:
+            path, body = "/update_weights_from_disk", {"model_path": typed.path}
         if version is not None:
             body["weight_version"] = version
-        await self._admin("POST", "/update_weights_from_disk", body)
+        await self._admin("POST", path, body)
         if version is not None:
             self.weight_version = version
 

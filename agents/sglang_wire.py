@@ -7,12 +7,15 @@ speak exactly the format documented in docs/sglang-protocol.md. Pure functions, 
 from __future__ import annotations
 
 import binascii
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 import pybase64
 
 from miles_envs.engine import Generation, SamplingParams, SpecStats
+from miles_envs.token_ids import TokenIds
 
 
 class ProtocolError(ValueError):
@@ -51,6 +54,38 @@ def generate_request(
     return body
 
 
+def encode_generate_request(input_ids: Sequence[int], sampling: SamplingParams, **options: Any) -> list[bytes]:
+    """``generate_request`` as JSON in chunks, ready to send; the ids' JSON comes from ``ids_json``."""
+    body = generate_request([], sampling, **options)
+    del body["input_ids"]
+    return [b'{"input_ids":', *ids_json(input_ids), b",", orjson.dumps(body)[1:]]
+
+
+_IDS_JSON = "sglang-ids-json"  # the tag of this module's work in ``TokenIds.engine_cache``
+
+
+def ids_json(ids: Sequence[int]) -> list[bytes]:
+    """A token id list as a JSON array, in chunks.
+
+    The history of an episode is re-sent every turn but only grows: for a ``TokenIds`` stream the
+    chunks of the prefix already encoded are kept on the stream and only the appended ids are
+    encoded (the prefix is reused only while the stream reports no edit, so the JSON is always that
+    of the current ids).
+    """
+    if not isinstance(ids, TokenIds):
+        return [orjson.dumps(ids)]
+    cache = ids.engine_cache
+    if cache is not None and cache[0] == _IDS_JSON and cache[2] == ids.edits and len(ids) >= cache[1]:
+        _, done, _, chunks = cache
+    else:
+        done, chunks = 0, []
+    if len(ids) > done:
+        fresh = orjson.dumps(ids[done:] if done else ids)
+        chunks.append(b"," + fresh[1:-1] if done else fresh[:-1])
+    ids.engine_cache = (_IDS_JSON, len(ids), ids.edits, chunks)
+    return [*chunks, b"]"] if chunks else [b"[]"]
+
+
 def sampling_from_request(params: dict[str, Any]) -> SamplingParams:
     """Inverse of ``SamplingParams.to_sglang`` (server side); unknown keys are ignored."""
     return SamplingParams(
@@ -80,9 +115,9 @@ def encode_routed_experts(rows: np.ndarray) -> str:
 
 def decode_routed_experts(payload: str, rows: int, num_layers: int, topk: int) -> np.ndarray:
     """Base64 int32 → ``[rows, num_layers, topk]``; the element count must match exactly."""
-    try:
-        raw = pybase64.b64decode(payload, validate=True)  # SIMD: ~50x CPython's decoder on routing rows
-    except (binascii.Error, ValueError) as exc:
+    try:  # SIMD: ~50x CPython's decoder on routing rows; a bytearray gives a writable array without a copy
+        raw = pybase64.b64decode_as_bytearray(payload, validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
         raise ProtocolError(f"routed_experts is not valid base64: {exc}") from exc
     flat = np.frombuffer(raw, dtype="<i4")
     expected = rows * num_layers * topk
@@ -91,7 +126,7 @@ def decode_routed_experts(payload: str, rows: int, num_layers: int, topk: int) -
             f"routed_experts holds {flat.size} int32 values, expected {rows} rows x {num_layers} layers x "
             f"{topk} topk = {expected}; check the engine's num_layers/topk against the served model"
         )
-    return flat.astype(np.int32).reshape(rows, num_layers, topk)
+    return flat.astype(np.int32, copy=False).reshape(rows, num_layers, topk)
 
 
 # ----------------------------------------------------------------------------- response side
@@ -160,6 +195,39 @@ def spec_stats_from_meta(meta: dict[str, Any]) -> SpecStats | None:
     rate = float(meta.get("spec_accept_rate") or 0.0)
     drafted = round(accepted / rate) if rate > 0 else 0
     return SpecStats(verify_ct, accepted, drafted)
+
+
+_ROUTED_KEY = b'"routed_experts":'
+_JSON_SPACE = b" \t\r\n"
+
+
+def load_generate_body(raw: bytes) -> Any:
+    """A raw ``/generate`` response body as JSON, its routing payload left as bytes.
+
+    The base64 routing rows are most of a routed response (147 KB for one turn of a 48-layer top-8
+    MoE), and a JSON parser walks and copies them character by character. They are cut out of the
+    raw bytes first (a base64 string holds no quote or backslash, so it ends at the next quote) and
+    the parser sees the rest with an empty string in their place. The cut is used only when the
+    parsed ``meta_info.routed_experts`` is that empty string; anything else parses the body whole.
+    """
+    at = raw.find(_ROUTED_KEY)  # outside a key, JSON escapes the quotes: only a key matches
+    if at < 0:
+        return orjson.loads(raw)
+    start = at + len(_ROUTED_KEY)
+    while start < len(raw) and raw[start] in _JSON_SPACE:
+        start += 1
+    end = raw.find(b'"', start + 1) if raw[start:start + 1] == b'"' else -1
+    if end < 0 or raw.find(b"\\", start, end) >= 0:
+        return orjson.loads(raw)
+    try:
+        body = orjson.loads(b"".join((memoryview(raw)[:start + 1], memoryview(raw)[end:])))
+    except orjson.JSONDecodeError:
+        return orjson.loads(raw)
+    meta = body.get("meta_info") if isinstance(body, dict) else None
+    if not isinstance(meta, dict) or meta.get("routed_experts") != "":
+        return orjson.loads(raw)
+    meta["routed_experts"] = memoryview(raw)[start + 1:end]
+    return body
 
 
 def parse_generate_response(

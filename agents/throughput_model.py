@@ -9,15 +9,23 @@ steps the whole batch (not one timer per sequence), so thousands of sequences st
 
 Sequences that cross an update report per-token ``version_spans``; ``abort(rid)`` ends a sequence
 with the tokens emitted so far (SGLang's partial-output semantics).
+
+Utilisation is read on the model's own clock, not the wall clock, so a server process starved of
+CPU on a shared machine is not mistaken for a server its client fails to keep fed: ``model_s`` is
+the modelled step times plus the real time spent with nothing to decode, ``busy_s`` the modelled
+step times, and ``slot_s`` the slot-seconds decoding (running sequences × step time, summed).
+Busy fraction over a window = Δ``slot_s`` / (``slots`` × Δ``model_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from miles_envs.engine import Engine, Generation, SamplingParams
+from miles_envs.weight_sync import WeightSource, accept, accepted_kinds
 
 
 @dataclass
@@ -59,8 +67,17 @@ class ThroughputModel:
         self._free: asyncio.Semaphore | None = None
         self._admitting: asyncio.Event | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self.busy_s = 0.0  # time with at least one sequence running (for utilisation figures)
+        self.busy_s = 0.0  # modelled time with at least one sequence running
+        self.slot_s = 0.0  # Σ running sequences × step time
         self.steps = 0
+        self._clock_s = 0.0  # the model clock up to the last idle period's start
+        self._idle_since: float | None = time.monotonic()
+
+    @property
+    def model_s(self) -> float:
+        """The model's clock: modelled step times plus real time with nothing to decode."""
+        idle = 0.0 if self._idle_since is None else time.monotonic() - self._idle_since
+        return self._clock_s + idle
 
     async def capacity(self) -> int:
         return self.slots
@@ -100,20 +117,34 @@ class ThroughputModel:
 
     async def _tick(self) -> None:
         """One decode step at a time for the whole batch; joining sequences add their prefill to the step."""
-        while self._running:
-            joining, self._joining = self._joining, []
-            step = self.decode_s + self.decode_s_per_running * len(self._running) + sum(s.prefill_s for s in joining)
-            await asyncio.sleep(step)
-            self.busy_s += step
-            self.steps += 1
-            for sequence in list(self._running.values()):
-                if sequence.done.done():
-                    continue
-                if sequence.spans[-1][1] != self.weight_version:
-                    sequence.spans.append((sequence.emitted, self.weight_version))
-                sequence.emitted += 1
-                if sequence.emitted == len(sequence.full.output_ids):
-                    sequence.done.set_result(self._result(sequence, sequence.full.finish_reason))
+        self._clock_s, self._idle_since = self.model_s, None
+        try:
+            while self._decoding():
+                await self._step()
+        finally:
+            self._idle_since = time.monotonic()
+
+    def _decoding(self) -> int:
+        """Sequences still emitting (a finished one leaves ``_running`` only when its caller resumes)."""
+        return sum(not s.done.done() for s in self._running.values())
+
+    async def _step(self) -> None:
+        joining, self._joining = self._joining, []
+        running = self._decoding()
+        step = self.decode_s + self.decode_s_per_running * running + sum(s.prefill_s for s in joining)
+        await asyncio.sleep(step)
+        self.busy_s += step
+        self.slot_s += running * step
+        self._clock_s += step
+        self.steps += 1
+        for sequence in list(self._running.values()):
+            if sequence.done.done():
+                continue
+            if sequence.spans[-1][1] != self.weight_version:
+                sequence.spans.append((sequence.emitted, self.weight_version))
+            sequence.emitted += 1
+            if sequence.emitted == len(sequence.full.output_ids):
+                sequence.done.set_result(self._result(sequence, sequence.full.finish_reason))
 
     def _result(self, sequence: _Sequence, finish: str, error: str | None = None) -> Generation:
         full, n = sequence.full, sequence.emitted
@@ -138,8 +169,13 @@ class ThroughputModel:
                 sequence.done.set_result(self._result(sequence, "abort", "Aborted by /abort_request"))
         await self.inner.abort(rid)
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
+    @property
+    def weight_sources(self) -> frozenset[str]:
+        return accepted_kinds(self.inner)
+
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
         """Pause admission for ``update_pause_s``, then serve the new version (running sequences continue)."""
+        accept(source, self.weight_sources, type(self.inner).__name__)
         _, admitting = self._primitives()
         admitting.clear()
         try:

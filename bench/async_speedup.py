@@ -2,15 +2,17 @@
 real small run of both modes.
 
 **Simulated workload** (the scheduler's effect, reproducible on a 2-core machine). The same code
-paths as ``miles-envs train`` run it: ``trainer.loop.train`` (synchronous) and
-``trainer.async_loop.train_async`` (asynchronous), the real env loop and chat renderer (Qwen3
+paths as ``miles-envs train`` run it: ``pipeline.sync.train`` (synchronous) and
+``pipeline.async_run.train_async`` (asynchronous), the real env loop and chat renderer (Qwen3
 tokenizer), with three simulated parts:
 
-- *Engine*: a throughput model of a continuous-batching server. At most ``--capacity`` sequences
-  decode at once (the rest queue); every decode step advances each running sequence by one token
-  and takes ``--decode-base-ms + --decode-per-seq-ms x running`` milliseconds. A weight update
-  lands between decode steps; a sequence that continues across it reports its tokens' versions as
-  two spans (``Generation.version_spans``), as the contract asks of any engine.
+- *Engine*: the shipped throughput model of a continuous-batching server
+  (``agents.throughput_model.ThroughputModel`` over scripted replies). At most ``--capacity``
+  sequences decode at once (the rest queue); every decode step advances each running sequence by
+  one token and takes ``--decode-base-ms + --decode-per-seq-ms x running`` milliseconds (no prefill
+  cost, no update pause). A weight update lands between decode steps; a sequence that continues
+  across it reports its tokens' versions as two spans (``Generation.version_spans``), as the
+  contract asks of any engine.
 - *Env*: an agent episode of ``T`` model turns with a tool call between turns. ``T`` is drawn per
   episode from a discrete Pareto law, ``P(T >= t) = t ** -alpha`` (``--turns-alpha``, 1.2 by
   default), capped at ``--max-turns`` 24: the median episode has 2 turns, one in ~20 has 12 or
@@ -44,7 +46,6 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,83 +53,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from miles_envs.engine import Generation, SamplingParams
+from miles_envs.agents.scripted import ScriptedEngine
+from miles_envs.agents.throughput_model import ThroughputModel
+from miles_envs.engine import SamplingParams
 from miles_envs.chat import ChatRenderer
 from miles_envs.env import Env, user
 from miles_envs.loop import LoopConfig
 from miles_envs.tokenizers import load_tokenizer
-from miles_envs.trainer.async_loop import AsyncSettings, train_async
-from miles_envs.trainer.loop import train
+from miles_envs.weight_sync import Tensors
+from miles_envs.pipeline.async_run import AsyncSettings, train_async
+from miles_envs.pipeline.sync import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "async_speedup.json"
-
-
-# -- the simulated engine ------------------------------------------------------------------------
-@dataclass
-class _Running:
-    tokens: int
-    done: asyncio.Future
-    produced: int = 0
-    spans: list[tuple[int, str]] = field(default_factory=list)
-
-
-class ThroughputModelEngine:
-    """A continuous-batching server as a throughput model (see the module docstring)."""
-
-    def __init__(self, reply_ids: list[int], *, capacity: int, decode_base_s: float, decode_per_seq_s: float) -> None:
-        self.reply_ids, self.max_running = reply_ids, capacity
-        self.decode_base_s, self.decode_per_seq_s = decode_base_s, decode_per_seq_s
-        self.weight_version = "step-0"
-        self.waiting: list[_Running] = []
-        self.running: list[_Running] = []
-        self._wake = asyncio.Event()
-        self._scheduler: asyncio.Task | None = None
-
-    async def capacity(self) -> int:
-        return self.max_running
-
-    async def generate(self, input_ids, sampling: SamplingParams, *, return_routed_experts=False, routed_experts_start=0,
-                       lora=None, rid=None) -> Generation:
-        if self._scheduler is None:
-            self._scheduler = asyncio.get_running_loop().create_task(self._serve())
-        sequence = _Running(min(len(self.reply_ids), sampling.max_new_tokens), asyncio.get_running_loop().create_future())
-        self.waiting.append(sequence)
-        self._wake.set()
-        spans = await sequence.done
-        ids = self.reply_ids[: sequence.tokens]
-        return Generation(ids, [-1.0] * len(ids), "stop", weight_version=self.weight_version,
-                          version_spans=spans if len(spans) > 1 else [], prompt_tokens=len(input_ids))
-
-    async def _serve(self) -> None:
-        while True:
-            while self.waiting and len(self.running) < self.max_running:
-                self.running.append(self.waiting.pop(0))
-            if not self.running:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await asyncio.sleep(self.decode_base_s + self.decode_per_seq_s * len(self.running))
-            for sequence in self.running:
-                if not sequence.spans or sequence.spans[-1][1] != self.weight_version:
-                    sequence.spans.append((sequence.produced, self.weight_version))
-                sequence.produced += 1
-            for sequence in [s for s in self.running if s.produced >= s.tokens]:
-                self.running.remove(sequence)
-                if not sequence.done.done():
-                    sequence.done.set_result(sequence.spans)
-
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
-        self.weight_version = version or self.weight_version
-
-    async def abort(self, rid=None) -> None:
-        """Nothing to abort: cancelled callers drop their futures."""
-
-    async def health(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
 
 
 # -- the long-tailed env -------------------------------------------------------------------------
@@ -189,12 +125,16 @@ class SimulatedTrainer:
 
 async def simulated_run(args: argparse.Namespace, renderer: ChatRenderer, staleness: int | None, seed: int) -> dict[str, Any]:
     """One run of ``args.steps`` steps; ``staleness`` None is the synchronous loop."""
-    reply = renderer.tokenizer.encode("x " * (args.reply_tokens - 1), add_special_tokens=False)[: args.reply_tokens - 1]
-    engine = ThroughputModelEngine(reply + [renderer.turn_end_id], capacity=args.capacity,
-                                   decode_base_s=args.decode_base_ms / 1000, decode_per_seq_s=args.decode_per_seq_ms / 1000)
+    # reply_tokens - 1 tokens of text, then the end-of-turn token
+    reply = renderer.tokenizer.decode(renderer.tokenizer.encode("x " * args.reply_tokens, add_special_tokens=False)[: args.reply_tokens - 1])
+    replies = ScriptedEngine(renderer.tokenizer, [reply], eos_token_id=renderer.turn_end_id, weight_version="step-0")
+    engine = ThroughputModel(replies, slots=args.capacity, decode_s=args.decode_base_ms / 1000,
+                             decode_s_per_running=args.decode_per_seq_ms / 1000, prefill_s_per_token=0.0, update_pause_s=0.0,
+                             weight_version="step-0")
     trainer = SimulatedTrainer(args.train_ms / 1000)
     env = long_tail_env(Workload(args, seed))
-    config = LoopConfig(sampling=SamplingParams(max_new_tokens=args.reply_tokens), max_turns=args.max_turns, max_context=1 << 20)
+    # one token of headroom: a reply that ends exactly at max_new_tokens finishes "length" (as in SGLang), ending the episode
+    config = LoopConfig(sampling=SamplingParams(max_new_tokens=args.reply_tokens + 1), max_turns=args.max_turns, max_context=1 << 20)
     common = dict(renderer=renderer, tasks_per_step=args.tasks_per_step, group_size=args.group_size, loop_config=config, seed=seed)
     started = time.perf_counter()
     try:
@@ -257,7 +197,8 @@ async def real_run(args: argparse.Namespace, console: Console) -> dict[str, Any]
     from miles_envs.agents.embedded import EmbeddedEngine
     from miles_envs.models.factory import init_model
     from miles_envs.trainer import Trainer, TrainerConfig
-    from miles_envs.trainer.sft import collect_demonstrations, warm_start
+    from miles_envs.pipeline.demonstrations import collect_demonstrations
+    from miles_envs.trainer.sft import warm_start
 
     env_id = "miles/Echo-v0"
     config = TrainerConfig(lr=args.real_lr, device="cpu", seed=0)
@@ -273,7 +214,7 @@ async def real_run(args: argparse.Namespace, console: Console) -> dict[str, Any]
             trainer = Trainer.from_pretrained(str(folder), config)
             trainer.model.load_state_dict(warmed)
             engine = EmbeddedEngine.from_path(folder, device="cpu")
-            await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+            await engine.update_weights(Tensors(trainer.state_dict()), version=trainer.weight_version)
             loop_config = LoopConfig(sampling=SamplingParams(max_new_tokens=8, seed=0))
             common = dict(renderer=renderer, tasks_per_step=args.real_tasks, group_size=8, loop_config=loop_config, seed=0)
             torch.manual_seed(0)

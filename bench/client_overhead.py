@@ -9,7 +9,9 @@ int32, as SGLang sends them). Medians over repeats, with the spread (min–max).
 Candidates: httpx (the previous client: stdlib json, sharded pools; and one plain pool), httpx + orjson, aiohttp +
 orjson, h11 on asyncio streams + orjson, httptools in an asyncio.Protocol (``agents.http_pool``) +
 orjson and + msgspec; then the whole ``SGLangEngine.generate`` (request building, transport,
-parsing into a ``Generation``) on the chosen one.
+parsing into a ``Generation``) on the chosen one, twice: handed a plain list (the history's JSON
+encoded whole every request), and handed the episode's ``TokenIds`` stream as the env loop does
+(earlier turns' JSON kept, this turn's 96 ids encoded).
 
     python bench/client_overhead.py [--requests 400] [--repeats 5] [--concurrency 32]
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import json
 import statistics
 import subprocess
@@ -232,28 +235,61 @@ class PoolMsgspec(PoolOrjson):
 
 
 class Engine:
-    """The whole SGLangEngine.generate on the chosen transport (request building and Generation parsing included)."""
+    """The whole SGLangEngine.generate on the chosen transport (request building and Generation parsing included),
+    given the history as a plain list: its JSON is encoded whole on every request."""
 
-    name = "SGLangEngine.generate (chosen, end to end)"
+    name = "SGLangEngine.generate, plain list (whole history encoded)"
 
     def __init__(self, url: str) -> None:
         from miles_envs.agents.sglang import SGLangEngine
 
         self.engine = SGLangEngine(url, context_length=1 << 20, num_layers=ROUTING[1], topk=ROUTING[2])
 
+    def prepare(self, body: dict, count: int) -> None:
+        pass
+
+    def history(self, body: dict) -> list[int]:
+        return body["input_ids"]
+
     async def post(self, path: str, body: dict) -> object:
         from miles_envs.engine import SamplingParams
 
         routed = bool(body.get("return_routed_experts"))
-        start = len(body["input_ids"]) - (ROUTING[0] - OUTPUT_TOKENS + 1)  # rows of the last observation and the outputs
-        return await self.engine.generate(body["input_ids"], SamplingParams(max_new_tokens=64),
+        input_ids = self.history(body)
+        start = len(input_ids) - (ROUTING[0] - OUTPUT_TOKENS + 1)  # rows of the last observation and the outputs
+        return await self.engine.generate(input_ids, SamplingParams(max_new_tokens=64),
                                           return_routed_experts=routed, routed_experts_start=start)
 
     async def close(self) -> None:
         await self.engine.close()
 
 
-CANDIDATES = [HttpxSharded, Httpx, HttpxOrjson, AiohttpOrjson, H11Streams, PoolOrjson, PoolMsgspec, Engine]
+class EngineStream(Engine):
+    """As the env loop calls it: the history is the episode's ``TokenIds`` stream, whose earlier turns were
+    sent before (their JSON is kept), and this turn appended the last observation and reply (96 ids)."""
+
+    name = "SGLangEngine.generate, episode stream (as the loop sends it)"
+
+    def prepare(self, body: dict, count: int) -> None:
+        from miles_envs.agents.sglang_wire import ids_json
+        from miles_envs.token_ids import TokenIds
+
+        ids = body["input_ids"]
+        self.streams = []  # the previous batch's streams are freed here, not inside a timed batch
+        for _ in range(count):  # the earlier turns: sent (and encoded) before this request
+            stream = TokenIds(ids[:-ROUTING[0]])
+            ids_json(stream)
+            self.streams.append(stream)
+        self.next_stream = iter(self.streams)
+        gc.collect()  # streams made turns ago are old objects, not young ones each collection walks
+
+    def history(self, body: dict) -> list[int]:
+        stream = next(self.next_stream)
+        stream.extend(body["input_ids"][-ROUTING[0]:])  # this turn's ids, appended as the loop does
+        return stream
+
+
+CANDIDATES = [HttpxSharded, Httpx, HttpxOrjson, AiohttpOrjson, H11Streams, PoolOrjson, PoolMsgspec, Engine, EngineStream]
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -267,7 +303,10 @@ async def cpu_per_request(candidate, path: str, body: dict, requests: int, concu
         async with sem:
             await candidate.post(path, body)
 
+    prepare = getattr(candidate, "prepare", lambda body, count: None)
+    prepare(body, concurrency * 2)
     await asyncio.gather(*(one() for _ in range(concurrency * 2)))
+    prepare(body, requests)  # outside the timed batch: what earlier turns already sent
     t0 = time.process_time()
     await asyncio.gather(*(one() for _ in range(requests)))
     return (time.process_time() - t0) / requests * 1e6
@@ -328,7 +367,7 @@ def report(rows: list[dict], args) -> None:
         cells = {r["body_kb"]: r for r in rows if (r["client"], r["response"]) == (name, response)}
         table.add_row(name, response, *(f"{cells[kb]['cpu_us_median']:.0f} ({cells[kb]['cpu_us_min']:.0f}–{cells[kb]['cpu_us_max']:.0f})" for kb in BODY_KB))
     Console().print(table)
-    chosen = [r for r in rows if r["client"] == Engine.name]
+    chosen = [r for r in rows if r["client"] == EngineStream.name]
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "client_overhead.json"
     out.write_text(json.dumps({

@@ -9,8 +9,8 @@ Part 2, through HTTP: the same loop against the protocol server in another proce
 ToolCalc), 64 episodes at a time: client-process CPU + server-process CPU (``/proc/<pid>/stat``) per
 turn, and the same less the env's own CPU (construction, reset, steps) from part 1.
 Part 3: 10,000 concurrent episodes × 3 turns through ``SGLangEngine`` against the protocol server
-with 50 ms latency: wall time, event-loop lag p50/p99 (a 5 ms ticker's lateness), and the loop's
-admission window sampled over time.
+with 50 ms latency: wall time, event-loop lag p50/p99 (a 5 ms ticker's lateness), both processes'
+CPU per turn over the run, and the loop's admission window sampled over time.
 
 CPU figures are ``time.thread_time`` / ``time.process_time`` / kernel tick counts (robust to other
 load on the machine); each is the median of ``--repeats`` runs with min–max.
@@ -246,7 +246,7 @@ def http_turn(name: str, episodes: int, tokenizer, server: ServerChild) -> dict:
 # ----------------------------------------------------------------------------- part 3: 10,000 concurrent
 
 
-async def _concurrent(url: str, episodes: int, turns: int) -> dict:
+async def _concurrent(server: ServerChild, episodes: int, turns: int) -> dict:
     import miles_envs.loop as loop_module
 
     windows: list = []
@@ -258,11 +258,11 @@ async def _concurrent(url: str, episodes: int, turns: int) -> dict:
                 windows.append(self)
         loop_module.LagWindow = RecordedWindow
     tokenizer = load_tokenizer("qwen3")
-    engine = SGLangEngine(url, context_length=32768, max_connections=min(episodes, 2048), timeout=600)
+    engine = SGLangEngine(server.url, context_length=32768, max_connections=min(episodes, 2048), timeout=600)
     lags: list[float] = []
     samples: list[tuple[float, int | None, int | None]] = []
     stop = asyncio.Event()
-    wall0 = time.perf_counter()
+    wall0, client0, server0 = time.perf_counter(), time.process_time(), server.cpu_s()
 
     async def ticker() -> None:
         while not stop.is_set():
@@ -280,6 +280,7 @@ async def _concurrent(url: str, episodes: int, turns: int) -> dict:
                              concurrency=episodes, config=LoopConfig(max_turns=turns)), metrics)
     finally:
         wall = time.perf_counter() - wall0
+        client_cpu, server_cpu = time.process_time() - client0, server.cpu_s() - server0
         stop.set()
         await tick
         await engine.close()
@@ -290,7 +291,9 @@ async def _concurrent(url: str, episodes: int, turns: int) -> dict:
         "episodes": episodes, "turns_per_episode": turns, "completed": s["status"].get("completed", 0),
         "wall_s": wall, "ideal_wall_s": turns * 0.05, "target_wall_s": 3.0,
         "loop_lag_p50_ms": float(np.percentile(lags, 50) * 1e3), "loop_lag_p99_ms": float(np.percentile(lags, 99) * 1e3),
-        "target_lag_p99_ms": 50, "admission_window_over_time": [
+        "target_lag_p99_ms": 50, "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
+        "client_us_per_turn": client_cpu / (episodes * turns) * 1e6, "server_us_per_request": server_cpu / (episodes * turns) * 1e6,
+        "admission_window_over_time": [
             {"t_s": t, "window": w, "in_flight": f} for t, w, f in samples],
     }
 
@@ -313,9 +316,9 @@ def concurrent_episodes(episodes: int, turns: int, event_loop: str) -> dict:
         if event_loop == "uvloop":
             import uvloop
 
-            result = uvloop.run(_concurrent(server.url, episodes, turns))
+            result = uvloop.run(_concurrent(server, episodes, turns))
         else:
-            result = asyncio.run(_concurrent(server.url, episodes, turns))
+            result = asyncio.run(_concurrent(server, episodes, turns))
         return {**result, "event_loop": event_loop}
     finally:
         server.close()
@@ -384,7 +387,8 @@ def report(in_process: dict, through_http: dict, concurrent: dict, args) -> None
         f"{concurrent['episodes']} concurrent episodes × {concurrent['turns_per_episode']} turns, 50 ms latency ({concurrent['event_loop']}): "
         f"wall {concurrent['wall_s']:.2f} s (target ≤ 3, ideal {concurrent['ideal_wall_s']:.2f}), "
         f"loop lag p50 {concurrent['loop_lag_p50_ms']:.1f} ms / p99 {concurrent['loop_lag_p99_ms']:.1f} ms (target < 50), "
-        f"completed {concurrent['completed']}; admission window min/median/max "
+        f"completed {concurrent['completed']}; CPU per turn: client {concurrent['client_us_per_turn']:.0f} µs, "
+        f"server {concurrent['server_us_per_request']:.0f} µs; admission window min/median/max "
         + (f"{min(windows)}/{int(statistics.median(windows))}/{max(windows)}" if windows else "n/a")
     )
     RESULTS.mkdir(exist_ok=True)

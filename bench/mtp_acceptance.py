@@ -43,7 +43,7 @@ from miles_envs.engine import SamplingParams
 from miles_envs.models.factory import init_model
 from miles_envs.trainer import Trainer, TrainerConfig
 from miles_envs.trainer.checkpoint import save_checkpoint
-from miles_envs.trainer.loop import rollout_metrics
+from miles_envs.pipeline.records import rollout_metrics
 from miles_envs.trajectory import Trajectory, Turn
 
 

@@ -24,9 +24,11 @@ Part 3, peak RSS of a whole ``rollout`` run to JSONL (scripted engine, Echo env,
 subprocess per size, resident memory sampled every 0.2 s while the run goes (the import-time peak
 of the process is not the run's).
 
-The throughput model: ``slots`` sequences decode together; a decode step takes ``base_s +
-per_seq_s × batch`` plus ``prefill_s_per_token`` × the input tokens of requests joining it; an
-update pauses decoding for ``update_pause_s``. Replies are scripted (real Qwen2.5 token ids).
+The throughput model is the shipped ``agents.throughput_model.ThroughputModel``: ``slots`` sequences
+decode together; a decode step takes ``decode_s + decode_s_per_running × batch`` plus
+``prefill_s_per_token`` × the input tokens of requests joining it; an update pauses admission for
+``update_pause_s`` while running sequences continue under the new version. Replies are scripted
+(real Qwen2.5 token ids); its ``slot_s`` and ``model_s`` counters give the busy fraction.
 
 Part 4, restart recovery: 24 four-turn episodes through ``SGLangEngine`` (its default retry and
 backoff settings, loop retries off) against the protocol server as a child process paced by the
@@ -55,6 +57,7 @@ from pathlib import Path
 
 from miles_envs import Env, user
 from miles_envs.agents.scripted import ScriptedEngine
+from miles_envs.agents.throughput_model import ThroughputModel
 from miles_envs.chat import ChatRenderer
 from miles_envs.loop import LoopConfig, rollout
 from miles_envs.pacing import LagWindow
@@ -91,106 +94,11 @@ def replies(shortest: int, longest: int):
     return reply
 
 
-class ThroughputModelEngine(ScriptedEngine):
-    """Scripted replies at a batched GPU server's pace (see the module docstring).
-
-    Cost per decode step is O(1) plus O(requests finishing): a request waits for the step at which
-    its last token is due (or its abort), and its version spans are read off the update history.
-    """
-
-    def __init__(self, tokenizer, reply, *, slots: int, base_s: float, per_seq_s: float, prefill_s_per_token: float,
-                 update_pause_s: float = 0.0, **kwargs) -> None:
-        super().__init__(tokenizer, reply, weight_version="step-0", **kwargs)
-        self.slots, self.base_s, self.per_seq_s = slots, base_s, per_seq_s
-        self.prefill_s_per_token, self.update_pause_s = prefill_s_per_token, update_pause_s
-        self.busy_slot_s = 0.0  # Σ batch × step time
-        self.model_s = 0.0  # the server's own clock: step times as modelled, plus waits for work
-        self.step = 0
-        self.decoding = 0
-        self._admission: asyncio.Semaphore | None = None
-        self._due: dict[int, asyncio.Future[None]] = {}
-        self._wakers: dict[str, asyncio.Future[None]] = {}
-        self._versions: list[tuple[int, str]] = [(0, self.weight_version)]  # (first step, version)
-        self._prefill_tokens = 0
-        self._work: asyncio.Event | None = None
-        self._stepper: asyncio.Task[None] | None = None
-        self._paused = 0.0
-
-    @property
-    def paced(self) -> bool:
-        return True
-
-    async def capacity(self) -> int:
-        return self.slots
-
-    async def generate(self, input_ids, sampling, **kwargs):
-        if self._admission is None:
-            self._admission, self._work = asyncio.Semaphore(self.slots), asyncio.Event()
-            self._stepper = asyncio.get_running_loop().create_task(self._decode_steps())
-        async with self._admission:  # the server's own queue beyond its slots
-            self._prefill_tokens += len(input_ids)
-            return await super().generate(input_ids, sampling, **kwargs)
-
-    async def _sample_slowly(self, input_ids, ids, finish, matched, sampling, rid):
-        loop = asyncio.get_running_loop()
-        key = rid or f"anonymous-{next(self._anonymous)}"
-        first = self.step + 1  # the step that samples token 0
-        due = self._due.setdefault(first + len(ids) - 1, loop.create_future())
-        waker = self._wakers[key] = loop.create_future()
-        self.decoding += 1
-        self._work.set()
-        try:
-            await asyncio.wait([due, waker], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self.decoding -= 1
-            del self._wakers[key]
-        sampled = min(len(ids), self.step - first + 1)
-        spans = [(max(0, step - first), version) for step, version in self._versions if step - first < sampled]
-        spans = [span for i, span in enumerate(spans) if i + 1 == len(spans) or spans[i + 1][0] > span[0]]
-        return ids[:sampled], spans, sampled < len(ids)
-
-    async def abort(self, rid=None) -> None:
-        for key in [rid] if rid is not None else list(self._wakers):
-            if key in self._wakers and not self._wakers[key].done():
-                self._wakers[key].set_result(None)
-
-    async def _decode_steps(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            idle_since = loop.time()
-            await self._work.wait()
-            self.model_s += loop.time() - idle_since  # nothing to decode: the server waits for the client
-            self._work.clear()
-            if self._paused:
-                pause, self._paused = self._paused, 0.0
-                await asyncio.sleep(pause)
-                self.model_s += pause
-            while self.decoding:
-                batch = min(self.decoding, self.slots)
-                step = self.base_s + self.per_seq_s * batch + self.prefill_s_per_token * self._prefill_tokens
-                self._prefill_tokens = 0
-                await asyncio.sleep(step)
-                self.busy_slot_s += batch * step
-                self.model_s += step
-                self.step += 1
-                due = self._due.pop(self.step, None)
-                if due is not None:
-                    due.set_result(None)
-                if self._paused:
-                    break
-
-    async def update_weights(self, source, *, version=None) -> None:
-        self._paused = self.update_pause_s
-        if self._work is not None:
-            self._work.set()
-        await super().update_weights(source, version=version)
-        self._versions.append((self.step + 1, self.weight_version))
-
-
-def model(tokenizer, slots: int, reply) -> ThroughputModelEngine:
+def model(tokenizer, slots: int, reply) -> ThroughputModel:
     """A decode step of 10 ms + 0.05 ms per running sequence (23 ms at 256), prefill 1 µs per input token."""
-    return ThroughputModelEngine(tokenizer, reply, slots=slots, base_s=0.010, per_seq_s=0.00005,
-                                 prefill_s_per_token=0.000001, update_pause_s=0.05)
+    return ThroughputModel(ScriptedEngine(tokenizer, reply, weight_version="step-0"), slots=slots, decode_s=0.010,
+                           decode_s_per_running=0.00005, prefill_s_per_token=0.000001, update_pause_s=0.05,
+                           weight_version="step-0")
 
 
 # -- part 1: lost tokens per update --------------------------------------------------------------
@@ -252,7 +160,7 @@ def serve(port_file: str, stats_file: str, slots: int) -> None:
             with open(stats_file, "a") as out:
                 while True:
                     await asyncio.sleep(0.25)
-                    out.write(json.dumps({"t": time.time(), "busy_slot_s": engine.busy_slot_s, "model_s": engine.model_s}) + "\n")
+                    out.write(json.dumps({"t": time.time(), "slot_s": engine.slot_s, "model_s": engine.model_s}) + "\n")
                     out.flush()
 
     asyncio.run(main())
@@ -289,7 +197,7 @@ def busy_fraction(stats_file: Path, start: float, end: float, slots: int) -> flo
     lo, hi = start + 0.1 * span, end
     window = [r for r in rows if lo <= r["t"] <= hi]
     first, last = window[0], window[-1]
-    return (last["busy_slot_s"] - first["busy_slot_s"]) / (slots * (last["model_s"] - first["model_s"]))
+    return (last["slot_s"] - first["slot_s"]) / (slots * (last["model_s"] - first["model_s"]))
 
 
 async def drive_server(url: str, renderer, concurrent: int, slots: int, admission: str, seconds: float):

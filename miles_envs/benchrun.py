@@ -5,6 +5,9 @@ Each script stays a plain program (prints its own table, writes ``bench/results/
 module only runs it in a subprocess and reads that JSON. With a results folder other than
 ``bench/results`` the scripts run from a copy of ``bench/`` whose ``results`` points there, so quick
 runs never overwrite the published numbers.
+
+A development tool: the scripts and their published results live in the source checkout's
+``bench/`` folder, beside ``miles_envs/``, which a wheel does not ship (``checkout_bench_dir``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+class NotACheckout(RuntimeError):
+    """The benches run from a source checkout, and this ``miles_envs`` is installed without one."""
+
+
+def checkout_bench_dir() -> Path:
+    """The checkout's ``bench/`` folder, or ``NotACheckout`` saying how to get one."""
+    if not BENCH_DIR.is_dir() or not any(BENCH_DIR.glob("*.py")):
+        raise NotACheckout(
+            f"miles-envs bench runs the scripts in a source checkout's bench/ folder, and this miles_envs "
+            f"({Path(__file__).resolve().parent}) is installed without one (a wheel ships no bench/): clone the "
+            "repository, `pip install -e '.[test]'` in it, and run `miles-envs bench` there"
+        )
+    return BENCH_DIR
 
 
 @dataclass(frozen=True)
@@ -110,8 +128,14 @@ def loop_overhead_measures(data: dict) -> list[Measure]:
 
 def client_overhead_measures(data: dict) -> list[Measure]:
     rows = [r for r in field_at(data, "rows") if r["client"].startswith("SGLangEngine")]
+
+    def variant(row: dict) -> str:
+        """How the token history reached the client (a plain list, or the loop's episode stream)."""
+        detail = row["client"].partition(", ")[2]
+        return f", {detail}" if detail else ""
+
     return [
-        Measure(f"SGLang client CPU per /generate, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
+        Measure(f"SGLang client CPU per /generate{variant(r)}, {r['body_kb']} KB body, {r['response']}", r["cpu_us_median"], "µs",
                 at_most(100) if r["response"] == "logprobs" else None, f"min–max {r['cpu_us_min']:.0f}–{r['cpu_us_max']:.0f}")
         for r in rows
     ]

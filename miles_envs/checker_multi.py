@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from miles_envs.checker import (
+from miles_envs.checker_common import (
     DEFAULT_STEP_CAP,
     canonical,
     check_close,

@@ -23,6 +23,7 @@ from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Env, Message
 from miles_envs.pacing import LagWindow
 from miles_envs.session import as_session
+from miles_envs.token_ids import TokenIds
 from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
 
 EnvFactory = Callable[[], Env]
@@ -56,7 +57,7 @@ class TokenStream:
     """One agent's growing token stream: ids, mask, logprobs, turn spans and routing rows (reused by the multi-agent loop)."""
 
     def __init__(self, prompt_ids: list[int]) -> None:
-        self.tokens = list(prompt_ids)
+        self.tokens = TokenIds(prompt_ids)  # only grows: engines may reuse work on its prefix
         self.trajectory = Trajectory(prompt_ids=list(prompt_ids))
         self.routing: list[np.ndarray] = []
         self.rows_held = 0

@@ -232,6 +232,8 @@ class HTTPServer:
             self.app, http=_HTTP, lifespan="on" if self.lifespan else "off", log_level="warning",
             access_log=False, timeout_keep_alive=self.limits.keep_alive_s,
             timeout_graceful_shutdown=self.limits.graceful_shutdown_s, backlog=self.limits.backlog,
+            # per-request work no client of these servers reads: X-Forwarded-* rewriting, Server header
+            proxy_headers=False, server_header=False,
         )
         config.load()
         server = uvicorn.Server(config)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from miles_envs.engine import Generation, SamplingParams, SpecStats
+from miles_envs.weight_sync import WeightSource, accept, accepted_kinds
 
 UPDATE_POLICIES = ("continue", "abort_and_resume", "drain")
 
@@ -121,7 +122,7 @@ class RolloutSession:
         while True:
             request_rid = rid if rid is not None and not pieces else uuid.uuid4().hex
             gen = await self._submit(
-                list(input_ids) + kept, replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)),
+                [*input_ids, *kept] if kept else input_ids, replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)),
                 return_routed_experts=return_routed_experts, routed_experts_start=start, lora=lora, rid=request_rid,
             )
             aborted_by_update = self._take_update_abort(request_rid)
@@ -139,11 +140,19 @@ class RolloutSession:
                 self.stats.dropped_tokens += len(gen.output_ids)
             self.stats.resubmissions += 1
 
-    async def update_weights(self, source: Any, *, version: str | None = None) -> None:
-        """Apply an update under the session's policy (safe to call while episodes run)."""
+    @property
+    def weight_sources(self) -> frozenset[str]:
+        return accepted_kinds(self.engine)
+
+    async def update_weights(self, source: WeightSource | Any, *, version: str | None = None) -> None:
+        """Apply an update under the session's policy (safe to call while episodes run).
+
+        A source the engine cannot take is refused before any request is paused or aborted.
+        """
         update = getattr(self.engine, "update_weights", None)
         if not callable(update):
             raise UpdateNotSupported(f"{type(self.engine).__name__} cannot update its weights (it has no update_weights)")
+        accept(source, self.weight_sources, type(self.engine).__name__)
         loop = asyncio.get_running_loop()
         async with self._update_lock:
             policy = self.config.update_policy

@@ -6,9 +6,9 @@ are kept across reloads and clash with any other source unless ``override=True``
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from pkgutil import resolve_name
 from typing import Any
 
 from miles_envs.env import Env
@@ -16,6 +16,12 @@ from miles_envs.registry.errors import DuplicateEnv, EnvNotFound
 from miles_envs.registry.plugins import plugin_specs
 from miles_envs.registry.spec import EnvSpec
 from miles_envs.registry.store import Store, find_project_store, user_store_path
+from miles_envs.registry.suggest import close_ids
+
+# Id families resolved outside the stores (``lib:...`` foreign ids): ``module:function`` factories that
+# return the id's EnvSpec, or None when the id is not theirs. Declared by name, so the registry never
+# imports them (they build on the registry's spec types) and their libraries load only when asked.
+ID_RESOLVERS = ("miles_envs.integrations.foreign:resolve_id",)
 
 
 def builtin_specs() -> list[EnvSpec]:
@@ -87,10 +93,10 @@ class Registry:
         specs = self._specs()
         if id in specs:
             return specs[id]
-        from miles_envs.integrations.foreign import foreign_spec, is_foreign_id  # lazy: imports that library
-
-        if is_foreign_id(id):
-            return foreign_spec(id)
+        for resolver in ID_RESOLVERS:
+            found = resolve_name(resolver)(id)
+            if found is not None:
+                return found
         raise EnvNotFound(self._not_found_message(id, specs))
 
     def make(self, id: str, **overrides: Any) -> Env:
@@ -115,33 +121,6 @@ class Registry:
         close = close_ids(id, specs)
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
         return f"unknown env id {id!r}{hint} (`miles-envs list` shows all registered envs)"
-
-
-def _bare_name(env_id: str) -> str:
-    """``ns/Guess-Number-v0`` → ``guess-number``: what people misspell, without the shared parts."""
-    name = env_id.rsplit("/", 1)[-1]
-    stem, _, version = name.rpartition("-v")
-    return (stem if stem and version.isdigit() else name).lower()
-
-
-def close_ids(id: str, known: Iterable[str], limit: int = 3) -> list[str]:
-    """Ids that look like a misspelling of ``id``: only the best few, and none when nothing is close
-    (every id shares its namespace and ``-v0``, so whole-id similarity would list unrelated envs)."""
-    wanted = _bare_name(id)
-    scored = []
-    for candidate in known:
-        name = _bare_name(candidate)
-        score = difflib.SequenceMatcher(None, wanted, name).ratio()
-        if len(wanted) >= 3 and (wanted in name or name in wanted):
-            score = max(score, 0.8)
-        if candidate.lower() == id.lower():
-            score = 2.0
-        scored.append((score, candidate))
-    scored.sort(key=lambda pair: (-pair[0], pair[1]))
-    if not scored or scored[0][0] < 0.75:
-        return []
-    best = scored[0][0]
-    return [candidate for score, candidate in scored if score >= max(0.75, best - 0.1)][:limit]
 
 
 def store_for(scope: str) -> Store:

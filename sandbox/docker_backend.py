@@ -15,6 +15,7 @@ import struct
 from typing import Any, ClassVar
 
 from miles_envs.sandbox.base import Limits, SandboxError
+from miles_envs.sandbox.docker_client import docker_client
 from miles_envs.sandbox.reaper import (
     HOST_LABEL,
     RUN_LABEL,
@@ -30,22 +31,6 @@ DEFAULT_IMAGE = "miles-envs-sandbox:latest"
 BUILD_HINT = "build it with scripts/build_sandbox_image.sh (needs debootstrap and a running dockerd)"
 # docker multiplexes stdout and stderr on an attached socket: 1 byte stream, 3 pad, 4 size.
 MUX_HEADER = struct.Struct(">BxxxI")
-
-
-def docker_client(client: Any = None) -> Any:
-    """A connected docker.DockerClient, or SandboxError saying what is missing."""
-    if client is not None:
-        return client
-    try:
-        import docker
-    except ImportError as e:
-        raise SandboxError("the docker backend needs the docker SDK: pip install 'miles-envs[docker]'") from e
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as e:
-        raise SandboxError(f"no docker daemon answers ({e}); start dockerd or set DOCKER_HOST") from e
-    return client
 
 
 def docker_unavailable(image: str = DEFAULT_IMAGE) -> str | None:

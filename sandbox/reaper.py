@@ -310,7 +310,7 @@ def reap_once(backend: str, docker: Any = None) -> None:
 def main() -> None:
     docker = None
     try:
-        from miles_envs.sandbox.docker_backend import docker_client
+        from miles_envs.sandbox.docker_client import docker_client
 
         docker = docker_client()
     except Exception:

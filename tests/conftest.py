@@ -6,6 +6,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+GPU_TESTS = REPO / "tests" / "gpu"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """``pytest -m gpu`` collects tests/gpu alone (every GPU test lives there), so a GPU machine
+    needs only the project's own dependencies and those tests' to collect it."""
+    if config.getoption("markexpr") != "gpu":
+        return None
+    path = Path(collection_path).resolve()
+    related = path == GPU_TESTS or GPU_TESTS in path.parents or path in GPU_TESTS.parents
+    return None if related else True
 
 
 @pytest.fixture

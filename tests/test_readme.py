@@ -1,8 +1,13 @@
-"""The README's walkthrough runs as written."""
+"""The README's walkthrough runs as written, and its main job is the command whose results it reports."""
 
+import importlib.util
 import re
 import shlex
 
+import click
+import typer.main
+
+from miles_envs.cli.app import app
 from tests.conftest import REPO, run_cli
 
 
@@ -21,3 +26,30 @@ def test_write_your_own_env_walkthrough(tmp_path):
         run_cli(*args[1:], cwd=tmp_path, env=env)
     listed = run_cli("list", "--tag", "demo", cwd=tmp_path, env=env).stdout
     assert "demo/Countdown-v0" in listed
+
+
+def main_job():
+    """The README's set-up block: `cmd && cmd && ...` as lists of arguments."""
+    block = next(b for b in blocks("bash") if "miles-envs train" in b and "init-model" in b)
+    return [shlex.split(part) for part in block.replace("\\\n", " ").split("&&")]
+
+
+def test_the_main_job_is_the_benchmarked_one_and_parses():
+    loader = importlib.util.spec_from_file_location("demo_lift", REPO / "bench" / "demo_lift.py")
+    demo_lift = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(demo_lift)
+    commands = {args[1]: args for args in main_job() if args[0].endswith("miles-envs")}
+    assert list(commands) == ["init-model", "train", "plot"]
+    init, train, plot = commands["init-model"], commands["train"], commands["plot"]
+    assert train[2] == demo_lift.ENV_ID
+    model, out = train[train.index("--model") + 1], train[train.index("--out") + 1]
+    assert init[2] == model and plot[2:] == [out]
+    flags = train[3:]
+    for option in ("--model", "--out"):
+        i = flags.index(option)
+        del flags[i:i + 2]
+    assert tuple(flags) == demo_lift.MAIN_JOB_FLAGS  # the README shows the command whose results it reports
+    group = typer.main.get_command(app)
+    for args in (init, train, plot):  # every option exists and every value has its type
+        command = group.get_command(click.Context(group), args[1])
+        command.make_context(args[1], list(args[2:]))

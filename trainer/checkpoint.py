@@ -35,14 +35,10 @@ def save_checkpoint(trainer: Trainer, root: str | Path, *, keep: int = 2, run_st
     staging = root / f".staging_{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    trainer.model.save_pretrained(staging / "model", safe_serialization=True)
-    if trainer.mtp is not None:
-        from safetensors.torch import save_file
-
-        from miles_envs.models.mtp import mtp_checkpoint_tensors
-
-        tensors = mtp_checkpoint_tensors(trainer.mtp, trainer.base_model)
-        save_file(tensors, str(staging / "model" / "mtp.safetensors"), metadata={"format": "pt"})
+    if hasattr(trainer, "save_model_files"):  # a backend whose model is not a transformers model
+        trainer.save_model_files(staging / "model")
+    else:
+        _save_transformers_model(trainer, staging / "model")
     torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
     state = {"step": trainer.step, "config": trainer.config.to_dict(), "lora": is_peft_model(trainer.model)}
@@ -57,6 +53,17 @@ def save_checkpoint(trainer: Trainer, root: str | Path, *, keep: int = 2, run_st
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_transformers_model(trainer: Trainer, folder: Path) -> None:
+    trainer.model.save_pretrained(folder, safe_serialization=True)
+    if trainer.mtp is not None:
+        from safetensors.torch import save_file
+
+        from miles_envs.models.mtp import mtp_checkpoint_tensors
+
+        tensors = mtp_checkpoint_tensors(trainer.mtp, trainer.base_model)
+        save_file(tensors, str(folder / "mtp.safetensors"), metadata={"format": "pt"})
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -85,7 +92,19 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
     state = json.loads((path / "trainer_state.json").read_text())
     if state["lora"] != is_peft_model(trainer.model):
         raise ValueError(f"{path} was saved {'with' if state['lora'] else 'without'} LoRA; build the trainer the same way")
-    if state["lora"]:
+    if hasattr(trainer, "load_model_files"):
+        trainer.load_model_files(path / "model")
+    else:
+        _load_transformers_model(trainer, path, state["lora"])
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=trainer.device, weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    trainer.step = int(state["step"])
+
+
+def _load_transformers_model(trainer: Trainer, path: Path, lora: bool) -> None:
+    if lora:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -100,8 +119,3 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
         if not tensors:
             raise ValueError(f"{path} has no MTP layers but the trainer has; build the trainer the same way")
         load_mtp_tensors(trainer.mtp, trainer.base_model, tensors)
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=trainer.device))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    trainer.step = int(state["step"])

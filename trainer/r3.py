@@ -66,8 +66,8 @@ class RoutingRecord:
 
     def add(self, live: torch.Tensor, replayed: torch.Tensor, valid: torch.Tensor) -> None:
         differs = (live.sort(-1).values != replayed.sort(-1).values).any(-1) & valid
-        self.disagreements = self.disagreements + differs.sum().cpu()
-        self.pairs = self.pairs + valid.sum().cpu()
+        self.disagreements = self.disagreements + differs.sum()  # read once, in ``disagreement``: no host sync per layer
+        self.pairs = self.pairs + valid.sum()
 
     def merge(self, other: RoutingRecord) -> None:
         self.disagreements = self.disagreements + other.disagreements

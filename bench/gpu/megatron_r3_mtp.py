@@ -1,24 +1,36 @@
-"""GPU check of the megatron backend: a small bf16 MoE trained on embedded-engine rollouts, R3 + MTP-SFT on.
+"""The megatron backend on a GPU: step time, tokens/s and MFU before/after the profile-driven fixes,
+R3 overhead with a confidence interval, rollout/trainer mismatch, MTP-SFT on fresh rollouts.
 
-A random-init Qwen3-MoE with one MTP layer (sharpened like ``bench/r3_mismatch.py`` so routing
-flips move logprobs) rolls out in the embedded engine (bf16, routing traces on). The megatron
-trainer (bf16 via Float16Module, DDP + distributed optimizer, RouterReplay, MTP) then
+Model: a random-init stand-in of the trained small MoE's shape (``pretrain_moe.py``'s ``medium``:
+Qwen3-MoE, 8 layers, hidden 512, 32 experts top-4, expert FFN 256, the Qwen3 vocabulary, tied
+head, one MTP layer), sharpened like ``bench/r3_mismatch.py`` so routing flips move logprobs. The
+embedded engine (bf16, routing traces on) rolls out every batch in one pass; each training step
+then takes a batch no step has seen (fresh rollouts, sampled by the initial policy, so a step never
+trains on data it already fitted). The trainer is the megatron backend in bf16 (Float16Module,
+megatron DDP + optimizer), R3 and MTP-SFT on. Phases, each written to the JSON as it ends:
 
-1. measures the rollout/trainer mismatch of one no-grad forward with and without replay;
-2. trains ``--steps`` steps, alternating R3 on (routing traces fed) and off (no traces): step
-   time, tokens/s, MFU and the R3 overhead as the on/off ratio of the median step times;
-3. records the MTP loss of every step (trend of MTP-SFT on the fresh rollouts).
+1. ``mismatch``: one no-grad forward of the first batch with and without replay (k3-KL etc.).
+2. ``mfu``: the same fresh batches through a trainer with megatron's dense masked attention
+   (before) and one with per-sequence attention (after), alternating steps; a profiled step of each.
+3. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
+   order (on-off, off-on, ...), each on a fresh batch; the ratio's mean with a bootstrap 95% CI.
+4. ``mtp``: the MTP loss of every step of the per-sequence trainer, in order.
+
+MFU = FLOPs per step / step time / the card's dense bf16 peak (``H200_SXM_BF16_DENSE_PEAK``, the
+datasheet figure; the bf16 matmul peak measured on the card is reported beside it). FLOPs per step = 6 x active
+parameters x tokens (experts weighted top-k/E, the tied vocabulary head counted once per use:
+main head and MTP head; the embedding lookup not counted) + causal attention 12 x heads x head_dim
+x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
 
     python bench/gpu/megatron_r3_mtp.py --out bench/results/megatron_r3_mtp.json
-
-Needs a CUDA device, megatron-core and the transformers version the embedded engine is written
-for (>= 5.24: older ones lack the MTP weight-conversion API it loads with).
+    python bench/gpu/megatron_r3_mtp.py --tiny --device cpu --out /tmp/megatron_r3_mtp.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -27,59 +39,67 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 from r3_mismatch import PROMPTS, measure, rollout, sharpened_model  # noqa: E402
 
-from miles_envs.agents.embedded import EmbeddedEngine  # noqa: E402
 from miles_envs.trainer import TrainerConfig  # noqa: E402
-from miles_envs.trainer.megatron.backend import MegatronTrainer  # noqa: E402
-from miles_envs.trainer.megatron.model import MegatronSettings  # noqa: E402
-from miles_envs.trainer.megatron.parallel import init_parallel  # noqa: E402
 
-H100_BF16_PEAK = 989e12  # dense bf16 TFLOP/s of an H100 SXM (datasheet)
+H200_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H200 SXM datasheet, dense (no sparsity)
+H100_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet, dense
+PEAKS = {"H200": H200_SXM_BF16_DENSE_PEAK, "H100": H100_SXM_BF16_DENSE_PEAK}
+SHAPES = {  # pretrain_moe.py's medium, and a CPU-sized one for trying the script
+    "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                   num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=1024),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128),
+}
+
+
+class Report(dict):
+    """The results file, rewritten after every phase so a run cut short still leaves its figures."""
+
+    def __init__(self, path: Path, **fields) -> None:
+        super().__init__(**fields)
+        self.path = path
+
+    def phase(self, name: str, value) -> None:
+        self[name] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self, indent=2))
+        print(f"[{name}] {json.dumps(value)[:600]}", flush=True)
 
 
 def write_checkpoint(folder: Path, args):
-    """A random-init Qwen3-MoE of the requested shape with the qwen3 tokenizer, plus one MTP layer.
-
-    The folder holds the main model only (what the engine rolls out with); the MTP stack stays in
-    memory and goes to the trainer with the main weights as ``(hf_config, hf_weights)``.
-    """
+    """The random-init stand-in (main model in ``folder`` for the engine) and its HF weights + MTP."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from miles_envs.models.factory import init_model
     from miles_envs.models.mtp import build_mtp
     from miles_envs.trainer.megatron.backend import hf_state_of
 
-    init_model(folder, arch="qwen3-moe", size="small", seed=args.seed)
+    init_model(folder, arch="qwen3-moe", size="tiny", seed=args.seed)
     config = AutoConfig.from_pretrained(folder)
-    for key, value in dict(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 256),
-        head_dim=64,
-        num_experts=args.experts,
-        num_experts_per_tok=args.topk,
-        moe_intermediate_size=args.moe_ffn,
-        intermediate_size=4 * args.hidden,
-    ).items():
+    for key, value in SHAPES[args.shape].items():
         setattr(config, key, value)
+    config.tie_word_embeddings = True
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for file in folder.glob("*.safetensors"):
         file.unlink()
     model.save_pretrained(folder)
     sharpened_model(folder, args.expert_scale, args.head_scale)
-    _no_stop_token(folder, config.vocab_size - 1)
+    stop_on_last_token(folder, config.vocab_size - 1)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     mtp = build_mtp(model, 1)  # sets num_nextn_predict_layers on the config the trainer builds from
     return model.config, hf_state_of(model, mtp)
 
 
-def _no_stop_token(folder: Path, stop_id: int) -> None:
+def stop_on_last_token(folder: Path, stop_id: int) -> None:
     """A random model emits its end-of-turn token within a few steps; stop on the last vocabulary id
     instead (1 in ~150k draws), so responses run to ``--max-new-tokens`` and steps have real length."""
     for name in ("config.json", "generation_config.json"):
@@ -88,123 +108,253 @@ def _no_stop_token(folder: Path, stop_id: int) -> None:
         (folder / name).write_text(json.dumps(data, indent=2))
 
 
-def active_flops_per_token(trainer: MegatronTrainer) -> tuple[float, int, int]:
-    """6 x active parameters (experts counted top-k/E; the tied head's matmul counted once)."""
+def fresh_batches(folder: Path, args, count: int) -> tuple[list[list], float]:
+    """``count`` batches of ``--samples`` trajectories from one rollout pass; reward = share of even
+    token ids (spread inside every group)."""
+    from miles_envs.agents.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine.from_path(folder, device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
+                                      max_running=args.max_running)
+    chat = [engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
+            for i in range(len(PROMPTS))]
+    chat = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in chat]
+    prompts = [chat[i % len(chat)] for i in range(count * args.samples)]
+
+    async def run():
+        try:
+            return await rollout(engine, prompts, args.max_new_tokens, args.seed)
+        finally:
+            await engine.close()
+
+    start = time.perf_counter()
+    trajectories = asyncio.run(run())
+    seconds = time.perf_counter() - start
+    del engine
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    trajectories = [dataclasses.replace(t, reward=sum(1 for x in t.response_ids if x % 2 == 0) / max(1, len(t.response_ids)))
+                    for t in trajectories]
+    return [trajectories[i * args.samples:(i + 1) * args.samples] for i in range(count)], seconds
+
+
+def without_traces(batch: list) -> list:
+    return [dataclasses.replace(t, routed_experts=None) for t in batch]
+
+
+def step_flops(trainer, batch: list) -> float:
+    """FLOPs of one training step (forward + backward) on ``batch`` (formula in the module docstring)."""
     cfg = trainer.gpt.config
-    total = expert = 0
+    dense = expert = 0
     for name, p in trainer.gpt.named_parameters():
-        if name == "embedding.word_embeddings.weight":
-            continue  # a lookup; its matmul as the tied output layer is counted below
-        total += p.numel()
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            continue  # the head's matmuls are counted below, once per use
         if ".experts." in name:
             expert += p.numel()
-    head = trainer.hf_config.vocab_size * cfg.hidden_size * (1 + (cfg.mtp_num_layers or 0))
-    active = total - expert + expert * cfg.moe_router_topk / cfg.num_moe_experts + head
-    return 6.0 * active, total + trainer.hf_config.vocab_size * cfg.hidden_size, int(active)
+        else:
+            dense += p.numel()
+    depth = cfg.mtp_num_layers or 0
+    active = dense + expert * cfg.moe_router_topk / cfg.num_moe_experts + trainer.hf_config.vocab_size * cfg.hidden_size * (1 + depth)
+    lengths = [len(t.tokens) - 1 for t in batch]
+    causal_pairs = sum(n * (n + 1) / 2 for n in lengths)
+    attention = 12 * cfg.num_attention_heads * cfg.kv_channels * causal_pairs * (cfg.num_layers + depth)
+    return 6.0 * active * sum(lengths) + attention
 
 
-def timed_step(trainer: MegatronTrainer, trajectories) -> tuple[float, dict]:
-    torch.cuda.synchronize()
+def measured_matmul_peak(device: str) -> float | None:
+    """bf16 8192^3 matmul throughput on this card (FLOP/s), median of 10."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for _ in range(13):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * 8192**3 / statistics.median(times[3:])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_step(trainer, batch: list, device: str) -> tuple[float, dict]:
+    sync(device)
     start = time.perf_counter()
-    metrics = trainer.train_step(trajectories)
-    torch.cuda.synchronize()
+    metrics = trainer.train_step(batch)
+    sync(device)
     return time.perf_counter() - start, metrics
+
+
+def profiled_step(trainer, batch: list, device: str) -> dict:
+    """One step under torch.profiler: GPU busy share, host syncs, the ops that take the GPU's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        trainer.train_step(batch)
+        sync(device)
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+
+    def device_us(event) -> float:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    busy_us = sum(device_us(e) for e in averages)
+    top = sorted(averages, key=device_us if device == "cuda" else (lambda e: e.self_cpu_time_total), reverse=True)[:12]
+    syncs = sum(e.count for e in averages if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    return {
+        "wall_seconds": wall,
+        "gpu_busy_share": busy_us / 1e6 / wall if device == "cuda" else None,
+        "host_syncs": syncs,
+        "top_ops": [{"op": e.key, "calls": e.count, "self_device_ms": device_us(e) / 1e3, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                    for e in top],
+    }
+
+
+def ratio_ci(ratios: list[float], seed: int = 0) -> dict:
+    """Mean of per-pair ratios with a bootstrap 95% interval (10,000 resamples)."""
+    values = np.array(ratios)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (10_000, len(values)))].mean(1)
+    return {"mean": float(values.mean()), "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+            "pairs": len(values)}
+
+
+def make_trainer(hf_config, hf_weights, args, attention: str):
+    from miles_envs.trainer.megatron.backend import MegatronTrainer
+    from miles_envs.trainer.megatron.model import MegatronSettings
+
+    cuda = args.device == "cuda"
+    settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, attention=attention,
+                                token_dispatcher="alltoall" if cuda else "allgather", use_cpu_initialization=not cuda)
+    config = TrainerConfig(r3=True, mtp_sft=True, dtype="bfloat16" if cuda else "float32", device=args.device, lr=args.lr,
+                           max_row_tokens=args.row_tokens, rows_per_micro_batch=args.rows_per_micro_batch)
+    return MegatronTrainer(hf_config, hf_weights, config, settings)
+
+
+@contextlib.contextmanager
+def megatron_here(device: str):
+    """GPU: nothing (the trainer sets up its parallel state). CPU: the test shim's gloo group."""
+    if device == "cuda":
+        yield
+        return
+    from tests.trainer.megatron.shim import cpu_megatron, cpu_optimizer
+
+    with cpu_megatron(), cpu_optimizer():
+        yield
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--topk", type=int, default=2)
-    parser.add_argument("--moe-ffn", type=int, default=2048)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps (half with R3, half without)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized model and batches, to try the script")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--samples", type=int, default=64, help="trajectories per step")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per attention path")
+    parser.add_argument("--pairs", type=int, default=16, help="R3 on/off pairs")
+    parser.add_argument("--row-tokens", type=int, default=8192)
+    parser.add_argument("--rows-per-micro-batch", type=int, default=2)
+    parser.add_argument("--max-running", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--expert-scale", type=float, default=10.0)
     parser.add_argument("--head-scale", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "megatron_r3_mtp.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "megatron_r3_mtp.json"))
     args = parser.parse_args()
+    args.shape = "tiny" if args.tiny else "medium"
+    if args.tiny:
+        args.samples, args.max_new_tokens, args.row_tokens = min(args.samples, 8), min(args.max_new_tokens, 12), min(args.row_tokens, 512)
 
-    settings = MegatronSettings(bf16=True, routing_replay=True, mtp_loss_scale=0.2)
-    init_parallel(settings, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
+    import megatron.core
+    import transformers
+
+    cuda = args.device == "cuda"
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((value for name, value in PEAKS.items() if name in card), None)
+    report = Report(Path(args.out), card=card, torch=torch.__version__, megatron_core=megatron.core.__version__,
+                    transformers=transformers.__version__, shape=args.shape, model={"arch": "qwen3-moe + 1 MTP layer",
+                    **SHAPES[args.shape], "vocab": None, "init": "random, sharpened (stand-in for the trained model's shape)"},
+                    peak_bf16_dense_flops=peak, peak_source="datasheet constant for the card named above",
+                    mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "))
+    report.phase("measured_matmul_peak_flops", measured_matmul_peak(args.device))
+    batches_needed = 1 + 2 * (1 + args.mfu_steps) + 2 + 2 * (1 + args.pairs)  # mismatch, mfu, profile, r3 pairs
+    with tempfile.TemporaryDirectory() as tmp, megatron_here(args.device):
         folder = Path(tmp) / "model"
         hf_config, hf_weights = write_checkpoint(folder, args)
-        engine = EmbeddedEngine.from_path(folder, device="cuda", dtype=torch.bfloat16)
-        prompts = [
-            engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
-            for i in range(args.samples)
-        ]
-        prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+        report["model"]["vocab"] = hf_config.vocab_size
+        batches, rollout_s = fresh_batches(folder, args, batches_needed)
+        report.phase("rollout", {"batches": len(batches), "samples_per_batch": args.samples, "max_new_tokens": args.max_new_tokens,
+                                 "seconds": rollout_s, "engine": f"embedded, {'bf16' if cuda else 'fp32'}, one pass for all steps",
+                                 "tokens_per_step_mean": statistics.mean(sum(len(t.tokens) - 1 for t in b) for b in batches)})
+        fresh = iter(batches)
 
-        async def run():
-            try:
-                start = time.perf_counter()
-                out = await rollout(engine, prompts, args.max_new_tokens, args.seed)
-                return out, time.perf_counter() - start
-            finally:
-                await engine.close()
+        after = make_trainer(hf_config, hf_weights, args, "packed")
+        first = next(fresh)
+        report.phase("mismatch", {"without_r3": measure(after, first, replay=False), "with_r3": measure(after, first, replay=True)})
 
-        trajectories, rollout_s = asyncio.run(run())
-        del engine
-        torch.cuda.empty_cache()
-        # an outcome reward with spread inside each group: the share of even token ids
-        trajectories = [
-            dataclasses.replace(t, reward=sum(1 for x in t.response_ids if x % 2 == 0) / max(1, len(t.response_ids)))
-            for t in trajectories
-        ]
-        no_trace = [dataclasses.replace(t, routed_experts=None) for t in trajectories]
-        config = TrainerConfig(r3=True, mtp_sft=True, dtype="bfloat16", device="cuda", lr=args.lr, max_row_tokens=8192, rows_per_micro_batch=1)
-        trainer = MegatronTrainer(hf_config, hf_weights, config, settings)
+        before = make_trainer(hf_config, hf_weights, args, "dense")
         del hf_weights
+        mfu, mtp_loss = {"dense": [], "packed": []}, []
+        for name, trainer in (("dense", before), ("packed", after)):
+            timed_step(trainer, next(fresh), args.device)  # warm-up
+        for _ in range(args.mfu_steps):
+            for name, trainer in (("dense", before), ("packed", after)):
+                batch = next(fresh)
+                seconds, metrics = timed_step(trainer, batch, args.device)
+                mfu[name].append({"seconds": seconds, "tokens": sum(len(t.tokens) - 1 for t in batch), "flops": step_flops(trainer, batch)})
+                if name == "packed":
+                    mtp_loss.append(metrics.get("mtp/loss"))
+        summary = {}
+        for name, steps in mfu.items():
+            seconds = sum(s["seconds"] for s in steps)
+            flops_per_s = sum(s["flops"] for s in steps) / seconds
+            summary[name] = {"step_seconds_median": statistics.median(s["seconds"] for s in steps),
+                             "tokens_per_second": sum(s["tokens"] for s in steps) / seconds, "tflops_per_second": flops_per_s / 1e12,
+                             "mfu_vs_datasheet": flops_per_s / peak if peak else None,
+                             "mfu_vs_measured_matmul": flops_per_s / report["measured_matmul_peak_flops"] if cuda else None,
+                             "steps": steps}
+        summary["attention"] = {"dense": "before: megatron's masked attention, block-diagonal causal mask over each packed row",
+                                "packed": "after: causal SDPA per sequence (padded [sequences, L_max] batch)"}
+        report.phase("mfu", summary)
+        report.phase("profile", {"dense": profiled_step(before, next(fresh), args.device),
+                                 "packed": profiled_step(after, next(fresh), args.device)})
+        del before
+        if cuda:
+            torch.cuda.empty_cache()
 
-    mismatch = {"without_r3": measure(trainer, trajectories, replay=False), "with_r3": measure(trainer, trajectories, replay=True)}
-    flops_per_token, params, active = active_flops_per_token(trainer)
-    tokens = sum(len(t.tokens) - 1 for t in trajectories)
-    timed_step(trainer, trajectories)  # warm-up, R3 on
-    timed_step(trainer, no_trace)  # warm-up, R3 off
-    on, off, mtp_loss, history = [], [], [], []
-    for step in range(args.steps):
-        replay = step % 2 == 0
-        seconds, metrics = timed_step(trainer, trajectories if replay else no_trace)
-        (on if replay else off).append(seconds)
-        mtp_loss.append(metrics.get("mtp/loss"))
-        history.append({"r3": replay, "seconds": seconds, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
-        print(f"step {step} r3={replay} {seconds * 1e3:.1f} ms mtp/loss={metrics.get('mtp/loss'):.4f} pg_loss={metrics.get('pg_loss'):.4f}")
-    t_on, t_off = statistics.median(on), statistics.median(off)
-    import megatron.core
-
-    report = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "megatron_core": getattr(megatron.core, "__version__", "?"),
-        "model": {
-            "arch": "qwen3-moe + 1 MTP layer (random init, sharpened)",
-            "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "topk": args.topk,
-            "moe_ffn": args.moe_ffn, "params": params, "active_params_per_token": active,
-        },
-        "precision": "bf16 (Float16Module), distributed optimizer, local spec (no transformer-engine)",
-        "rollout": {"samples": len(trajectories), "max_new_tokens": args.max_new_tokens, "seconds": rollout_s,
-                    "engine": "embedded, bf16"},
-        "response_tokens_mean": sum(len(t.response_ids) for t in trajectories) / len(trajectories),
-        "tokens_per_step": tokens,
-        "step_seconds_r3_on_median": t_on,
-        "step_seconds_r3_off_median": t_off,
-        "r3_overhead_ratio": t_on / t_off,
-        "tokens_per_second_r3_on": tokens / t_on,
-        "mfu_r3_on": flops_per_token * tokens / t_on / H100_BF16_PEAK,
-        "mfu_note": "6 x active params x tokens per step (attention score FLOPs excluded) / 989 TFLOP/s",
-        "mismatch": mismatch,
-        "k3_kl_reduction": mismatch["without_r3"]["k3_kl"] / max(mismatch["with_r3"]["k3_kl"], 1e-30),
-        "mtp_loss_per_step": mtp_loss,
-        "steps": history,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2))
+        on, off, ratios = [], [], []
+        for pair in range(-1, args.pairs):  # pair -1 warms both paths up
+            order = (True, False) if pair % 2 == 0 else (False, True)
+            times = {}
+            for replay in order:
+                batch = next(fresh)
+                seconds, metrics = timed_step(after, batch if replay else without_traces(batch), args.device)
+                times[replay] = seconds
+                if pair >= 0:
+                    mtp_loss.append(metrics.get("mtp/loss"))
+            if pair >= 0:
+                on.append(times[True])
+                off.append(times[False])
+                ratios.append(times[True] / times[False])
+        report.phase("r3_overhead", {"ratio_on_over_off": ratio_ci(ratios, args.seed), "seconds_on": on, "seconds_off": off,
+                                     "order": "alternating on-off / off-on, a fresh batch every step"})
+        report.phase("mtp", {"loss_per_step": mtp_loss, "note": "per-sequence trainer, every step on a batch it had not seen"})
+        packed, mismatch = report["mfu"]["packed"], report["mismatch"]
+        report.phase("summary", {  # the headline figures under the keys the README's results table reads
+            "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
+            "step_seconds_r3_on_median": statistics.median(on), "tokens_per_second_r3_on": packed["tokens_per_second"],
+            "mfu_r3_on": packed["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
+            "r3_overhead_ratio": report["r3_overhead"]["ratio_on_over_off"]["mean"],
+            "k3_kl_reduction": mismatch["without_r3"]["k3_kl"] / max(mismatch["with_r3"]["k3_kl"], 1e-30),
+        })
+        report.update(report.pop("summary"))
+        report.path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ async def _arm(folder: Path, seed: int, with_sft: bool, args) -> dict:
     from miles_envs.loop import LoopConfig, rollout
     from miles_envs.models.factory import save_folder
     from miles_envs.trainer import Trainer, TrainerConfig
-    from miles_envs.trainer.loop import rollout_metrics
+    from miles_envs.pipeline.records import rollout_metrics
 
     label = f"{'with' if with_sft else 'without'}_mtp_sft seed {seed}"
     config = TrainerConfig(algo="grpo", lr=args.rl_lr, r3=True, mtp_sft=with_sft, mtp_lr=args.mtp_lr if with_sft else None,

@@ -139,8 +139,9 @@ async def _seed_run(folder: Path, seed: int, args) -> dict:
 
     from miles_envs.agents.embedded import EmbeddedEngine
     from miles_envs.trainer import Trainer, TrainerConfig
-    from miles_envs.trainer.loop import rollout_metrics
-    from miles_envs.trainer.sft import collect_demonstrations, warm_start
+    from miles_envs.pipeline.demonstrations import collect_demonstrations
+    from miles_envs.pipeline.records import rollout_metrics
+    from miles_envs.trainer.sft import warm_start
 
     torch.manual_seed(seed)
     config = TrainerConfig(algo="grpo", lr=args.tool_lr, r3=True, mtp_sft=True, mtp_lr=args.mtp_lr, device=args.device,

@@ -45,6 +45,7 @@ from typing import Any
 
 import orjson
 
+from miles_envs.chat.backend import TokenizerCalls
 from miles_envs.chat.delta_cache import DeltaCache
 from miles_envs.chat.segment_encoder import SegmentEncoder
 from miles_envs.chat.skeleton import Skeletons
@@ -110,7 +111,8 @@ class ChatRenderer:
         # id(assistant message) -> the turn; the entry's reference keeps the id from being reused
         self._seen: OrderedDict[int, _SeenTurn] = OrderedDict()
         self.template = ChatTemplate(tokenizer, chat_template_kwargs)
-        self.segments = SegmentEncoder(tokenizer)
+        self.calls = TokenizerCalls(tokenizer)
+        self.segments = SegmentEncoder(tokenizer, tokenizer_calls=self.calls)
         self.skeletons = Skeletons(lambda messages, tools: self.template.render(messages, tools, add_generation_prompt=True))
         self.turn_end_id = self._find_turn_end_id()
         self.stop_token_ids = self._collect_stop_ids()
@@ -260,7 +262,7 @@ class ChatRenderer:
         return text
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.calls.decode(ids)
 
     def encode(self, text: str) -> list[int]:
         """Rendered chat text → ids; the template writes its own BOS, so none is added."""

@@ -2,12 +2,13 @@
 
 Every episode of an env renders the same system prompt and tool schemas, and tokenising that text
 costs more than the rest of a turn (≈0.3 µs per character with a 150k vocabulary). Tokenizers cut
-text at special tokens before any normalisation or BPE, so text split just before each special token
-tokenises to the same ids piece by piece as in one go. ``SegmentEncoder`` splits there, keeps the
-ids of recent segments, and tokenises only the pieces it has not seen.
+text at added tokens (special ones, and markup such as Qwen's ``<tool_response>``) before any
+normalisation or BPE, so text split just before each added token tokenises to the same ids piece by
+piece as in one go. ``SegmentEncoder`` splits there, keeps the ids of recent segments, and
+tokenises only the pieces it has not seen: a tool result costs only its own characters.
 
-Only special tokens that cannot absorb the whitespace before them (``lstrip``) and are matched
-before normalisation are used as cut points. As with the delta cache, the first and every ``verify_every``-th
+Only added tokens that cannot absorb the whitespace before them (``lstrip``), match regardless of
+their neighbours (not ``single_word``) and are matched before normalisation are used as cut points. As with the delta cache, the first and every ``verify_every``-th
 call is also tokenised whole and compared; one mismatch turns the reuse off for good, with a warning.
 """
 
@@ -18,10 +19,13 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
+from miles_envs.chat.backend import TokenizerCalls
+
 
 class SegmentEncoder:
-    def __init__(self, tokenizer: Any, size: int = 8192, verify_every: int = 256) -> None:
+    def __init__(self, tokenizer: Any, size: int = 8192, verify_every: int = 256, tokenizer_calls: TokenizerCalls | None = None) -> None:
         self.tokenizer = tokenizer
+        self.tokenizer_calls = tokenizer_calls or TokenizerCalls(tokenizer)
         self.size, self.verify_every = size, verify_every
         self.calls = 0
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
@@ -37,12 +41,14 @@ class SegmentEncoder:
             if segment:
                 ids += self._segment_ids(segment)
         self.calls += 1
-        if (self.calls == 1 or self.calls % self.verify_every == 0) and ids != self._encode(text):
-            self.enabled = False
-            self._ids.clear()
-            warnings.warn("this tokenizer does not tokenise chat text the same piece by piece; segment reuse turned off "
-                          "(tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=2)
-            return self._encode(text)
+        if self.calls == 1 or self.calls % self.verify_every == 0:
+            whole = self.tokenizer_calls.reference_encode(text)
+            if ids != whole:
+                self.enabled = False
+                self._ids.clear()
+                warnings.warn("this tokenizer does not tokenise chat text the same piece by piece; segment reuse turned off "
+                              "(tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=2)
+                return whole
         return ids
 
     def _segment_ids(self, segment: str) -> list[int]:
@@ -54,10 +60,11 @@ class SegmentEncoder:
         return ids
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer_calls.encode(text)
 
 
 def _cut_tokens(tokenizer: Any) -> list[str]:
-    """Special tokens that are safe places to cut the text before."""
+    """Added tokens that are safe places to cut the text before."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return [t.content for t in added.values() if t.special and not t.lstrip and not getattr(t, "normalized", False)]
+    return [t.content for t in added.values()
+            if not t.lstrip and not getattr(t, "single_word", False) and not getattr(t, "normalized", False)]

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from miles_envs.benchrun import BENCH_DIR, Measure, Outcome
+from miles_envs import benchrun
+from miles_envs.benchrun import Measure, NotACheckout, Outcome
 from miles_envs.cli.common import check_output_file, check_output_folder, console, fail, status
 
 MET = {True: "met", False: "missed", None: ""}
@@ -98,14 +99,15 @@ def bench(
     timeout: Annotated[float, typer.Option(min=1, help="Seconds one script may run.")] = 3600,
 ) -> None:
     """Run the benchmark scripts one after another and print one table: each measure, its target
-    from the issues, and whether it is met."""
+    from the issues, and whether it is met (a source-checkout tool: the scripts live in its bench/)."""
     from miles_envs.benchrun import machine_summary, run_benches, select, stored_outcomes
 
     try:
+        bench_dir = benchrun.checkout_bench_dir()
         chosen = select(only or [])
-    except ValueError as error:
+    except (NotACheckout, ValueError) as error:
         fail(str(error))
-    default_results = Path(tempfile.gettempdir()) / "miles-envs-bench-quick" if quick else BENCH_DIR / "results"
+    default_results = Path(tempfile.gettempdir()) / "miles-envs-bench-quick" if quick else bench_dir / "results"
     results_dir = (results or default_results).resolve()
     if markdown_out is not None:
         check_output_file(markdown_out, "--markdown")

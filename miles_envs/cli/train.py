@@ -1,9 +1,11 @@
-"""``miles-envs train``: RL on a registered env (rollout -> train -> weight sync), with progress bars
-on a terminal and a periodic plain line otherwise (log files, CI, cluster jobs)."""
+"""``miles-envs train``: RL on a registered env. The options become ``TrainSettings`` that
+``miles_envs.pipeline.run_training`` runs (rollout -> train -> weight sync); this module adds the
+progress bars on a terminal and a periodic plain line otherwise (log files, CI, cluster jobs)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from pathlib import Path
@@ -127,7 +129,8 @@ def register(app: typer.Typer) -> None:
                                              help="seconds between plain progress lines when stderr is not a terminal"),
     ) -> None:
         """Train a policy on an env with RL; a rerun with the same --out resumes from its checkpoint."""
-        from miles_envs.cli.train_run import BackendUnavailable, TrainSettings, run_training
+        from miles_envs.cli.wiring import build_renderer
+        from miles_envs.pipeline import BackendUnavailable, TrainSettings, run_training
         from miles_envs.registry import RegistryError
 
         settings = TrainSettings(
@@ -139,15 +142,16 @@ def register(app: typer.Typer) -> None:
             on_stale=on_stale, oversample=oversample, max_buffer_tokens=buffer_tokens, staleness_decay=staleness_decay,
             keep_checkpoints=keep_checkpoints, keep_serving=keep_serving,
         )
+        make_renderer = functools.partial(build_renderer, f"embedded:{model}", None)  # the model's own tokenizer
         quiet_library_progress()
         try:
             if err.is_terminal:
                 columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                            TextColumn("{task.fields[info]}"))
                 with Progress(*columns, console=err) as progress:
-                    summary = asyncio.run(run_training(settings, ProgressReporter(progress, sft_warmup, steps)))
+                    summary = asyncio.run(run_training(settings, ProgressReporter(progress, sft_warmup, steps), make_renderer))
             else:
-                summary = asyncio.run(run_training(settings, PlainReporter(sft_warmup, steps, progress_every)))
+                summary = asyncio.run(run_training(settings, PlainReporter(sft_warmup, steps, progress_every), make_renderer))
         except (RegistryError, BackendUnavailable, ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
             fail(str(exc))
         if summary.get("already_complete"):

@@ -16,6 +16,7 @@ import numpy as np
 
 from miles_envs.loop import LoopConfig, episode_key, rollout
 from miles_envs.trajectory import Trajectory
+from miles_envs.weight_sync import WeightSource
 
 
 class RolloutWorker:
@@ -35,7 +36,7 @@ class RolloutWorker:
         )
         return [t async for t in stream]
 
-    async def update_weights(self, weights: Any, version: str | None = None) -> None:
+    async def update_weights(self, weights: WeightSource, version: str | None = None) -> None:
         await self.engine.update_weights(weights, version=version)
 
 

@@ -11,10 +11,10 @@ BUILTIN_SPECS: list[dict] = [
     {
         "id": "miles/GuessNumber7-v0",
         "entry_point": "miles_envs.envs.guess_number:GuessNumberEnv",
-        "kwargs": {"low": 1, "high": 7, "max_guesses": 3, "demo_strategy": "scan", "list_left": True},
+        "kwargs": {"low": 1, "high": 7, "max_guesses": 3, "demo_strategy": "mid_then_scan", "list_left": True},
         "max_turns": 3,
         "description": "GuessNumber on 1..7 in 3 guesses, feedback lists the numbers left; demonstrations "
-        "guess one at random, bisection always wins.",
+        "open in the middle then scan up (5 wins in 7), bisection always wins.",
         "tags": ["game", "multi-turn"],
     },
     {

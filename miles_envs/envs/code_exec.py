@@ -22,7 +22,8 @@ from importlib import resources
 from typing import Any
 
 from miles_envs.env import Env, Message, ResetResult, StepResult, system, user
-from miles_envs.sandbox import ExecResult, Limits, Sandbox, SandboxPool, make_sandbox
+from miles_envs.envs.exec_feedback import format_exec_result  # noqa: F401  (also part of this module's API)
+from miles_envs.sandbox import Limits, Sandbox, SandboxPool, make_sandbox
 from miles_envs.sandbox.budget import SandboxBudget
 
 PYTHON_TOOL: dict[str, Any] = {
@@ -90,26 +91,6 @@ def load_problems() -> list[Problem]:
     return [Problem(r["id"], r["prompt"], r["entry_point"], tuple(r["tests"])) for r in rows]
 
 
-def format_exec_result(result: ExecResult) -> str:
-    """What the model sees after running code: output first, then what went wrong, if anything."""
-    parts = [result.stdout]
-    if result.stderr:
-        parts.append(result.stderr if not result.stdout else f"[stderr]\n{result.stderr}")
-    notes = {
-        "sandbox_error": f"[sandbox error: {result.error}]",
-        "timeout": "[timed out: the run was killed]",
-        "oom": "[memory limit reached: the run was killed]",
-        "killed": f"[killed by signal {-result.exit_code}]",
-        "error": f"[exit code {result.exit_code}]",
-    }
-    if result.status in notes:
-        parts.append(notes[result.status])
-    if result.output_truncated:
-        parts.append("[output truncated]")
-    text = "\n".join(part.rstrip("\n") for part in parts if part)
-    return text or "(no output)"
-
-
 async def run_python(code: str, sandbox: Sandbox | SandboxPool) -> str:
     """The ``python`` tool: run ``code`` in a sandbox (or a pooled one) and describe the outcome."""
     return format_exec_result(await sandbox.run(code, language="python"))
@@ -158,7 +139,7 @@ class CodeExecEnv(Env):
         self.meter = self.budget.meter()
         self.repo = None
         if family == "repo":
-            from miles_envs.envs.code_exec_repo import RepoFamily  # it builds on this module
+            from miles_envs.envs.code_exec_repo import RepoFamily  # lazy: only the repo family needs it
 
             self.repo = RepoFamily()
         self.timeout = timeout

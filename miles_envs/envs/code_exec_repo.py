@@ -24,7 +24,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from miles_envs.envs.code_exec import format_exec_result
+from miles_envs.envs.exec_feedback import format_exec_result
 from miles_envs.env import Message, ResetResult, StepResult, system, user
 from miles_envs.sandbox import ExecResult, Limits
 from miles_envs.sandbox.budget import BudgetMeter

@@ -1,16 +1,24 @@
 """Wire-format parsing: every spelling of the speculative counters and every broken invariant."""
 
 import base64
+import json
 
 import numpy as np
+import orjson
 import pytest
 
 from miles_envs.agents.sglang_wire import (
     ProtocolError,
     decode_routed_experts,
+    encode_generate_request,
+    generate_request,
+    ids_json,
+    load_generate_body,
     parse_generate_response,
     spec_stats_from_meta,
 )
+from miles_envs.engine import SamplingParams
+from miles_envs.token_ids import TokenIds
 
 
 def body(**meta):
@@ -86,3 +94,102 @@ def test_routing_must_be_present_and_sized_when_requested():
         parse(body(routed_experts=encoded), start=0)
     with pytest.raises(ProtocolError, match="base64"):
         decode_routed_experts("***", 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- raw bodies and request chunks
+
+
+ROWS = np.arange(2 * 3 * 2, dtype=np.int32).reshape(2, 3, 2)
+
+
+def routed_body(**extra):
+    return body(routed_experts=base64.b64encode(ROWS.tobytes()).decode(), **extra)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        orjson.dumps(routed_body()),
+        json.dumps(routed_body()).encode(),  # ": " separators, as Python's json writes them
+        json.dumps(routed_body(), indent=2).encode(),
+        orjson.dumps({"note": {"routed_experts": "AAAA"}, **routed_body()}),  # the key twice: the cut must find the right one
+        orjson.dumps({"text": '"routed_experts":"x', **routed_body()}),  # the key's text inside a string
+    ],
+)
+def test_routing_cut_from_the_raw_body_parses_like_the_whole_body(raw):
+    fast = parse(load_generate_body(raw), start=2, shape=(3, 2))  # rows: 3 prompt + 2 output - 1 - 2
+    whole = parse(orjson.loads(raw), start=2, shape=(3, 2))
+    assert fast.output_ids == whole.output_ids == [1, 2]
+    np.testing.assert_array_equal(fast.routed_experts, ROWS)
+    np.testing.assert_array_equal(whole.routed_experts, ROWS)
+    assert fast.routed_experts.flags.writeable
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{"routed_experts": None}, {"routed_experts": "AAAA\\/AAA"}, {}],
+)
+def test_bodies_the_cut_cannot_take_are_parsed_whole(meta):
+    raw = orjson.dumps(body(**meta)).replace(b"\\\\/", b"\\/")
+    assert load_generate_body(raw) == orjson.loads(raw)
+
+
+def test_broken_routing_payload_is_a_protocol_error():
+    raw = orjson.dumps(body(routed_experts="not base64!"))
+    with pytest.raises(ProtocolError, match="not valid base64"):
+        parse(load_generate_body(raw), start=2, shape=(3, 2))
+
+
+def test_request_chunks_are_the_json_of_the_request():
+    ids = TokenIds([151644, 8948, 198])
+    sampling = SamplingParams(max_new_tokens=7, stop_token_ids=[2])
+    for turn in range(4):
+        chunks = encode_generate_request(ids, sampling, max_new_tokens=7, return_routed_experts=True, rid=f"r{turn}")
+        assert orjson.loads(b"".join(chunks)) == generate_request(
+            list(ids), sampling, max_new_tokens=7, return_routed_experts=True, rid=f"r{turn}"
+        )
+        ids.extend(range(turn * 3))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda ids: ids.__setitem__(0, 9),
+        lambda ids: ids.__setitem__(slice(1, 3), [7]),
+        lambda ids: ids.__delitem__(-1),
+        lambda ids: ids.insert(0, 5),
+        lambda ids: ids.pop(),
+        lambda ids: ids.remove(2),
+        lambda ids: ids.sort(reverse=True),
+        lambda ids: ids.reverse(),
+        lambda ids: ids.clear(),
+        lambda ids: ids.__imul__(2),
+    ],
+)
+def test_an_edited_stream_is_encoded_afresh(edit):
+    ids = TokenIds([1, 2, 3, 4])
+    assert b"".join(ids_json(ids)) == b"[1,2,3,4]"
+    ids.append(6)
+    assert b"".join(ids_json(ids)) == b"[1,2,3,4,6]"
+    edit(ids)
+    ids.extend([8])  # an edit followed by growth: the old prefix must not be reused
+    assert b"".join(ids_json(ids)) == orjson.dumps(list(ids))
+
+
+def test_plain_lists_and_empty_streams_encode_whole():
+    assert b"".join(ids_json([1, 2])) == b"[1,2]"
+    empty = TokenIds()
+    assert b"".join(ids_json(empty)) == b"[]"
+    empty.extend([3])
+    assert b"".join(ids_json(empty)) == b"[3]"
+
+
+def test_token_ids_count_only_edits_that_can_change_a_prefix():
+    ids = TokenIds([1, 2])
+    ids.append(3)
+    ids.extend([4, 5])
+    ids += [6]
+    assert (ids, ids.edits) == ([1, 2, 3, 4, 5, 6], 0)
+    ids[0] = 7
+    ids.sort()
+    assert ids.edits == 2

@@ -88,3 +88,19 @@ async def test_slots_bound_the_running_batch(paced, qwen3):
     gens = await asyncio.gather(*(client.generate([1, i], SamplingParams()) for i in range(5)))
     watcher.cancel()
     assert peak == 2 and {g.finish_reason for g in gens} == {"stop"}
+
+
+async def test_slot_seconds_and_the_model_clock_count_modelled_steps_and_idle_time(qwen3):
+    model = ThroughputModel(ScriptedEngine(qwen3, [REPLY]), slots=4, decode_s=0.01, decode_s_per_running=0.001,
+                            prefill_s_per_token=0.0)
+    sampling = SamplingParams()
+    first = await model.generate([1, 2], sampling)
+    n = len(first.output_ids)
+    assert (model.steps, model.busy_s, model.slot_s) == (n, pytest.approx(n * 0.011), pytest.approx(n * 0.011))
+    idle_from = model.model_s
+    await asyncio.sleep(0.05)  # nothing to decode: the clock runs on, the slots stay idle
+    assert model.model_s - idle_from >= 0.05 and model.slot_s == pytest.approx(n * 0.011)
+    await asyncio.gather(model.generate([1, 2], sampling), model.generate([3, 4], sampling))
+    assert model.steps == 2 * n
+    assert model.slot_s == pytest.approx(n * 0.011 + n * 2 * 0.012)  # two running: each step costs 2 slots
+    assert model.model_s >= model.busy_s == pytest.approx(n * 0.011 + n * 0.012)

@@ -107,3 +107,15 @@ def test_markdown_replaces_only_the_marked_section(tmp_path):
     plain = tmp_path / "perf.md"
     write_markdown(plain, "## Performance\n")
     assert plain.read_text() == "## Performance\n"
+
+
+def test_outside_a_source_checkout_the_command_says_it_needs_one(tmp_path, monkeypatch):
+    """An installed wheel has no bench/ beside miles_envs/: simulated by pointing BENCH_DIR elsewhere."""
+    from miles_envs import benchrun
+
+    monkeypatch.setattr(benchrun, "BENCH_DIR", tmp_path / "bench")
+    for args in (["bench", "--stored"], ["bench", "--quick", "--only", "search"]):
+        result = CliRunner().invoke(bench_app(), args, env={"COLUMNS": "200"})
+        assert result.exit_code == 1, result.output
+        assert "source checkout's bench/ folder" in result.output and "pip install -e" in result.output
+    assert not (tmp_path / "bench").exists()

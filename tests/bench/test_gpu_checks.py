@@ -142,7 +142,7 @@ def test_mtp_sft_rows_report_the_gap_in_standard_errors():
 async def test_tool_demonstrations_solve_the_env_through_the_real_loop(env_id, tokenizer):
     """The warm start's scripted solver: every call parses, the chain is complete, the answer scores 1."""
     from miles_envs.chat.renderer import ChatRenderer
-    from miles_envs.trainer.sft import collect_demonstrations
+    from miles_envs.pipeline.demonstrations import collect_demonstrations
 
     demos = await collect_demonstrations(toolrl.DEMONSTRATED[env_id], ChatRenderer(tokenizer), list(range(12)), max_context=4096)
     stats = toolrl.episode_stats(demos)

@@ -34,3 +34,15 @@ def test_shared_prompt_pieces_are_tokenised_once():
         encoder.encode(prompt)
     pieces_per_prompt = len({p for p in encoder._split.split(prompts[0]) if p})
     assert len(encoder._ids) == pieces_per_prompt + 19  # the system/tools piece and the header pieces are shared
+
+
+def test_tool_results_are_cut_at_their_markup_tokens():
+    """Qwen's ``<tool_response>`` is an added (not special) token: a tool result is tokenised apart from its wrapping."""
+    tok = tokenizer("qwen3")
+    encoder = SegmentEncoder(tok)
+    texts = [f"<|im_end|>\n<|im_start|>user\n<tool_response>\n{n * 37} * 12 = {n * 444}\n</tool_response><|im_end|>\n"
+             for n in range(10)]
+    for text in texts:
+        assert encoder.encode(text) == tok.encode(text, add_special_tokens=False)
+    shared = {"<|im_end|>\n", "<|im_start|>user\n", "</tool_response>"}
+    assert shared <= set(encoder._ids) and len(encoder._ids) == len(shared) + len(texts)

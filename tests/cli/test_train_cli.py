@@ -111,7 +111,7 @@ def test_backend_dispatch_and_the_megatron_error_when_megatron_core_is_missing_s
     """megatron-core may be installed here, so its absence is simulated by hiding it from find_spec."""
     import importlib.util
 
-    from miles_envs.cli.train_run import BackendUnavailable, load_backend
+    from miles_envs.pipeline.settings import BackendUnavailable, load_backend
 
     assert load_backend("torch").__name__ == "Trainer"
     if importlib.util.find_spec("megatron.core") is not None:
@@ -214,7 +214,7 @@ def test_megatron_backend_without_a_gpu_is_refused_before_any_work(model, tmp_pa
 
 
 def test_serving_checkpoints_keep_only_the_newest(tmp_path):
-    from miles_envs.cli.train_run import prune_serving
+    from miles_envs.pipeline.weights import prune_serving
 
     for step in (1, 2, 9, 10, 11):
         (tmp_path / f"step-{step}").mkdir()

@@ -1,4 +1,4 @@
-"""GuessNumber: feedback, reward, and the two demonstration strategies (bisection, random consistent)."""
+"""GuessNumber: feedback, reward, and the demonstration strategies (bisection and three weaker ones)."""
 
 import re
 
@@ -32,9 +32,10 @@ def test_the_small_variant_lists_the_numbers_left():
     assert (reward, done) == (0.0, False)
 
 
-@pytest.mark.parametrize("strategy, low, high", [("random", 0.65, 0.77), ("scan", 0.55, 0.67)])
+@pytest.mark.parametrize("strategy, low, high", [("random", 0.65, 0.77), ("scan", 0.55, 0.67), ("mid_then_scan", 0.72, 0.85)])
 def test_weak_demonstrations_are_consistent_and_lose_to_bisection(strategy, low, high):
-    # expected rewards: random 0.9 x 0.678 + 0.1 = 0.71; scan (lowest left, or one time in two random) 0.61
+    # expected rewards: random 0.9 x 0.678 + 0.1 = 0.71; scan (lowest left, or one time in two random) 0.61;
+    # mid_then_scan (4, then scan) 0.79
     weak, bisect = GuessNumberEnv(1, 7, 3, demo_strategy=strategy, list_left=True), GuessNumberEnv(1, 7, 3)
     rewards = []
     for seed in range(600):
@@ -53,11 +54,38 @@ def test_weak_demonstrations_are_consistent_and_lose_to_bisection(strategy, low,
     assert play(weak, 5)[1] == play(weak, 5)[1]  # seeded by reset
 
 
-def test_the_registered_variant_teaches_the_scan():
+def test_mid_then_scan_opens_like_bisection_then_takes_the_lowest_left_or_a_random_one():
     env = make("miles/GuessNumber7-v0")
-    assert (env.low, env.high, env.max_guesses, env.demo_strategy, env.list_left) == (1, 7, 3, "scan", True)
+    seconds = []
+    for seed in range(300):
+        _, history = play(env, seed)
+        guesses = [int(m["content"]) for m in history if m["role"] == "assistant"]
+        assert guesses[0] == 4
+        if env.secret != 4:
+            seconds.append(guesses[1] in (1, 5))  # the lowest of "lower: 1 2 3" / "higher: 5 6 7"
+    # the lowest one time in two, plus a random pick of three that lands on it: 2/3 of the second guesses
+    assert 0.58 < sum(seconds) / len(seconds) < 0.75
+
+
+def test_the_greedy_imitation_of_mid_then_scan_wins_five_secrets_in_seven():
+    env = make("miles/GuessNumber7-v0")
+    won = {}
+    for seed in range(100):
+        observation, _ = env.reset(seed=seed)
+        guess, done = 4, False
+        while not done:  # the demonstrations' most likely reply: 4, then the lowest number listed
+            observation, reward, done, _, _ = env.step({"role": "assistant", "content": str(guess)})
+            listed = re.findall(r"\d+", observation[0]["content"].split(":")[-1])
+            guess = int(listed[0]) if listed else guess
+        won[env.secret] = reward > 0.5
+    assert sorted(s for s, w in won.items() if w) == [1, 2, 4, 5, 6] and len(won) == 7
+
+
+def test_the_registered_variant_teaches_mid_then_scan():
+    env = make("miles/GuessNumber7-v0")
+    assert (env.low, env.high, env.max_guesses, env.demo_strategy, env.list_left) == (1, 7, 3, "mid_then_scan", True)
 
 
 def test_unknown_demo_strategy_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown demo_strategy 'greedy'.*bisect, random"):
+    with pytest.raises(ValueError, match="unknown demo_strategy 'greedy'.*bisect, random, scan, mid_then_scan"):
         GuessNumberEnv(demo_strategy="greedy")

@@ -10,7 +10,8 @@ from miles_envs.models.factory import init_model
 from miles_envs.registry import make
 from miles_envs.tokenizers import load_tokenizer
 from miles_envs.trainer import Trainer, TrainerConfig
-from miles_envs.trainer.sft import NoDemonstrationError, collect_demonstrations, warm_start
+from miles_envs.pipeline.demonstrations import NoDemonstrationError, collect_demonstrations
+from miles_envs.trainer.sft import warm_start
 
 
 @pytest.fixture(scope="module")

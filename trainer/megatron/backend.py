@@ -25,8 +25,10 @@ from miles_envs.trainer.advantages import ADVANTAGES
 from miles_envs.trainer.batch import PackedBatch
 from miles_envs.trainer.config import TrainerConfig
 from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
-from miles_envs.trainer.megatron.forward import run_forward
+from miles_envs.trainer.megatron.attention import install_packed_attention
+from miles_envs.trainer.megatron.forward import pad_width, run_forward
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
+from miles_envs.trainer.megatron.parallel import MegatronUnavailable, ensure_parallel
 from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
 from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
 from miles_envs.trainer.mtp_sft import mtp_labels
@@ -55,7 +57,15 @@ class _MegatronStep:
         return float(grad_norm)
 
     def state_dict(self) -> dict:
+        if self.ddp_model.ddp_config.use_distributed_optimizer:
+            raise NotImplementedError(
+                "checkpointing the distributed optimizer (sharded over data-parallel ranks) is not implemented: "
+                "build the trainer with MegatronSettings(distributed_optimizer=False) to write checkpoints"
+            )
         return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def _wrap_for_training(gpt_model, cfg: TrainerConfig, settings: MegatronSettings):
@@ -85,7 +95,11 @@ def _wrap_for_training(gpt_model, cfg: TrainerConfig, settings: MegatronSettings
 
 
 class MegatronTrainer(Trainer):
-    """Policy-gradient trainer on megatron-core (see module docstring); GPU, or CPU with a shim."""
+    """Policy-gradient trainer on megatron-core (see module docstring).
+
+    Building one sets up megatron's parallel state when the process has none (``ensure_parallel``):
+    on a machine without CUDA that fails with ``MegatronUnavailable`` naming the torch backend.
+    """
 
     def __init__(
         self,
@@ -105,13 +119,23 @@ class MegatronTrainer(Trainer):
         )
         if cfg.r3 and not self.settings.routing_replay:
             raise ValueError("r3=True needs MegatronSettings(routing_replay=True)")
+        ensure_parallel(self.settings, cfg.seed)
         torch.manual_seed(cfg.seed)
         self.device = pick_device(cfg.device)
         self.hf_config = hf_config
         self.gpt = build_gpt_model(hf_config, self.settings)
+        if self.settings.tensor_parallel > 1 and self.gpt.config.num_moe_experts and not self.gpt.config.sequence_parallel:
+            raise MegatronUnavailable(
+                "training an MoE with tensor_parallel > 1 needs sequence parallelism, which megatron-core supports only "
+                "with transformer-engine's norms (not installed): install transformer-engine or use expert_parallel"
+            )
         if cfg.mtp_sft and not self.gpt.config.mtp_num_layers:
             raise ValueError("mtp_sft=True needs a config with MTP layers (num_nextn_predict_layers > 0)")
         load_hf_weights(self.gpt, hf_config, hf_weights)
+        if self.settings.attention == "packed":
+            install_packed_attention(self.gpt)
+        elif self.settings.attention != "dense":
+            raise ValueError(f"attention={self.settings.attention!r}: choose 'packed' (per sequence) or 'dense' (masked)")
         self.model, self.optimizer = _wrap_for_training(self.gpt, cfg, self.settings)
         self.base_model = self.model
         self.mtp = self.ref_model = None
@@ -141,16 +165,36 @@ class MegatronTrainer(Trainer):
         """HF-named weights (``mtp.*`` for the MTP layers): what ``Trainer.state_dict`` returns."""
         return export_hf_weights(self.gpt, self.hf_config)
 
+    def save_model_files(self, folder) -> None:
+        """A checkpoint's model folder: an HF folder (with ``mtp.safetensors``) that engines load too."""
+        from miles_envs.trainer.megatron.export import save_hf_checkpoint
+
+        save_hf_checkpoint(self.state_dict(), self.hf_config, folder)
+
+    def load_model_files(self, folder) -> None:
+        """Weights from a checkpoint's model folder, into the model and the optimizer's fp32 copies."""
+        from miles_envs.models.loading import load_checkpoint
+
+        loaded = load_checkpoint(str(folder), device="cpu", dtype=torch.float32)
+        load_hf_weights(self.gpt, self.hf_config, hf_state_of(loaded.model, loaded.mtp))
+        reload = getattr(self.optimizer.optimizer, "reload_model_params", None)
+        if reload is not None:
+            reload()
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, batch: PackedBatch, *, replay: bool, model=None, hidden_states: bool = False) -> ForwardResult:
+        width = batch.input_ids.shape[1]
+        if self.gpt.config.sequence_parallel:
+            batch = pad_width(batch, self.settings.tensor_parallel)
         routing = self.replay.apply(batch.routed_experts, replay=replay) if self.replay else nullcontext(RoutingRecord())
         with routing as record:
-            out = run_forward(self.model, self.gpt, batch.to(self.device))
+            out = run_forward(self.model, self.gpt, batch, self.device)
         if self.settings.recompute and self.replay is not None and replay and out.logits.requires_grad:
             out.logits.register_hook(lambda grad: (self.replay.for_recompute(), grad)[1])
-        self._mtp_logits = out.mtp_logits
-        logits = out.logits if self.config.temperature == 1.0 else out.logits / self.config.temperature
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets.to(logits.device))
+        self._mtp_logits = [m[:, :width] for m in out.mtp_logits]
+        logits = out.logits[:, :width]
+        logits = logits if self.config.temperature == 1.0 else logits / self.config.temperature
+        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets[:, :width].to(logits.device))
         return ForwardResult(logprobs, entropy, record)
 
     # -- the step ------------------------------------------------------------------------------
@@ -171,15 +215,19 @@ class MegatronTrainer(Trainer):
 
     @torch.no_grad()
     def _mtp_stats(self, batch: PackedBatch, stats) -> None:
-        """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``."""
+        """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``;
+        they stay on the device (``MeanAccumulator`` reads them once per step)."""
         loss = 0.0
         for depth, logits in enumerate(self._mtp_logits):
-            _, _, labels, mask = (t.to(logits.device) for t in mtp_labels(batch, depth))
+            _, _, labels, mask = mtp_labels(batch, depth)  # host tensors: their counts need no sync
+            labelled = int(mask.sum())
+            count = max(1, labelled)
+            labels, mask = labels.to(logits.device), mask.to(logits.device)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            loss += float((ce * mask).sum()) / max(1, int(mask.sum())) / len(self._mtp_logits)
+            loss = loss + (ce * mask).sum() / count / len(self._mtp_logits)
             if depth == 0:
-                tokens = int(mask.sum())
-                hits = float(((logits.argmax(-1) == labels).float() * mask).sum())
+                tokens = labelled
+                hits = ((logits.argmax(-1) == labels).float() * mask).sum()
         stats.add("mtp/loss", loss, tokens)
         stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
 

@@ -1,7 +1,8 @@
 """One megatron forward over a ``PackedBatch`` (the torch backend's packed layout).
 
-Packed rows hold several sequences whose position ids restart at 0. megatron's local attention
-takes an explicit mask, so each row gets a block-diagonal causal mask built from ``seq_index``; the
+Packed rows hold several sequences whose position ids restart at 0. With ``PackedAttention``
+installed (``attention.py``) every sequence attends causally within itself; without it megatron's
+own attention gets a block-diagonal causal mask built from ``seq_index`` (the dense reference). The
 rotary table is indexed by the packed position ids (``PackedRotary``), so every sequence sees the
 positions it had at rollout. The result equals running each sequence alone, as the HF path does.
 
@@ -14,13 +15,14 @@ hook keeps a copy.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from miles_envs.trainer.batch import PackedBatch
+from miles_envs.trainer.megatron.attention import PackedAttention, PackedLayout
 
 
 def packed_attention_mask(seq_index: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class PackedRotary(nn.Module):
     def forward(self, seq_len: int, *args, **kwargs) -> torch.Tensor:
         if self.positions is None:
             return self.inner(seq_len, *args, **kwargs)
-        table = self.inner(int(self.positions.max()) + 1, *args, **kwargs)  # [L, 1, 1, dim]
+        table = self.inner(self.positions.shape[-1], *args, **kwargs)  # [T, 1, 1, dim]: positions < T
         return table[:, 0, 0, :][self.positions.t()].unsqueeze(2)  # [T, rows, 1, dim]
 
 
@@ -62,6 +64,25 @@ def install_packed_rotary(gpt_model: nn.Module) -> PackedRotary:
     if not isinstance(gpt_model.rotary_pos_emb, PackedRotary):
         gpt_model.rotary_pos_emb = PackedRotary(gpt_model.rotary_pos_emb)
     return gpt_model.rotary_pos_emb
+
+
+_PAD = {"position_ids": 0, "rollout_versions": -1, "seq_index": -1, "routed_experts": -1}
+
+
+def pad_width(batch: PackedBatch, multiple: int) -> PackedBatch:
+    """``batch`` with its rows padded to a multiple of ``multiple`` tokens (sequence parallelism
+    splits every row's positions evenly over the tensor-parallel ranks); padding is no sequence."""
+    extra = -batch.input_ids.shape[1] % multiple
+    if not extra:
+        return batch
+    padded = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            tail = value.new_full((value.shape[0], extra, *value.shape[2:]), _PAD.get(f.name, 0))
+            value = torch.cat([value, tail], dim=1)
+        padded[f.name] = value
+    return PackedBatch(**padded)
 
 
 @dataclass
@@ -80,16 +101,32 @@ def _capture_output_layer(gpt_model: nn.Module, copy: bool) -> Iterator[list[tor
         handle.remove()
 
 
-def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch) -> ForwardOutput:
-    """Forward ``batch`` through ``model`` (``gpt_model`` is the unwrapped ``GPTModel`` inside it)."""
+def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> ForwardOutput:
+    """Forward ``batch`` (host tensors) through ``model`` (``gpt_model`` is the ``GPTModel`` inside it)."""
     rotary = install_packed_rotary(gpt_model)
+    packed = [m for m in gpt_model.modules() if isinstance(m, PackedAttention)]
+    if packed:
+        layout = PackedLayout.of(batch.seq_index, batch.position_ids, batch.num_sequences).to(torch.device(device))
+        mask = None
+    else:
+        mask = packed_attention_mask(batch.seq_index).to(device)
     depth = gpt_model.config.mtp_num_layers or 0
-    extra = {"labels": batch.targets, "loss_mask": mtp_loss_mask(batch, depth)} if depth else {}
+    loss_mask = mtp_loss_mask(batch, depth) if depth else None
+    batch = batch.to(device)
+    extra = {"labels": batch.targets, "loss_mask": loss_mask.to(device)} if depth else {}
     rotary.positions = batch.position_ids
+    for module in packed:
+        module.layout = layout
     try:
         with _capture_output_layer(gpt_model, copy=bool(depth)) as calls:
-            model(batch.input_ids, batch.position_ids, packed_attention_mask(batch.seq_index), **extra)
+            model(batch.input_ids, batch.position_ids, mask, **extra)
     finally:
         rotary.positions = None
+        for module in packed:
+            module.layout = None
+    if gpt_model.config.tensor_model_parallel_size > 1:  # vocab-parallel logits: every rank gets all
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        calls = [gather_from_tensor_model_parallel_region(c) for c in calls]
     logits = [c.transpose(0, 1) for c in calls]  # [T, rows, V] -> [rows, T, V]
     return ForwardOutput(logits=logits[-1], mtp_logits=logits[:-1])

@@ -28,7 +28,8 @@ class MegatronSettings:
     token_dispatcher: str = "alltoall"  # "allgather" for the CPU/gloo path
     use_cpu_initialization: bool = False
     recompute: bool = False  # full activation recompute (REPLAY_BACKWARD replays the routing)
-    distributed_optimizer: bool = True
+    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (DP > 1; not checkpointed)
+    attention: str = "packed"  # "packed": causal SDPA per sequence; "dense": megatron's masked attention (reference)
 
 
 SUPPORTED = ("qwen3_moe", "qwen3")
@@ -84,7 +85,8 @@ def transformer_config(hf_config, settings: MegatronSettings):
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=settings.tensor_parallel,
         expert_model_parallel_size=settings.expert_parallel,
-        sequence_parallel=settings.tensor_parallel > 1,
+        # megatron's torch norms refuse sequence parallelism: it needs transformer-engine's
+        sequence_parallel=settings.tensor_parallel > 1 and have_transformer_engine(),
         bf16=settings.bf16,
         params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if settings.bf16 else torch.float32,

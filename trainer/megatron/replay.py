@@ -3,7 +3,8 @@
 Every decoder MoE router of a model built with ``moe_enable_routing_replay`` owns a
 ``RouterReplay``. For a forward, each gets its layer's rows of ``batch.routed_experts``
 (``[rows, T, trace layers, topk]``) flattened in megatron's token order (sequence-major:
-token ``t`` of row ``b`` is ``t * rows + b``) and the action ``REPLAY_FORWARD``; megatron then
+token ``t`` of row ``b`` is ``t * rows + b``; under tensor + sequence parallelism each rank takes
+its contiguous chunk of that order, the tokens its routers see) and the action ``REPLAY_FORWARD``; megatron then
 gathers the trainer's own router scores at those experts, so the gates keep their gradient. With
 activation recompute the backward's re-forward pops the same indices (``REPLAY_BACKWARD``).
 Dense layers have no router and are skipped; MTP-layer routers are left alone (the rollout has no
@@ -50,6 +51,17 @@ def megatron_token_order(per_position: torch.Tensor) -> torch.Tensor:
     return per_position.transpose(0, 1).reshape(-1, *per_position.shape[2:])
 
 
+def local_tokens(rows: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """This rank's share of ``[T * rows, ...]``: under sequence parallelism each tensor-parallel rank
+    routes a contiguous chunk of megatron's token order, the whole of it otherwise."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if not sequence_parallel or size == 1:
+        return rows
+    return rows.chunk(size)[parallel_state.get_tensor_model_parallel_rank()]
+
+
 def _live_topk(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         logits = router.gating(hidden).view(-1, router.config.num_moe_experts)
@@ -81,7 +93,7 @@ class MegatronRoutingReplay:
         slots = trace_slots(routed_experts.shape[2], [i for i, _ in self.routers], self.num_layers)
         with ExitStack() as stack:
             for slot, (_, router) in zip(slots, self.routers):
-                rows = megatron_token_order(routed_experts[:, :, slot, :])
+                rows = local_tokens(megatron_token_order(routed_experts[:, :, slot, :]), router.config.sequence_parallel)
                 stack.enter_context(_router_hook(router, rows, record, replay))
                 if replay:
                     router.router_replay.clear_indices()

@@ -9,8 +9,10 @@ HF -> megatron -> HF is bit-exact.
 The MTP block is ``mtp.layers.{d}.transformer_layer`` in megatron-core <= 0.16 and
 ``mtp_model_layer`` from 0.19 on. megatron's fused QKV weight is grouped per KV head: for each query group ``[q heads of the group;
 k; v]`` rows. Experts are ``SequentialMLP`` local experts; with expert parallelism rank ``r`` holds
-global experts ``r * n_local .. (r + 1) * n_local - 1``. Tensor-parallel sharding is not mapped:
-convert with ``tensor_parallel=1``.
+global experts ``r * n_local .. (r + 1) * n_local - 1``. Loading shards every tensor-parallel
+parameter along megatron's own ``partition_dim`` (a gated ``linear_fc1`` per half, so each rank
+holds its slice of gate and of up); exporting gathers experts over the expert-parallel group and is
+mapped for ``tensor_parallel=1``.
 """
 
 from __future__ import annotations
@@ -173,22 +175,42 @@ def _weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def weight_map(hf_config, model: torch.nn.Module) -> WeightMap:
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        raise ValueError("HF<->megatron conversion is mapped for tensor_parallel=1 only; use expert parallelism for MoE")
     return WeightMap(hf_config, set(_weights_of(model)), expert_rank=parallel_state.get_expert_model_parallel_rank())
+
+
+def _tensor_parallel_shard(name: str, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full (unsharded) megatron tensor ``full`` for parameter ``param``."""
+    from megatron.core import parallel_state
+
+    if not getattr(param, "tensor_model_parallel", False) or full.shape == param.shape:
+        return full
+    dim = param.partition_dim
+    parts = full.shape[dim] // param.shape[dim]
+    expert = getattr(param, "allreduce", True) is False  # megatron marks expert parameters so
+    rank = parallel_state.get_expert_tensor_parallel_rank() if expert else parallel_state.get_tensor_model_parallel_rank()
+    if name.endswith("linear_fc1.weight") and dim == 0:  # gated: [gate; up], each sharded alike
+        return torch.cat([half.chunk(parts, dim)[rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(parts, dim)[rank]
 
 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, hf_config, hf_state: dict[str, torch.Tensor]) -> None:
-    """Copy HF-named weights into a megatron model (cast to each parameter's dtype)."""
+    """Copy HF-named weights into a megatron model (cast to each parameter's dtype, sharded for TP)."""
     target = _weights_of(model)
+    params = dict(unwrap(model).named_parameters())
     for name, tensor in weight_map(hf_config, model).to_megatron(hf_state).items():
+        if name in params:
+            tensor = _tensor_parallel_shard(name, tensor, params[name])
         target[name].copy_(tensor)
 
 
 @torch.no_grad()
 def export_hf_weights(model: torch.nn.Module, hf_config) -> dict[str, torch.Tensor]:
     """HF-named weights of a megatron model (expert shards gathered over the expert-parallel group)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        raise ValueError("exporting HF weights is mapped for tensor_parallel=1 only; use expert parallelism for MoE")
     mapping = weight_map(hf_config, model)
     state = mapping.to_hf({k: v.detach() for k, v in _weights_of(model).items()})
     return _gather_experts(state)

@@ -15,7 +15,9 @@ import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 
-from miles_envs.registry import EnvNotFound, EnvSpec
+from miles_envs.registry.errors import EnvNotFound
+from miles_envs.registry.spec import EnvSpec
+from miles_envs.registry.suggest import close_ids
 from miles_envs.integrations.foreign.naming import registry_id
 
 
@@ -88,11 +90,14 @@ def foreign_spec(env_id: str) -> EnvSpec:
         spec = adapter.spec_for_unlisted(rest)
         if spec is not None:
             return spec
-    from miles_envs.registry.core import close_ids
-
     close = close_ids(wanted, by_registry_id)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
     raise EnvNotFound(f"{lib.distribution} has no env {rest!r}{hint} (`miles-envs list --all` shows them)")
+
+
+def resolve_id(env_id: str) -> EnvSpec | None:
+    """The registry's resolver for foreign ids (declared in ``registry.core.ID_RESOLVERS``)."""
+    return foreign_spec(env_id) if is_foreign_id(env_id) else None
 
 
 def _split(env_id: str) -> tuple[ForeignLibrary, str, bool] | None:
@@ -103,4 +108,4 @@ def _split(env_id: str) -> tuple[ForeignLibrary, str, bool] | None:
     return None
 
 
-__all__ = ["LIBRARIES", "ForeignLibrary", "foreign_spec", "foreign_specs", "installed_libraries", "is_foreign_id", "registry_id"]
+__all__ = ["LIBRARIES", "ForeignLibrary", "foreign_spec", "foreign_specs", "installed_libraries", "is_foreign_id", "registry_id", "resolve_id"]

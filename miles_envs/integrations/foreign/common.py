@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from miles_envs.registry import EnvSpec
+from miles_envs.registry.spec import EnvSpec
 from miles_envs.integrations.foreign.naming import registry_id
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from miles_envs.env import Env, Message, ResetResult, StepResult, user
 from miles_envs.integrations.foreign.common import PrivateGlobalRandom, foreign_spec, jsonable, require
-from miles_envs.registry import EnvSpec
+from miles_envs.registry.spec import EnvSpec
 
 NAMESPACE = "gem"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from miles_envs.env import Env, Message, ResetResult, StepResult, user
 from miles_envs.integrations.foreign.common import foreign_spec, jsonable, require
-from miles_envs.registry import EnvSpec
+from miles_envs.registry.spec import EnvSpec
 
 NAMESPACE = "openenv"
 CLIENT_ID = "HTTP"

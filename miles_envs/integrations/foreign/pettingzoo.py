@@ -18,7 +18,7 @@ import numpy as np
 from miles_envs.env import Message, MultiAgentEnv, user
 from miles_envs.integrations.foreign.common import foreign_spec, require
 from miles_envs.multiagent.text import last_integer
-from miles_envs.registry import EnvSpec
+from miles_envs.registry.spec import EnvSpec
 
 NAMESPACE = "pz"
 ILLEGAL_MOVE_REWARD = -1.0

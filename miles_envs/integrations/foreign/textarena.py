@@ -12,7 +12,7 @@ from typing import Any
 
 from miles_envs.env import Env, Message, MultiAgentEnv, ResetResult, StepResult, user
 from miles_envs.integrations.foreign.common import PrivateGlobalRandom, foreign_spec, jsonable, require
-from miles_envs.registry import EnvSpec
+from miles_envs.registry.spec import EnvSpec
 
 NAMESPACE = "textarena"
 _VARIANTS = ("-raw", "-train")

@@ -46,8 +46,9 @@ class _CpuRngTracker:
 
 
 @contextlib.contextmanager
-def cpu_megatron(seed: int = 0):
-    """A one-rank gloo group and megatron's parallel state (TP=EP=PP=1) on CPU, torn down after."""
+def cpu_megatron(seed: int = 0, tensor_parallel: int = 1, expert_parallel: int = 1):
+    """megatron's parallel state on CPU over gloo, torn down after: a one-rank group unless the
+    process already joined one (``torchrun`` with gloo, for TP/EP across processes)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -57,13 +58,13 @@ def cpu_megatron(seed: int = 0):
     tracker = _CpuRngTracker()
     patches.enter_context(_patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker))
     patches.enter_context(_patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
     started = not dist.is_initialized()
     if started:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(tensor_parallel, expert_model_parallel_size=expert_parallel)
         torch.manual_seed(seed)
         yield
     finally:

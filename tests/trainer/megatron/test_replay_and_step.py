@@ -127,3 +127,16 @@ def test_megatron_backend_refuses_a_separate_mtp_lr():
     config, model, mtp = tiny_qwen3_moe(mtp=1)
     with cpu_megatron(), cpu_optimizer(), pytest.raises(ValueError, match="leave mtp_lr unset"):
         _trainer(config, model, mtp, mtp_sft=True, mtp_lr=1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_building_the_trainer_without_cuda_names_the_torch_backend():
+    """No parallel state in the process: the trainer sets it up itself, which needs CUDA."""
+    from megatron.core import parallel_state
+
+    from miles_envs.trainer.megatron.parallel import MegatronUnavailable
+
+    config, model, mtp = tiny_qwen3_moe(mtp=1)
+    assert not parallel_state.model_parallel_is_initialized()
+    with pytest.raises(MegatronUnavailable, match="needs a CUDA device.*use the torch backend"):
+        MegatronTrainer(config, hf_state_of(model, mtp), TrainerConfig(device="cpu"), SETTINGS)

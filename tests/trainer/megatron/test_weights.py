@@ -5,6 +5,7 @@ import torch
 
 from miles_envs.trainer.batch import pack
 from miles_envs.trainer.megatron.backend import hf_state_of
+from miles_envs.trainer.megatron.attention import install_packed_attention
 from miles_envs.trainer.megatron.forward import run_forward
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
 from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
@@ -41,8 +42,10 @@ def test_missing_hf_weight_is_named():
             load_hf_weights(gpt, config, state)
 
 
-def test_megatron_logits_equal_hf_per_packed_sequence():
-    """Two sequences packed in one row: each matches the HF model run on it alone, MTP depth 0 too."""
+@pytest.mark.parametrize("attention", ["packed", "dense"])
+def test_megatron_logits_equal_hf_per_packed_sequence(attention):
+    """Two sequences packed in one row: each matches the HF model run on it alone, MTP depth 0 too,
+    with per-sequence attention and with megatron's own attention under a block-diagonal mask."""
     from transformers.masking_utils import create_causal_mask
 
     config, model, mtp = tiny_qwen3_moe(mtp=1)
@@ -52,9 +55,11 @@ def test_megatron_logits_equal_hf_per_packed_sequence():
     with cpu_megatron():
         gpt = build_gpt_model(config, CPU)
         load_hf_weights(gpt, config, hf_state_of(model, mtp))
+        if attention == "packed":
+            assert len(install_packed_attention(gpt)) == 3  # two decoder layers and the MTP layer
         gpt.eval()
         with torch.no_grad():
-            out = run_forward(gpt, gpt, batch)
+            out = run_forward(gpt, gpt, batch, "cpu")
     start = 0
     for index in batch.trajectory_indices:
         tokens = trajectories[index].tokens

@@ -3,7 +3,7 @@
 Two activities share one event loop:
 
 - **Producers** play groups (``group_size`` episodes of one task) and stream each finished
-  trajectory into a :class:`~miles_envs.trainer.buffer.RolloutBuffer`. A new group may start while
+  trajectory into a :class:`~miles_envs.pipeline.buffer.RolloutBuffer`. A new group may start while
   ``consumed + outstanding < (pushed + max_staleness + 1) * tasks_per_step + surplus``, where
   ``consumed`` counts groups trained on in this run, ``outstanding`` the groups started and not yet
   trained on or dropped, ``pushed`` the weight versions pushed in this run, and ``surplus =
@@ -13,9 +13,10 @@ Two activities share one event loop:
   group starts while that many tokens wait in the buffer (groups already running always finish, so
   a buffer full of half-done groups cannot deadlock).
 - **The trainer** takes ``tasks_per_step`` complete groups (waiting only when too few are ready),
-  trains on them in a worker thread (so rollouts keep streaming), pushes the weights to the engine
-  with ``engine.update_weights(..., version="step-N")`` while generations are in flight, and writes
-  the step's record and, when due, a checkpoint holding the buffer's position.
+  trains on them in a worker thread (so rollouts keep streaming), pushes the weights through the
+  run's :class:`~miles_envs.pipeline.weights.WeightSync` (``version="step-N"``) while generations
+  are in flight, and writes the step's record and, when due, a checkpoint holding the buffer's
+  position.
 
 A group whose oldest token is more than ``max_staleness`` versions behind the trainer is never
 trained on: it is dropped, or with ``on_stale="resample"`` played again (same task, fresh
@@ -37,9 +38,11 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from miles_envs.loop import LoopConfig, rollout
-from miles_envs.trainer.buffer import STALE_POLICIES, Group, GroupPosition, RolloutBuffer
-from miles_envs.trainer.loop import RunFolder, rollout_metrics
-from miles_envs.trainer.staleness import staleness_metrics
+from miles_envs.pipeline.buffer import STALE_POLICIES, Group, GroupPosition, RolloutBuffer
+from miles_envs.pipeline.records import RunFolder, rollout_metrics
+from miles_envs.pipeline.staleness import staleness_metrics
+from miles_envs.pipeline.sync import rollout_config
+from miles_envs.pipeline.weights import InProcess, WeightSync
 from miles_envs.trajectory import Trajectory
 
 # (group number, group size, loop config, env seed) -> that group's trajectories as they finish
@@ -132,7 +135,7 @@ class AsyncRun:
 
     def __init__(
         self,
-        engine: Any,
+        weight_sync: WeightSync,
         trainer: Any,
         run_group: GroupRunner,
         *,
@@ -143,7 +146,7 @@ class AsyncRun:
         settings: AsyncSettings,
         position: GroupPosition,
     ) -> None:
-        self.engine, self.trainer, self.run_group = engine, trainer, run_group
+        self.weight_sync, self.trainer, self.run_group = weight_sync, trainer, run_group
         self.tasks_per_step, self.group_size = tasks_per_step, group_size
         self.loop_config, self.seed, self.settings = loop_config, seed, settings
         self.position = position
@@ -235,7 +238,7 @@ class AsyncRun:
         self.trainer_clock.enter()
         try:
             metrics = await asyncio.to_thread(trainer.train_step, trajectories)
-            await self.engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+            await self.weight_sync.push(trainer)
         finally:
             self.trainer_clock.exit()
         self.pushed += 1
@@ -286,16 +289,19 @@ async def train_async(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     after_step: Callable[[int], Awaitable[None]] | None = None,
     run_group: GroupRunner | None = None,
+    weight_sync: WeightSync | None = None,
 ) -> list[dict[str, Any]]:
     """Train for ``steps`` steps in total (counting resumed ones) with rollouts running alongside.
 
     Group ``i`` plays env seed ``seed + i`` (the tasks a synchronous run plays, in order);
     ``run_group`` replaces the in-process rollout (e.g. Ray workers). ``after_step(step)`` runs
     after each step's weight push and record (an eval, say) while rollouts continue.
+    ``weight_sync`` says how weights reach the engines (default: the trainer's tensors to ``engine``).
     """
     settings.validate()
     check_live_updates(engine)
-    config = replace(loop_config or LoopConfig(), return_routed_experts=trainer.config.r3)
+    config = rollout_config(loop_config, trainer)
+    sync = weight_sync or InProcess(engine)
     folder = state = None
     if out_dir is not None:
         folder = RunFolder(out_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
@@ -305,9 +311,9 @@ async def train_async(
     history: list[dict[str, Any]] = []
     if trainer.step >= steps:
         return history
-    await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
+    await sync.push(trainer)
     run = AsyncRun(
-        engine, trainer, run_group or local_group_runner(env_id, engine, renderer, parser),
+        sync, trainer, run_group or local_group_runner(env_id, engine, renderer, parser),
         tasks_per_step=tasks_per_step, group_size=group_size, loop_config=config, seed=seed, settings=settings,
         position=position,
     )

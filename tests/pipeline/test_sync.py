@@ -8,7 +8,7 @@ from miles_envs.chat.renderer import ChatRenderer
 from miles_envs.loop import LoopConfig
 from miles_envs.models.factory import init_model
 from miles_envs.trainer import Trainer, TrainerConfig
-from miles_envs.trainer.loop import train
+from miles_envs.pipeline.sync import train
 
 
 async def test_train_loop_syncs_weights_logs_checkpoints_and_resumes(tmp_path):

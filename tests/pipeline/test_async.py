@@ -16,10 +16,10 @@ from miles_envs.loop import LoopConfig, rollout
 from miles_envs.models.factory import init_model
 from miles_envs.tokenizers import load_tokenizer
 from miles_envs.trainer import Trainer, TrainerConfig, pack
-from miles_envs.trainer.async_loop import AsyncSettings, LiveUpdateUnsupported, train_async
-from miles_envs.trainer.buffer import GroupPosition, RolloutBuffer
+from miles_envs.pipeline.async_run import AsyncSettings, LiveUpdateUnsupported, train_async
+from miles_envs.pipeline.buffer import GroupPosition, RolloutBuffer
 from miles_envs.trainer.losses import version_aware_weights
-from miles_envs.trainer.loop import train
+from miles_envs.pipeline.sync import train
 from miles_envs.trajectory import Trajectory, Turn, version_number
 
 K = 1  # the staleness bound of the end-to-end runs

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
-from miles_envs.trainer.buffer import token_versions, trajectory_staleness
+from miles_envs.pipeline.buffer import token_versions, trajectory_staleness
 from miles_envs.trajectory import Trajectory
 
 

@@ -1,0 +1,29 @@
+"""bench/gpu/megatron_r3_mtp.py at tiny size on CPU: every phase runs and writes its figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_megatron_bench_runs_every_phase_at_tiny_size(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "bench" / "gpu" / "megatron_r3_mtp.py"), "--tiny", "--device", "cpu",
+               "--pairs", "2", "--mfu-steps", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rollout"]["batches"] == 1 + 2 * 2 + 2 + 2 * 3  # every step trains on a batch of its own
+    for path in ("dense", "packed"):
+        steps = report["mfu"][path]["steps"]
+        assert len(steps) == 1 and steps[0]["flops"] > 6 * steps[0]["tokens"]  # at least 6 FLOPs per parameter-token
+        assert report["profile"][path]["top_ops"]
+    overhead = report["r3_overhead"]
+    assert overhead["ratio_on_over_off"]["pairs"] == 2 and len(overhead["seconds_on"]) == 2
+    low, high = overhead["ratio_on_over_off"]["ci95"]
+    assert low <= overhead["ratio_on_over_off"]["mean"] <= high
+    assert len(report["mtp"]["loss_per_step"]) == 1 + 2 * 2
+    assert report["r3_overhead_ratio"] == overhead["ratio_on_over_off"]["mean"]
