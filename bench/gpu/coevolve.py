@@ -6,7 +6,7 @@ evaluates on fixed held-out opponents/problems and writes its curves (JSON + PNG
 ``--out-dir``; this command prefixes and collects their output in ``coevolve_run.log`` and writes
 the commands, wall times and summaries to ``coevolve_run.json``.
 
-    python bench/gpu/coevolve.py --out-dir bench/results/coevolve --time-budget-s 150
+    python bench/gpu/coevolve.py --out-dir bench/results/coevolve --time-budget-s 175
 """
 
 from __future__ import annotations
@@ -23,20 +23,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "coevolve"
 
-COMMON = ["--engine", "embedded", "--size", "small", "--warmup-games", "512", "--warmup-steps", "400",
-          "--warmup-lr", "1e-3", "--lr", "1e-4", "--eval-every", "10", "--iterations", "100000"]
+# More learning per second than a first run at (lr 1e-4, one optimizer step per 64-game batch, a
+# full 256-game evaluation every 10 iterations), whose win+draw curve was still rising when its budget
+# ended: twice the lr, several clipped optimizer steps per batch, bigger batches decoded together,
+# small evaluations in between and the full ones only at the start and the end.
+COMMON = ["--engine", "embedded", "--size", "small", "--warmup-lr", "1e-3", "--lr", "2e-4", "--eval-every", "10",
+          "--iterations", "100000", "--concurrency", "128"]
+SELFPLAY = ["selfplay_tictactoe.py", "--games", "128", "--minibatches", "4", "--pool-size", "8", "--pool-hardness", "2",
+            "--warmup-games", "512", "--warmup-steps", "400", "--eval-games", "256", "--mid-eval-games", "64",
+            "--max-new-tokens", "4"]
 RUNS = {
-    "selfplay_seed0": ["selfplay_tictactoe.py", "--seed", "0", "--games", "64", "--pool-size", "8",
-                       "--eval-games", "256", "--max-new-tokens", "4"],
-    "selfplay_seed1": ["selfplay_tictactoe.py", "--seed", "1", "--games", "64", "--pool-size", "8",
-                       "--eval-games", "256", "--max-new-tokens", "4"],
-    "proposer_solver_seed0": ["proposer_solver.py", "--seed", "0", "--games", "32", "--solvers", "4",
-                              "--eval-games", "200", "--max-new-tokens", "24"],
+    "selfplay_seed0": [*SELFPLAY, "--seed", "0"],
+    "selfplay_seed1": [*SELFPLAY, "--seed", "1"],
+    # one distinct problem per demonstration (4096) and longer SFT, on problems of 1-3 operators, so
+    # the warm-started solver solves part of them and RL has signal; 6 solvers per problem (GRPO group)
+    "proposer_solver_seed0": ["proposer_solver.py", "--games", "64", "--solvers", "6", "--max-operators", "3",
+                              "--minibatches", "2", "--warmup-games", "4096", "--warmup-steps", "800",
+                              "--warmup-batch", "64", "--eval-games", "400", "--mid-eval-games", "100",
+                              "--max-new-tokens", "24", "--seed", "0"],
 }
 
 
 # --tiny: the same pipeline at smoke-test size (later flags override earlier ones)
-TINY = ["--size", "tiny", "--warmup-games", "4", "--warmup-steps", "2", "--games", "2", "--eval-games", "4", "--eval-every", "1"]
+TINY = ["--size", "tiny", "--warmup-games", "4", "--warmup-steps", "2", "--games", "2", "--eval-games", "4",
+        "--mid-eval-games", "2", "--eval-every", "1"]
 
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
@@ -81,7 +91,8 @@ def main() -> None:
         thread.join()
     record = {"device": args.device, "time_budget_s": args.time_budget_s, "runs": {}}
     for name, child in children.items():
-        curves = args.out_dir / f"{RUNS[name][0].removesuffix('.py')}_seed{RUNS[name][2]}.json"
+        seed = RUNS[name][RUNS[name].index("--seed") + 1]
+        curves = args.out_dir / f"{RUNS[name][0].removesuffix('.py')}_seed{seed}.json"
         summary = json.loads(curves.read_text())["summary"] if curves.is_file() else None
         record["runs"][name] = {"command": " ".join(command(name, args)[1:]), "returncode": child.returncode,
                                 "wall_s": ended.get(name), "summary": summary}

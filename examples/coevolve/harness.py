@@ -44,10 +44,14 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--size", default="tiny", help="model size (tiny, small, medium)")
     parser.add_argument("--device", default="cpu", help="where the model runs and trains (cpu, cuda)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--minibatches", type=int, default=1, help="optimizer steps per rollout batch (PPO-style clipping past the first)")
+    parser.add_argument("--concurrency", type=int, default=64, help="episodes in flight, and requests the engine decodes together")
     parser.add_argument("--warmup-games", type=int, default=128, help="scripted demonstration episodes for the warm start")
     parser.add_argument("--warmup-steps", type=int, default=60, help="SFT steps of the warm start (0: none)")
     parser.add_argument("--warmup-lr", type=float, default=1e-3)
-    parser.add_argument("--eval-games", type=int, default=64, help="episodes per evaluation")
+    parser.add_argument("--warmup-batch", type=int, default=32, help="demonstrations per SFT step")
+    parser.add_argument("--eval-games", type=int, default=64, help="episodes per evaluation at the start and the end")
+    parser.add_argument("--mid-eval-games", type=int, default=None, help="episodes per evaluation in between (default: --eval-games)")
     parser.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations")
     parser.add_argument("--time-budget-s", type=float, default=None, help="stop iterating (then evaluate) once the run is this old")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,21 +81,26 @@ class Learner:
         await self.policy.engine.update_weights(self.trainer.state_dict(), version=self.trainer.weight_version)
         return {f"train/{k}": v for k, v in metrics.items()}
 
-    async def warm_start(self, demonstrations: list, steps: int, lr: float, batch_size: int = 32) -> list[dict[str, float]]:
-        """SFT on scripted demonstrations (tokenised by the same loop and template as RL), then push the weights."""
+    async def warm_start(self, demonstrations: list, steps: int, lr: float, batch_size: int = 32, seed: int = 0) -> list[dict[str, float]]:
+        """SFT on scripted demonstrations (tokenised by the same loop and template as RL, shuffled so
+        each batch mixes episodes and roles), then push the weights."""
         from miles_envs.trainer.sft import warm_start
 
         if self.trainer is None or steps == 0:
             return []
+        demonstrations = list(demonstrations)
+        random.Random(seed).shuffle(demonstrations)
         history = warm_start(self.trainer, demonstrations, steps, batch_size=batch_size, lr=lr)
         await self.policy.engine.update_weights(self.trainer.state_dict(), version="sft")
         return history
 
-    async def snapshot(self) -> AgentPolicy:
-        """A frozen copy at the current weights, for the opponent pool (a second engine)."""
+    async def snapshot(self, reuse: Any = None) -> AgentPolicy:
+        """A frozen copy at the current weights, for the opponent pool: a second engine, or ``reuse``
+        (an idle engine of a snapshot leaving the pool) loaded with these weights."""
         from miles_envs.agents.embedded import EmbeddedEngine
 
-        engine = EmbeddedEngine.from_path(self.model_path, device=self.device, weight_version=self.version)
+        engine = reuse or EmbeddedEngine.from_path(self.model_path, device=self.device, weight_version=self.version,
+                                                   max_running=self.policy.engine.max_running)
         await engine.update_weights(self.trainer.state_dict(), version=self.version)
         return AgentPolicy(engine, self.policy.sampling, trainable=False)
 
@@ -107,8 +116,9 @@ def embedded_learner(args: argparse.Namespace) -> Learner:
     from miles_envs.trainer import Trainer, TrainerConfig
 
     path = init_model(args.out / "model", arch=args.arch, size=args.size, tokenizer="qwen3", seed=args.seed)
-    engine = EmbeddedEngine.from_path(path, device=args.device, weight_version="step-0")
-    trainer = Trainer.from_pretrained(str(path), TrainerConfig(lr=args.lr, device=args.device, seed=args.seed))
+    engine = EmbeddedEngine.from_path(path, device=args.device, weight_version="step-0", max_running=args.concurrency)
+    config = TrainerConfig(lr=args.lr, minibatches=args.minibatches, device=args.device, seed=args.seed)
+    trainer = Trainer.from_pretrained(str(path), config)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
     policy = AgentPolicy(engine, sampling, name="learner")
     return Learner(policy, ChatRenderer(engine.checkpoint.tokenizer), trainer, path)
@@ -130,6 +140,12 @@ def scripted_policy(renderer: ChatRenderer, reply, name: str, max_new_tokens: in
     end_of_turn = renderer.turn_end_id if renderer.turn_end_id is not None else renderer.stop_token_ids[0]
     engine = ScriptedEngine(tokenizer, answer, eos_token_id=end_of_turn, weight_version=name)
     return AgentPolicy(engine, SamplingParams(max_new_tokens=max_new_tokens), trainable=False, name=name)
+
+
+def eval_games(args: argparse.Namespace, phase: str) -> int:
+    """Full-size evaluations where the lift is measured (the start and the end), cheaper ones in between."""
+    full = phase in ("start", "end")
+    return args.eval_games if full or args.mid_eval_games is None else args.mid_eval_games
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -7,8 +7,9 @@ trajectories of one problem form a GRPO group (same prompt); proposer trajectori
 per-role baseline over the batch.
 
 A random-init model is first warm-started on demonstrations played through the env: a proposer
-writing random problems of 1 to ``--max-operators`` operators on one-digit numbers, and solvers
-answering them correctly. Then each iteration prints the valid-problem rate, the proposer's
+writing random problems of 1 to ``--max-operators`` operators on one-digit numbers, and one solver
+answering each correctly (one per problem, so ``--warmup-games`` demonstrations hold as many distinct
+problems). Then each iteration prints the valid-problem rate, the proposer's
 difficulty (operators per problem) next to the solvers' success rate on those problems, and the
 proposer's reward; every ``--eval-every`` iterations the solver answers a fixed held-out set of
 problems (greedy), per operator count.
@@ -27,7 +28,9 @@ from collections import defaultdict
 from dataclasses import replace
 from statistics import mean
 
-from harness import Learner, RunLog, common_arguments, console, embedded_learner, scripted_policy, use_embedded, wilson, write_curves
+from harness import (
+    Learner, RunLog, common_arguments, console, embedded_learner, eval_games, scripted_policy, use_embedded, wilson, write_curves,
+)
 
 from miles_envs.chat import ChatRenderer
 from miles_envs.engine import SamplingParams
@@ -91,18 +94,21 @@ def left_to_right(expression: str) -> int:
     return value
 
 
-async def play(env, seating, renderer, games: int, seed: int, sampling_seed: int) -> list:
+async def play(env, seating, renderer, games: int, seed: int, sampling_seed: int, concurrency: int = 64) -> list:
     return [
-        e async for e in rollout_multi(env, seating, renderer, n=games, config=CONFIG, seed=seed, sampling_seed=sampling_seed)
+        e async for e in rollout_multi(
+            env, seating, renderer, n=games, config=CONFIG, seed=seed, sampling_seed=sampling_seed, concurrency=concurrency,
+        )
     ]
 
 
-async def held_out_accuracy(learner: Learner, args) -> dict:
+async def held_out_accuracy(learner: Learner, args, problems: int) -> dict:
     """Greedy solver accuracy on fixed problems (a fixed scripted proposer and sampling seeds), per operator count."""
     greedy = replace(learner.policy, sampling=replace(learner.policy.sampling, temperature=0.0))
     seating = {"proposer": problem_writer(learner.renderer, args.max_operators, "held-out"), "solver_0": greedy}
     env = lambda: ProposerSolverEnv(num_solvers=1, max_operators=args.max_operators)  # noqa: E731
-    episodes = await play(env, seating, learner.renderer, args.eval_games, seed=10**6, sampling_seed=10**7 + args.seed)
+    episodes = await play(env, seating, learner.renderer, problems, seed=10**6, sampling_seed=10**7 + args.seed,
+                          concurrency=args.concurrency)
     by_operators: dict[int, list[float]] = defaultdict(list)
     for e in episodes:
         by_operators[count_operators(e.infos["solver_0"]["problem"])].append(e.returns["solver_0"])
@@ -115,9 +121,10 @@ async def held_out_accuracy(learner: Learner, args) -> dict:
 
 async def demonstrations(renderer: ChatRenderer, args) -> list:
     """Proposer and solver trajectories of scripted episodes: what the warm start imitates."""
-    seating = {"proposer": problem_writer(renderer, args.max_operators), **{f"solver_{i}": exact_solver(renderer) for i in range(args.solvers)}}
-    env = lambda: ProposerSolverEnv(num_solvers=args.solvers, max_operators=args.max_operators)  # noqa: E731
-    episodes = await play(env, seating, renderer, args.warmup_games, seed=2 * 10**6, sampling_seed=args.seed)
+    seating = {"proposer": problem_writer(renderer, args.max_operators), "solver_0": exact_solver(renderer)}
+    env = lambda: ProposerSolverEnv(num_solvers=1, max_operators=args.max_operators)  # noqa: E731
+    episodes = await play(env, seating, renderer, args.warmup_games, seed=2 * 10**6, sampling_seed=args.seed,
+                          concurrency=args.concurrency)
     return [t for e in episodes for t in e.trajectories.values()]
 
 
@@ -146,7 +153,7 @@ async def main() -> None:
     warm_start: list[dict] = []
 
     async def eval_point(iteration: int, phase: str) -> None:
-        row = {"iteration": iteration, "phase": phase, **await held_out_accuracy(learner, args)}
+        row = {"iteration": iteration, "phase": phase, **await held_out_accuracy(learner, args, eval_games(args, phase))}
         evals.append(row)
         console.print(f"[bold]eval[/] iteration={iteration} {phase}  held-out solver accuracy {row['accuracy']:.3f} "
                       f"{row['accuracy_ci95']}  by operators {row['by_operators']}")
@@ -157,7 +164,7 @@ async def main() -> None:
     if learner.trainer is not None and args.warmup_steps:
         await eval_point(0, "init")
         demos = await demonstrations(learner.renderer, args)
-        warm_start += await learner.warm_start(demos, args.warmup_steps, args.warmup_lr)
+        warm_start += await learner.warm_start(demos, args.warmup_steps, args.warmup_lr, args.warmup_batch, args.seed)
         console.print(f"warm start: {len(demos)} demonstration trajectories, {args.warmup_steps} SFT steps, "
                       f"loss {warm_start[0]['sft/loss']:.3f} -> {warm_start[-1]['sft/loss']:.3f}")
     await eval_point(0, "start")
@@ -166,7 +173,7 @@ async def main() -> None:
     env = lambda: ProposerSolverEnv(num_solvers=args.solvers, max_operators=args.max_operators)  # noqa: E731
     for iteration in range(args.iterations):
         episodes = await play(env, seating, learner.renderer, args.games, seed=args.seed + iteration * args.games,
-                              sampling_seed=(args.seed + iteration) * 10_000)
+                              sampling_seed=(args.seed + iteration) * 10_000, concurrency=args.concurrency)
         valid = [e for e in episodes if e.infos.get("proposer", {}).get("valid")]
         solvers = [t for e in valid for a, t in e.trajectories.items() if a != "proposer"]
         proposers = group_by_role(t for e in episodes for a, t in e.trajectories.items() if a == "proposer")
@@ -184,10 +191,11 @@ async def main() -> None:
             **train_metrics,
         })
         last = log.last_iteration(iteration, args)
-        if (iteration + 1) % args.eval_every == 0 or last:
-            await eval_point(iteration + 1, "co_evolution")
         if last:
+            await eval_point(iteration + 1, "end")
             break
+        if (iteration + 1) % args.eval_every == 0:
+            await eval_point(iteration + 1, "co_evolution")
     log.close()
     console.print(f"held-out solver accuracy from the warm start to the end: {summary(evals)}")
     await learner.policy.engine.close()
@@ -198,8 +206,11 @@ def summary(evals: list[dict]) -> dict:
     started = [e for e in evals if e["phase"] != "init"]
     if not started:
         return {}
-    start, end = started[0]["accuracy"], started[-1]["accuracy"]
-    return {"held_out_start": start, "held_out_end": end, "lift_points": round(100 * (end - start), 1)}
+    start, end = started[0], started[-1]
+    return {"held_out_start": start["accuracy"], "held_out_start_ci95": start["accuracy_ci95"],
+            "held_out_end": end["accuracy"], "held_out_end_ci95": end["accuracy_ci95"], "end_phase": end["phase"],
+            "problems": [start["problems"], end["problems"]],
+            "lift_points": round(100 * (end["accuracy"] - start["accuracy"]), 1)}
 
 
 def plot(figure, payload: dict) -> None:

@@ -3,7 +3,8 @@
 A random-init model first learns the format from demonstrations: games between two random-legal
 players, tokenised by the same loop and chat template RL uses, so it makes legal moves but plays
 no better than chance. Then each iteration the learner plays ``--games`` games, alternating X and
-O, each against a snapshot drawn from the pool; its trajectories get per-role group ids (a per-seat
+O, each against a snapshot drawn from the pool (with ``--pool-hardness`` > 0, the snapshots it
+still loses to are drawn more often); its trajectories get per-role group ids (a per-seat
 baseline, so X's first-move edge is not credited to its moves) and go to the trainer (pool seats
 are not trainable); after each iteration the current weights join the pool. Every
 ``--eval-every`` iterations the learner plays fixed reference opponents on fixed seeds, half the
@@ -22,7 +23,9 @@ import asyncio
 import random
 from statistics import mean
 
-from harness import Learner, RunLog, common_arguments, console, embedded_learner, scripted_policy, use_embedded, wilson, write_curves
+from harness import (
+    Learner, RunLog, common_arguments, console, embedded_learner, eval_games, scripted_policy, use_embedded, wilson, write_curves,
+)
 
 from miles_envs.chat import ChatRenderer
 from miles_envs.envs.tictactoe import TicTacToeEnv, one_ply_move, random_move, read_board
@@ -53,24 +56,24 @@ def other(seat: str) -> str:
     return "o" if seat == "x" else "x"
 
 
-async def play(renderer, seatings: list[dict[str, AgentPolicy]], seed: int, sampling_seed: int) -> list:
+async def play(renderer, seatings: list[dict[str, AgentPolicy]], seed: int, sampling_seed: int, concurrency: int = 64) -> list:
     """One game per seating; episodes in game order."""
     episodes = [
         e async for e in rollout_multi(
             TicTacToeEnv, lambda game, _play: seatings[game], renderer, n=len(seatings), config=CONFIG,
-            seed=seed, sampling_seed=sampling_seed,
+            seed=seed, sampling_seed=sampling_seed, concurrency=concurrency,
         )
     ]
     return sorted(episodes, key=lambda e: int(e.episode_id.split(":")[0]))
 
 
-async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int) -> dict:
+async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int, concurrency: int = 64) -> dict:
     """Win+draw rate (95% CI), win rate and forfeit rate against each reference, on fixed seeds."""
     row = {}
     seats = ["x" if g % 2 == 0 else "o" for g in range(games)]
     for name, reference in references.items():
         seatings = [{seat: learner.policy, other(seat): reference} for seat in seats]
-        episodes = await play(learner.renderer, seatings, seed=10**6 + seed, sampling_seed=10**7 + seed * 10_000)
+        episodes = await play(learner.renderer, seatings, seed=10**6 + seed, sampling_seed=10**7 + seed * 10_000, concurrency=concurrency)
         rewards = [e.returns[seat] for e, seat in zip(episodes, seats)]
         forfeits = [e.infos.get(seat, {}).get("forfeit") and r < 0 for e, seat, r in zip(episodes, seats, rewards)]
         not_lost = sum(r >= 0 for r in rewards)
@@ -81,10 +84,10 @@ async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: 
     return row
 
 
-async def demonstrations(renderer: ChatRenderer, games: int, seed: int) -> list:
+async def demonstrations(renderer: ChatRenderer, games: int, seed: int, concurrency: int) -> list:
     """Both seats' trajectories of random-legal self-play games: what the warm start imitates."""
     mover = reference_player(renderer, "random")
-    episodes = await play(renderer, [{"x": mover, "o": mover}] * games, seed=2 * 10**6 + seed, sampling_seed=seed)
+    episodes = await play(renderer, [{"x": mover, "o": mover}] * games, seed=2 * 10**6 + seed, sampling_seed=seed, concurrency=concurrency)
     return [t for e in episodes for t in e.trajectories.values()]
 
 
@@ -98,6 +101,8 @@ def scripted_learner(args) -> Learner:
 async def main() -> None:
     parser = common_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--pool-size", type=int, default=4)
+    parser.add_argument("--pool-hardness", type=float, default=0.0,
+                        help="draw snapshots with weight (1 - learner's recent score)**p; 0: uniform")
     args = parser.parse_args()
     if use_embedded(args):
         learner = embedded_learner(args)
@@ -114,7 +119,8 @@ async def main() -> None:
     warm_start: list[dict] = []
 
     async def eval_point(iteration: int, phase: str) -> None:
-        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, args.eval_games, args.seed)}
+        games = eval_games(args, phase)
+        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, games, args.seed, args.concurrency)}
         evals.append(row)
         cells = "  ".join(f"{n}: {row[n]['win_draw']:.3f} {row[n]['win_draw_ci95']}" for n in REFERENCES)
         console.print(f"[bold]eval[/] iteration={iteration} {phase}  win+draw  {cells}")
@@ -124,8 +130,8 @@ async def main() -> None:
 
     if learner.trainer is not None and args.warmup_steps:
         await eval_point(0, "init")
-        demos = await demonstrations(learner.renderer, args.warmup_games, args.seed)
-        warm_start += await learner.warm_start(demos, args.warmup_steps, args.warmup_lr)
+        demos = await demonstrations(learner.renderer, args.warmup_games, args.seed, args.concurrency)
+        warm_start += await learner.warm_start(demos, args.warmup_steps, args.warmup_lr, args.warmup_batch, args.seed)
         console.print(f"warm start: {len(demos)} demonstration trajectories, {args.warmup_steps} SFT steps, "
                       f"loss {warm_start[0]['sft/loss']:.3f} -> {warm_start[-1]['sft/loss']:.3f}")
     await eval_point(0, "start")
@@ -134,18 +140,23 @@ async def main() -> None:
     pool = OpponentPool(max_size=args.pool_size)
 
     async def add_snapshot(version: str) -> None:
-        frozen = await learner.snapshot() if learner.trainer else reference_player(learner.renderer, "random")
-        engines.append(frozen.engine)
+        if learner.trainer is None:
+            pool.add(version, reference_player(learner.renderer, "random"))
+            return
+        leaving = pool.policy(pool.versions[0]).engine if len(pool) == args.pool_size else None
+        frozen = await learner.snapshot(reuse=leaving)  # the oldest snapshot's engine, once the pool is full
+        if leaving is None:
+            engines.append(frozen.engine)
         pool.add(version, frozen)
 
     await add_snapshot(learner.version if learner.trainer else "scripted-0")
     for iteration in range(args.iterations):
         rng = random.Random(args.seed * 1_000_003 + iteration)
         seats = ["x" if g % 2 == 0 else "o" for g in range(args.games)]
-        opponents = [pool.sample(rng) for _ in range(args.games)]
+        opponents = [pool.sample(rng, hardness=args.pool_hardness) for _ in range(args.games)]
         seatings = [{seat: learner.policy, other(seat): opponent} for seat, (_, opponent) in zip(seats, opponents)]
         episodes = await play(learner.renderer, seatings, seed=args.seed + iteration * args.games,
-                              sampling_seed=(args.seed + iteration) * 10_000)
+                              sampling_seed=(args.seed + iteration) * 10_000, concurrency=args.concurrency)
         results: dict[str, list[float]] = {"x": [], "o": []}
         illegal = []
         for episode, seat, (version, _) in zip(episodes, seats, opponents):
@@ -167,15 +178,16 @@ async def main() -> None:
             "illegal_rate": mean(illegal) if illegal else None,
             "episodes": len(episodes),
             "trajectories": sum(len(e.trajectories) for e in episodes),
-            "pool_win_rates": pool.win_rates(),
+            "pool_win_rates": {v: r for v, r in pool.win_rates().items() if v in pool.versions},
             **train_metrics,
         })
         await add_snapshot(learner.version if learner.trainer else f"scripted-{iteration + 1}")
         last = log.last_iteration(iteration, args)
-        if (iteration + 1) % args.eval_every == 0 or last:
-            await eval_point(iteration + 1, "self_play")
         if last:
+            await eval_point(iteration + 1, "end")
             break
+        if (iteration + 1) % args.eval_every == 0:
+            await eval_point(iteration + 1, "self_play")
     log.close()
     console.print(f"win+draw from the warm start to the end of self-play: {summary(evals)}")
     for engine in engines:
@@ -189,7 +201,9 @@ def summary(evals: list[dict]) -> dict:
         return {}
     start, end = started[0], started[-1]
     return {
-        name: {"start": start[name]["win_draw"], "end": end[name]["win_draw"],
+        name: {"start": start[name]["win_draw"], "start_ci95": start[name]["win_draw_ci95"],
+               "end": end[name]["win_draw"], "end_ci95": end[name]["win_draw_ci95"], "end_phase": end["phase"],
+               "games": [start[name]["games"], end[name]["games"]],
                "lift_points": round(100 * (end[name]["win_draw"] - start[name]["win_draw"]), 1)}
         for name in REFERENCES
     }

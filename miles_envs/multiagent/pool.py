@@ -2,7 +2,9 @@
 
 Self-play against only the latest policy cycles and forgets; playing against a growing pool of
 past versions (fictitious-self-play style) keeps old strategies beaten. The pool also keeps each
-snapshot's results so a run can report its win rate against the pool.
+snapshot's results, so a run can report its win rate against the pool and draw the snapshots it
+still loses to more often (prioritized fictitious self-play), which keeps the pressure on once the
+learner beats most of its past.
 """
 
 from __future__ import annotations
@@ -35,12 +37,29 @@ class OpponentPool:
             self._members.popitem(last=False)
         return frozen
 
-    def sample(self, rng: random.Random) -> tuple[str, AgentPolicy]:
-        """A uniformly drawn (version, snapshot)."""
+    def sample(self, rng: random.Random, hardness: float = 0.0, window: int = 64) -> tuple[str, AgentPolicy]:
+        """A drawn (version, snapshot): uniformly, or with ``hardness`` p > 0 weighted by
+        ``(1 - score)**p``, the learner's mean score over its last ``window`` games against that
+        version (0.5 before any); a floor of 0.05 keeps every snapshot in play."""
         if not self._members:
             raise LookupError("the opponent pool is empty: add() a snapshot before sampling")
-        version = rng.choice(list(self._members))
+        if hardness < 0:
+            raise ValueError(f"hardness={hardness}: use 0 (uniform) or a positive exponent")
+        versions = list(self._members)
+        if hardness == 0:
+            version = rng.choice(versions)
+        else:
+            weights = [max(1.0 - self._recent_score(v, window), 0.05) ** hardness for v in versions]
+            version = rng.choices(versions, weights=weights)[0]
         return version, self._members[version]
+
+    def _recent_score(self, version: str, window: int) -> float:
+        recent = self._scores.get(version, [])[-window:]
+        return sum(recent) / len(recent) if recent else 0.5
+
+    def policy(self, version: str) -> AgentPolicy:
+        """The snapshot kept for ``version``."""
+        return self._members[version]
 
     def record(self, version: str, score: float) -> None:
         """The learner's result against ``version``: 1 win, 0.5 draw, 0 loss."""

@@ -34,7 +34,8 @@ def run(script, tmp_path, *args):
 
 def test_selfplay_scripted_is_rollout_only(tmp_path):
     stdout, metrics, curves, trajectories = run(
-        "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "4", "--eval-games", "40", "--eval-every", "1"
+        "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "4", "--eval-games", "40", "--eval-every", "1",
+        "--mid-eval-games", "10", "--pool-hardness", "2",
     )
     assert "rollout-only" in stdout and metrics["config"]["trained"] is False
     rows = metrics["iterations"]
@@ -44,8 +45,11 @@ def test_selfplay_scripted_is_rollout_only(tmp_path):
     assert len(trajectories) == 2 * 4 * 2 == sum(r["trajectories"] for r in rows)
     assert {t.metadata["policy"] for t in trajectories} >= {"learner", "pool:scripted-0"}
     # nothing trains: every evaluation replays the same fixed seeds, so the curve is flat
-    assert [(e["iteration"], e["phase"]) for e in curves["evals"]] == [(0, "start"), (1, "self_play"), (2, "self_play")]
+    assert [(e["iteration"], e["phase"]) for e in curves["evals"]] == [(0, "start"), (1, "self_play"), (2, "end")]
+    # the lift is measured on full-size evaluations; the one in between is cheaper
+    assert [e["random"]["games"] for e in curves["evals"]] == [40, 10, 40]
     assert curves["summary"]["random"]["lift_points"] == 0.0 == curves["summary"]["one_ply"]["lift_points"]
+    assert curves["summary"]["random"]["games"] == [40, 40] and curves["summary"]["random"]["end_phase"] == "end"
     start = curves["evals"][0]
     assert start["random"]["forfeit"] == 0.0 and start["random"]["games"] == 40
     low, high = start["random"]["win_draw_ci95"]
@@ -69,11 +73,15 @@ def test_proposer_solver_scripted_scores_split_problems(tmp_path):
 
 
 @needs_embedded
-@pytest.mark.parametrize("script, extra", [("selfplay_tictactoe.py", []), ("proposer_solver.py", ["--solvers", "2"])])
+@pytest.mark.parametrize("script, extra", [
+    # a one-snapshot pool: the second snapshot reuses the first one's engine
+    ("selfplay_tictactoe.py", ["--pool-size", "1", "--pool-hardness", "1"]),
+    ("proposer_solver.py", ["--solvers", "2"]),
+])
 def test_embedded_engine_warm_starts_then_trains_between_iterations(tmp_path, script, extra):
     _, metrics, curves, trajectories = run(
         script, tmp_path, "--engine", "embedded", "--games", "2", "--max-new-tokens", "4",
-        "--warmup-games", "2", "--warmup-steps", "2", "--eval-games", "2", *extra,
+        "--warmup-games", "2", "--warmup-steps", "2", "--eval-games", "2", "--minibatches", "2", *extra,
     )
     assert metrics["config"]["trained"] is True
     assert [r["version"] for r in metrics["iterations"]] == ["step-1", "step-2"]
@@ -82,6 +90,10 @@ def test_embedded_engine_warm_starts_then_trains_between_iterations(tmp_path, sc
     assert [e["phase"] for e in curves["evals"]][:2] == ["init", "start"]
     versions = {turn.weight_version for t in trajectories for turn in t.turns if turn.kind == "model"}
     assert {"sft", "step-1"} <= versions  # the first iteration played the warm start, the second the updated weights
+    assert all(r["train/step"] == i + 1 for i, r in enumerate(metrics["iterations"]))
+    if script.startswith("selfplay"):
+        opponents = [{t.metadata["policy"] for t in trajectories if t.metadata["iteration"] == i} - {"learner"} for i in (0, 1)]
+        assert opponents == [{"pool:step-0"}, {"pool:step-1"}]
 
 
 def test_time_budget_stops_iterating_and_still_evaluates(tmp_path):

@@ -13,8 +13,8 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 
 def cli(*args):
-    # `python -m miles_envs`: a system interpreter puts the script in /usr/local/bin, not beside sys.executable
-    result = subprocess.run([sys.executable, "-m", "miles_envs", *args], capture_output=True, text=True, timeout=500)
+    # `python -m miles_envs.cli`: a system interpreter puts the script in /usr/local/bin, not beside sys.executable
+    result = subprocess.run([sys.executable, "-m", "miles_envs.cli", *args], capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, f"miles-envs {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 

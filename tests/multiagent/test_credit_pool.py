@@ -50,6 +50,7 @@ def test_pool_freezes_snapshots_samples_and_keeps_scores(tokenizer):
         frozen = pool.add(version, AgentPolicy(ScriptedEngine(tokenizer, ["1"], weight_version=version)))
         assert frozen.trainable is False and frozen.name == f"pool:{version}"
     assert pool.versions == ["1", "2"] and len(pool) == 2
+    assert pool.policy("2").name == "pool:2" and pool.policy("2").engine.weight_version == "2"
     rng = random.Random(0)
     drawn = {pool.sample(rng)[0] for _ in range(20)}
     assert drawn == {"1", "2"}
@@ -62,3 +63,20 @@ def test_pool_freezes_snapshots_samples_and_keeps_scores(tokenizer):
         pool.add("2", policy)
     with pytest.raises(LookupError, match="empty"):
         OpponentPool().sample(rng)
+
+
+def test_pool_draws_the_snapshots_the_learner_loses_to_more_often(tokenizer):
+    pool = OpponentPool()
+    for version in ("beaten", "strong", "new"):
+        pool.add(version, AgentPolicy(ScriptedEngine(tokenizer, ["1"], weight_version=version)))
+    for _ in range(10):
+        pool.record("beaten", 1.0)
+        pool.record("strong", 0.0)
+    rng = random.Random(0)
+    drawn = [pool.sample(rng, hardness=2.0)[0] for _ in range(2000)]
+    # weights (1 - score)**2 with a 0.05 floor: strong 1, new (no games yet: 0.5) 0.25, beaten 0.0025
+    assert drawn.count("strong") > 3 * drawn.count("new") > 0
+    assert drawn.count("beaten") < 20
+    assert {pool.sample(rng)[0] for _ in range(100)} == {"beaten", "strong", "new"}
+    with pytest.raises(ValueError, match="hardness=-1"):
+        pool.sample(rng, hardness=-1)

@@ -1,5 +1,0 @@
-"""`python -m miles_envs` runs the CLI: the same commands where the `miles-envs` script is not on PATH."""
-
-from miles_envs.cli import main
-
-main()
