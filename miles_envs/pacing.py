@@ -112,8 +112,8 @@ class QuietCollector:
     def __enter__(self) -> QuietCollector:
         if self._depth == 0 and gc.isenabled():
             self._unfreeze = gc.get_freeze_count() == 0  # a heap frozen by the program itself stays frozen
-            gc.collect()  # what is garbage now must not be frozen with the rest
-            gc.freeze()
+            gc.freeze()  # no collection first: it would cost every short rollout a full pass; garbage
+            # frozen now is collected after the last exit unfreezes it
             self._saved = gc.get_threshold()
             gc.set_threshold(*self.thresholds)
         self._depth += 1
