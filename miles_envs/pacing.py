@@ -1,4 +1,4 @@
-"""Admission of client CPU work by event-loop lag, so one process can hold many thousands of episodes.
+"""Pacing of a rollout's client CPU work by event-loop lag, so one process can hold many thousands of episodes.
 
 Every turn costs the client CPU (parsing, the env step, rendering the observation). With thousands
 of episodes, turns whose generations return together run back to back and the event loop stalls
@@ -10,6 +10,7 @@ additive-increase / multiplicative-decrease on the measured loop lag, like TCP's
 the window grows while the loop keeps up and halves when it falls behind. It is never held across
 a generation request: a slot held while the server works would starve the server (the requests
 in flight are bounded by the server's capacity instead, see ``miles_envs.session``).
+``QuietCollector`` keeps the garbage collector's long passes out of the same loop.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class QuietCollector:
     time the live heap grows by a quarter: each one walks the whole heap (the tokenizer, templates and
     modules included) and stalls the loop for 0.1–0.9 s, and young collections take a third of the
     client's CPU (measured in ``bench/loop_overhead.py``). While a rollout runs, the heap that existed
-    before it is frozen out of every pass (``gc.freeze``), young collections run ten times less often,
+    before it is frozen out of every pass (``gc.freeze``), young collections run an order of magnitude less often,
     and full ones become rare (episodes make almost no cyclic garbage: it dies in young collections).
     Process-wide and reentrant: the last rollout to leave restores the thresholds and unfreezes.
     """
