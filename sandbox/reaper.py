@@ -282,8 +282,8 @@ def reap_dead_runs(docker: Any = None) -> dict[str, int]:
     if root.is_dir():
         for entry in root.iterdir():
             if entry.name.startswith(NEW_PREFIX):
-                stale = time.time() - entry.stat().st_mtime > NEW_GRACE_S
-                if stale:
+                age = _age_s(entry)
+                if age is not None and age > NEW_GRACE_S:
                     shutil.rmtree(entry, ignore_errors=True)
                 continue
             if run_alive(entry.name):
@@ -296,6 +296,15 @@ def reap_dead_runs(docker: Any = None) -> dict[str, int]:
             removed["temp_dirs"] += 1
     removed["runs"] = len(dead)
     return removed
+
+
+def _age_s(entry: Path) -> float | None:
+    """Seconds since ``entry`` last changed; None once it is gone (a run being created in another
+    process renames its ``.new-`` folder, and another reaper may remove it, while this one lists)."""
+    try:
+        return time.time() - entry.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def reap_once(backend: str, docker: Any = None) -> None:

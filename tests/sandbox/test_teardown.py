@@ -15,7 +15,7 @@ import pytest
 from miles_envs.sandbox import make_sandbox
 from miles_envs.sandbox.cgroups import SandboxCgroup
 from miles_envs.sandbox.docker_backend import docker_client
-from miles_envs.sandbox.reaper import current_run, leftovers, reap_dead_runs, state_dir
+from miles_envs.sandbox.reaper import NEW_GRACE_S, NEW_PREFIX, current_run, leftovers, reap_dead_runs, state_dir
 
 from .conftest import TEST_LIMITS, docker_unavailable
 
@@ -108,6 +108,19 @@ async def test_reaper_leaves_live_runs_alone(private_state):
     finally:
         await sandbox.close()
     assert leftovers(current_run().id)["processes"] == []
+
+
+def test_reaper_passes_over_a_run_folder_that_vanishes_while_it_lists(private_state):
+    """Another process renames its ``.new-`` folder (or reaps it) between the listing and the look."""
+    root = state_dir()
+    root.mkdir(parents=True)
+    vanishing = root / f"{NEW_PREFIX}4242-gone"
+    vanishing.symlink_to(root / "renamed-away")  # listed, but stat() finds nothing: the race, made still
+    old = root / f"{NEW_PREFIX}4343-old"
+    old.mkdir()
+    os.utime(old, (time.time() - NEW_GRACE_S - 5,) * 2)
+    reap_dead_runs(None)
+    assert vanishing.is_symlink() and not old.exists()
 
 
 def _delegated_cgroup_reason() -> str | None:
