@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from miles_envs.agents.sglang import EngineAdminError
 from miles_envs.cli.common import err, fail
 
 
@@ -154,6 +155,9 @@ def register(app: typer.Typer) -> None:
                 summary = asyncio.run(run_training(settings, PlainReporter(sft_warmup, steps, progress_every), make_renderer))
         except (RegistryError, BackendUnavailable, ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
             fail(str(exc))
+        except EngineAdminError as exc:
+            fail(f"{exc}\n  --engine {engine}: no SGLang server answered there; start one (or `miles-envs serve-engine`) "
+                 "at that address, or leave out --engine to train on the embedded engine")
         if summary.get("already_complete"):
             err.print(f"already complete: {out} has trained {summary['steps_done']} of --steps {steps}; "
                       "nothing to do (raise --steps to train further)", highlight=False)

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -204,6 +205,15 @@ def test_bad_input_fails_before_any_work_with_a_clear_message(model, tmp_path, e
     assert result.returncode == 1, result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_an_engine_address_where_no_server_answers_fails_with_one_clear_message(model, tmp_path):
+    with socket.socket() as probe:  # a port just closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_train(*train_args(model, tmp_path / "run", "--engine", f"sglang://127.0.0.1:{port}"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--engine sglang://127.0.0.1:{port}: no SGLang server answered there" in " ".join(result.stderr.split())
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: the refusal is for machines without")
