@@ -34,26 +34,38 @@ def embedded_available() -> bool:
     return importlib.util.find_spec("miles_envs.agents.embedded") is not None
 
 
+def at_least(low: float, kind: type = int):
+    """An argparse type that refuses values below ``low`` with a message naming the bound."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be >= {low}")
+        return value
+
+    return parse
+
+
 def common_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--engine", choices=("auto", "embedded", "scripted"), default="auto")
-    parser.add_argument("--iterations", type=int, default=4)
-    parser.add_argument("--games", type=int, default=16, help="episodes per iteration")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--iterations", type=at_least(1), default=4)
+    parser.add_argument("--games", type=at_least(1), default=16, help="episodes per iteration")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=16)
     parser.add_argument("--arch", default="qwen3", help="model architecture (qwen3, qwen3-moe, deepseek-v3)")
     parser.add_argument("--size", default="tiny", help="model size (tiny, small, medium)")
     parser.add_argument("--device", default="cpu", help="where the model runs and trains (cpu, cuda)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--minibatches", type=int, default=1, help="optimizer steps per rollout batch (PPO-style clipping past the first)")
-    parser.add_argument("--concurrency", type=int, default=64, help="episodes in flight, and requests the engine decodes together")
-    parser.add_argument("--warmup-games", type=int, default=128, help="scripted demonstration episodes for the warm start")
-    parser.add_argument("--warmup-steps", type=int, default=60, help="SFT steps of the warm start (0: none)")
+    parser.add_argument("--minibatches", type=at_least(1), default=1, help="optimizer steps per rollout batch (PPO-style clipping past the first)")
+    parser.add_argument("--concurrency", type=at_least(1), default=64, help="episodes in flight, and requests the engine decodes together")
+    parser.add_argument("--warmup-games", type=at_least(1), default=128, help="scripted demonstration episodes for the warm start")
+    parser.add_argument("--warmup-steps", type=at_least(0), default=60, help="SFT steps of the warm start (0: none)")
     parser.add_argument("--warmup-lr", type=float, default=1e-3)
-    parser.add_argument("--warmup-batch", type=int, default=32, help="demonstrations per SFT step")
-    parser.add_argument("--eval-games", type=int, default=64, help="episodes per evaluation at the start and the end")
-    parser.add_argument("--mid-eval-games", type=int, default=None, help="episodes per evaluation in between (default: --eval-games)")
-    parser.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations")
-    parser.add_argument("--time-budget-s", type=float, default=None, help="stop iterating (then evaluate) once the run is this old")
+    parser.add_argument("--warmup-batch", type=at_least(1), default=32, help="demonstrations per SFT step")
+    parser.add_argument("--eval-games", type=at_least(1), default=64, help="episodes per evaluation at the start and the end")
+    parser.add_argument("--mid-eval-games", type=at_least(1), default=None, help="episodes per evaluation in between (default: --eval-games)")
+    parser.add_argument("--eval-every", type=at_least(1), default=5, help="iterations between evaluations")
+    parser.add_argument("--time-budget-s", type=at_least(0, float), default=None, help="stop iterating (then evaluate) once the run is this old")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/coevolve"))
     parser.add_argument("--results", type=Path, default=None, help="folder for the curves JSON + PNG (e.g. bench/results/coevolve)")

@@ -29,7 +29,7 @@ from dataclasses import replace
 from statistics import mean
 
 from harness import (
-    Learner, RunLog, common_arguments, console, embedded_learner, eval_games, scripted_policy, use_embedded, wilson, write_curves,
+    Learner, RunLog, at_least, common_arguments, console, embedded_learner, eval_games, scripted_policy, use_embedded, wilson, write_curves,
 )
 
 from miles_envs.chat import ChatRenderer
@@ -136,8 +136,8 @@ def scripted_learner(args) -> Learner:
 
 async def main() -> None:
     parser = common_arguments(__doc__.split("\n\n")[0])
-    parser.add_argument("--solvers", type=int, default=4)
-    parser.add_argument("--max-operators", type=int, default=4)
+    parser.add_argument("--solvers", type=at_least(1), default=4)
+    parser.add_argument("--max-operators", type=at_least(1), default=4)
     args = parser.parse_args()
     if use_embedded(args):
         learner = embedded_learner(args)

@@ -24,7 +24,7 @@ import random
 from statistics import mean
 
 from harness import (
-    Learner, RunLog, common_arguments, console, embedded_learner, eval_games, scripted_policy, use_embedded, wilson, write_curves,
+    Learner, RunLog, at_least, common_arguments, console, embedded_learner, eval_games, scripted_policy, use_embedded, wilson, write_curves,
 )
 
 from miles_envs.chat import ChatRenderer
@@ -100,8 +100,8 @@ def scripted_learner(args) -> Learner:
 
 async def main() -> None:
     parser = common_arguments(__doc__.split("\n\n")[0])
-    parser.add_argument("--pool-size", type=int, default=4)
-    parser.add_argument("--pool-hardness", type=float, default=0.0,
+    parser.add_argument("--pool-size", type=at_least(1), default=4)
+    parser.add_argument("--pool-hardness", type=at_least(0, float), default=0.0,
                         help="draw snapshots with weight (1 - learner's recent score)**p; 0: uniform")
     args = parser.parse_args()
     if use_embedded(args):

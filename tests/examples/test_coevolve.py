@@ -103,3 +103,15 @@ def test_time_budget_stops_iterating_and_still_evaluates(tmp_path):
     )
     assert [r["iteration"] for r in metrics["iterations"]] == [0]
     assert [e["iteration"] for e in curves["evals"]] == [0, 1]
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("selfplay_tictactoe.py", "--eval-games", "0"),
+    ("selfplay_tictactoe.py", "--time-budget-s", "-5"),
+    ("proposer_solver.py", "--solvers", "0"),
+])
+def test_out_of_range_options_are_refused_before_any_work(tmp_path, script, flag, value):
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), flag, value, "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and f"argument {flag}: {value}: must be >=" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
