@@ -1,10 +1,12 @@
 """The README's walkthrough runs as written, and its main job is the command whose results it reports."""
 
 import importlib.util
+import json
 import re
 import shlex
 
 import click
+import pytest
 import typer.main
 
 from miles_envs.cli.app import app
@@ -34,10 +36,15 @@ def main_job():
     return [shlex.split(part) for part in block.replace("\\\n", " ").split("&&")]
 
 
-def test_the_main_job_is_the_benchmarked_one_and_parses():
+def load_demo_lift():
     loader = importlib.util.spec_from_file_location("demo_lift", REPO / "bench" / "demo_lift.py")
     demo_lift = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(demo_lift)
+    return demo_lift
+
+
+def test_the_main_job_is_the_benchmarked_one_and_parses():
+    demo_lift = load_demo_lift()
     commands = {args[1]: args for args in main_job() if args[0].endswith("miles-envs")}
     assert list(commands) == ["init-model", "train", "plot"]
     init, train, plot = commands["init-model"], commands["train"], commands["plot"]
@@ -53,3 +60,22 @@ def test_the_main_job_is_the_benchmarked_one_and_parses():
     for args in (init, train, plot):  # every option exists and every value has its type
         command = group.get_command(click.Context(group), args[1])
         command.make_context(args[1], list(args[2:]))
+
+
+def test_the_demo_results_section_is_the_bench_output_for_this_command():
+    demo_lift = load_demo_lift()
+    results = REPO / "bench" / "results" / "demo"
+    summary = json.loads((results / "summary.json").read_text())
+    assert " ".join(demo_lift.MAIN_JOB_FLAGS) in summary["command"]  # the stored results are this command's
+    assert len(summary["runs"]) == 3 and {r["seed"] for r in summary["runs"]} == {0, 1, 2}
+    readme = (REPO / "README.md").read_text()
+    start, end = readme.index(demo_lift.README_START), readme.index(demo_lift.README_END) + len(demo_lift.README_END)
+    assert readme[start:end] == demo_lift.readme_section(summary)  # written by `python bench/demo_lift.py --stored`
+    assert (results / demo_lift.PNG).read_bytes().startswith(b"\x89PNG")
+
+
+def test_wilson_interval_matches_known_values():
+    wilson = load_demo_lift().wilson
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
