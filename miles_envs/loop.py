@@ -234,12 +234,30 @@ def append_generation(episode: TokenStream, gen: Generation) -> None:
 
 
 async def with_timeout(awaitable, timeout: float | None, what: str):
+    """``awaitable`` under a deadline, awaited in the calling task (``asyncio.timeout``: no task per
+    call, unlike ``wait_for`` before Python 3.12); a TimeoutError the env raises itself passes as is."""
     if timeout is None:
         return await awaitable
+    if _deadline is None:  # Python 3.10
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(_env_timeout(what, timeout)) from None
+    deadline = _deadline(timeout)
     try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"env {what}() did not finish within {timeout}s (LoopConfig.env_timeout)") from None
+        async with deadline:
+            return await awaitable
+    except TimeoutError:
+        if deadline.expired():
+            raise TimeoutError(_env_timeout(what, timeout)) from None
+        raise
+
+
+_deadline = getattr(asyncio, "timeout", None)
+
+
+def _env_timeout(what: str, timeout: float) -> str:
+    return f"env {what}() did not finish within {timeout}s (LoopConfig.env_timeout)"
 
 
 def episode_key(task_index: int, member: int) -> str:
