@@ -5,8 +5,9 @@ pre-tokenizer's regular expression and the per-call pipeline, while the pre-toke
 digits, punctuation runs, whitespace) repeat endlessly across tool results and prompts. For the
 common byte-level BPE layout (added tokens, then Split regexes with ``Isolated`` behaviour, then
 ``ByteLevel`` without its own regex, then BPE) ``PieceEncoder`` does the same steps itself: added
-tokens are cut out, the text is split with the tokenizer's own patterns (the ``regex`` module reads
-them as written), and each pre-token's ids come from a cache filled by the tokenizer's own BPE model.
+tokens are cut out, the text is split with the tokenizer's own patterns (Unicode properties spelled
+out as the ASCII characters they hold, for ``re``), and each pre-token's ids come from a cache filled
+by the tokenizer's own BPE model.
 
 Only text of printable ASCII, tab, newline and carriage return is taken: there the normaliser (none
 or Unicode normal forms) changes nothing and the pattern engines agree on every character class;
@@ -119,9 +120,46 @@ def _split_patterns(backend: Any) -> list[Any] | None:
         if step.get("type") != "Split" or step.get("behavior") != "Isolated" or step.get("invert"):
             return None
         pattern = step["pattern"]
-        source = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
-        patterns.append(regex.compile(f"({source})"))
+        patterns.append(_compile(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])))
     return patterns
+
+
+def _compile(source: str) -> Any:
+    """The pattern with one capturing group: through ``re`` with Unicode properties spelled out as the
+    ASCII characters they hold (2-3x faster than the ``regex`` module), else as written through ``regex``."""
+    translated = _ascii_pattern(source)
+    if translated is not None:
+        try:
+            return re.compile(f"({translated})")
+        except re.error:
+            pass
+    return regex.compile(f"({source})")
+
+
+_TOKEN = re.compile(r"\\[pP]\{\w+\}|\\.|\[\^?\]?|\]|[^\\\[\]]+", re.S)
+
+
+def _ascii_pattern(source: str) -> str | None:
+    """``source`` for plain ASCII text with each ``\\p{..}`` replaced by its ASCII members (None: a form not handled)."""
+    plain = [chr(code) for code in _plain_codes()]
+    out, in_class = [], False
+    for token in _TOKEN.findall(source):
+        if token[:2] in ("\\p", "\\P"):
+            if len(token) == 2:
+                return None  # a property spelled other than \p{Name}
+            members = "".join(map(re.escape, (c for c in plain if regex.fullmatch(token, c))))
+            if in_class and token[1] == "P":
+                return None  # a negated property inside a class has no plain spelling
+            out.append(members if in_class else f"[{members}]" if members else "(?!)")
+        elif token.startswith("["):
+            if in_class:
+                return None  # a nested class: not in re's syntax
+            in_class = True
+            out.append(token)
+        else:
+            in_class = in_class and token != "]"
+            out.append(token)
+    return "".join(out)
 
 
 def _identity_on_ascii(config: dict) -> bool:

@@ -91,3 +91,28 @@ def test_added_tokens_that_strip_or_bind_to_words_are_left_to_the_rust_pipeline(
     assert pieces.encode("a<word>b") is None
     text = "<|im_start|>user\n<tool_response>ok</tool_response><|im_end|>\n"
     assert pieces.encode(text) == backend.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("name", list(TEMPLATE_KWARGS))
+def test_patterns_spelled_out_for_ascii_split_like_the_patterns_as_written(name):
+    import json
+    import re
+
+    tok = tokenizer(name)
+    pieces = PieceEncoder.for_backend(tok.backend_tokenizer)
+    config = json.loads(tok.backend_tokenizer.pre_tokenizer.__getstate__())
+    written = [regex.compile(f"({step['pattern']['Regex']})") for step in config["pretokenizers"] if step["type"] == "Split"]
+    assert all(isinstance(p, re.Pattern) for p in pieces.patterns)  # the faster engine is in use
+    chars = ["\t", "\n", "\r", *map(chr, range(0x20, 0x7F))]
+    rng = random.Random(2)
+    for _ in range(3000):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(1, 24)))
+        assert [p.split(text) for p in pieces.patterns] == [p.split(text) for p in written], text
+
+
+def test_pattern_forms_without_a_plain_spelling_keep_the_regex_module():
+    from miles_envs.chat.pieces import _compile
+
+    for source in (r"[^\P{L}x]+", r"[[a-z]&&[^aeiou]]+", r"\p{Script=Latin}+"):
+        assert isinstance(_compile(source), regex.Pattern), source
+    assert _compile(r"\p{L}+").split("ab1c") == regex.compile(r"(\p{L}+)").split("ab1c")
