@@ -18,6 +18,7 @@ good, with a warning, so a layout this reading gets wrong costs speed, never exa
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -124,6 +125,7 @@ def _split_patterns(backend: Any) -> list[Any] | None:
     return patterns
 
 
+@functools.cache  # one translation per pattern per process (each renderer builds an encoder)
 def _compile(source: str) -> Any:
     """The pattern with one capturing group: through ``re`` with Unicode properties spelled out as the
     ASCII characters they hold (2-3x faster than the ``regex`` module), else as written through ``regex``."""
