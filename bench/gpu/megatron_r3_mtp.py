@@ -379,7 +379,7 @@ def main() -> None:
         report.phase("mtp", {"loss_per_step": mtp_loss, "note": "per-sequence trainer, every step on a batch it had not seen"})
         packed, mismatch, overhead = report["mfu"]["packed"], report["mismatch"], report["r3_overhead"]
         report.phase("summary", {  # the headline figures under the keys the README's results table reads
-            "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
+            "card": info["card"], "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
             "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": packed["tokens_per_second"],
             "mfu_r3_on": packed["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
             "r3_overhead_ratio": overhead["ratio_on_over_off"]["ratio"],

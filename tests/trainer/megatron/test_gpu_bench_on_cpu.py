@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from miles_envs.benchrun import megatron_gpu_measures
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -27,6 +29,8 @@ def test_megatron_bench_runs_every_phase_at_tiny_size(tmp_path):
     assert low <= overhead["ratio_on_over_off"]["ratio"] <= high
     assert len(report["mtp"]["loss_per_step"]) == 1 + 2 * 2
     assert report["r3_overhead_ratio"] == overhead["ratio_on_over_off"]["ratio"]
+    measures = {m.name.split(": ", 1)[1]: m.value for m in megatron_gpu_measures(report)}  # the README table reads the file
+    assert measures["step time R3 on ÷ off"] == report["r3_overhead_ratio"] and measures["tokens/s, R3 on"] > 0
 
 
 def test_megatron_bench_time_limit_cuts_loops_short_and_still_writes_every_figure(tmp_path):
