@@ -287,7 +287,11 @@ def gpu_pretrain_measures(data: dict) -> list[Measure]:
 
 
 def gpu_r3_measures(data: dict) -> list[Measure]:
-    summary, machine = field_at(data, "summary"), gpu_machine(data)
+    return r3_rows(field_at(data, "summary"), "R3 on the trained MoE", "seeds", gpu_machine(data))
+
+
+def r3_rows(summary: dict, title: str, repeats: str, machine: str) -> list[Measure]:
+    """k3-KL reduction by R3 per trainer precision, with the mismatch figures behind it."""
     tokens = summary["response_tokens_per_seed"]
     measures = []
     for precision in ("bf16", "fp32"):
@@ -295,13 +299,13 @@ def gpu_r3_measures(data: dict) -> list[Measure]:
         off, on = summary[f"{precision}_without_r3"], summary[f"{precision}_with_r3"]
         low, high = reduction["ci95"]
         measures.append(Measure(
-            f"R3 on the trained MoE: k3_kl reduction, bf16 rollout vs {precision} trainer", reduction["ratio"], "×",
+            f"{title}: k3_kl reduction, bf16 rollout vs {precision} trainer", reduction["ratio"], "×",
             Target("≥ 3 with a 95% CI above 1", lambda v, low=low: v >= 3 and low > 1),
-            f"95% CI [{low:.2f}, {high:.2f}] over {reduction['n']} seeds × {min(tokens)}+ response tokens; k3_kl "
-            f"{off['k3_kl']['mean']:.1e} → {on['k3_kl']['mean']:.1e}; mean |Δlogprob| {off['mean_abs_delta']['mean']:.4f} → "
-            f"{on['mean_abs_delta']['mean']:.4f}; |Δ| > ln 2: {off['extreme_frac']['mean']:.1e} → {on['extreme_frac']['mean']:.1e}; "
-            f"router disagreement {off['router_disagreement']['mean']:.4f} ({_ci(off['router_disagreement'], digits='.4f')}); "
-            f"{machine}"))
+            f"95% CI [{low:.2f}, {high:.2f}] over {reduction['n']} {repeats}, {min(tokens)}–{max(tokens)} response tokens "
+            f"each; k3_kl {off['k3_kl']['mean']:.1e} → {on['k3_kl']['mean']:.1e}; mean |Δlogprob| "
+            f"{off['mean_abs_delta']['mean']:.4f} → {on['mean_abs_delta']['mean']:.4f}; |Δ| > ln 2: "
+            f"{off['extreme_frac']['mean']:.1e} → {on['extreme_frac']['mean']:.1e}; router disagreement "
+            f"{off['router_disagreement']['mean']:.4f} ({_ci(off['router_disagreement'], digits='.4f')}); {machine}"))
     return measures
 
 
@@ -330,6 +334,8 @@ def gpu_mtp_sft_measures(data: dict) -> list[Measure]:
                 note=f"{_ci(without['change'], 100, '.1f')}; {machine}"),
         Measure(f"trained MoE, {steps} RL steps: accept-rate change, with minus without, in SE", gap and gap["mean"] / gap["se"],
                 "SE", at_least(3), f"{gap and 100 * gap['mean']:.1f} points; {machine}" if gap else "fewer than 2 seeds"),
+        *(r3_rows(summary["r3_after_rl"], f"R3 after {steps}+ RL steps (policy moved)", "RL arms", machine)
+          if summary.get("r3_after_rl") else []),
     ]
 
 
@@ -471,10 +477,10 @@ BENCHES: tuple[Bench, ...] = (
           about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
                 "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
-          results="gpu/run1-r3/gpu_pretrain.json",
+          results="gpu/run4-rl/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "
                 "the model of the R3 rows (all GPU rows: one command, bench/gpu/trained_moe.py)"),
-    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run1-r3/gpu_r3.json",
+    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run4-rl/gpu_r3.json",
           about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
                 "trainer forwards, with and without replay"),
     Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
@@ -482,7 +488,7 @@ BENCHES: tuple[Bench, ...] = (
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
                 "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
-          results="gpu/run3-rl/gpu_mtp_sft.json",
+          results="gpu/run4-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
                 "one GPU"),
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),
