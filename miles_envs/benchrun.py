@@ -261,15 +261,29 @@ def _ci(stats: dict, scale: float = 1.0, digits: str = ".2f") -> str:
 
 def megatron_gpu_measures(data: dict) -> list[Measure]:
     card, machine = field_at(data, "card"), gpu_machine(data)
-    return [
-        Measure(f"Megatron on {card}: step time, R3 on", field_at(data, "step_seconds_r3_on_median"), "s",
-                note=f"{field_at(data, 'tokens_per_step')} tokens/step; {machine}"),
-        Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s", note=machine),
-        Measure(f"Megatron on {card}: MFU, R3 on", field_at(data, "mfu_r3_on"), note=f"{data.get('mfu_note', '')}; {machine}"),
-        Measure(f"Megatron on {card}: step time R3 on ÷ off", field_at(data, "r3_overhead_ratio"), "×", note=machine),
-        Measure(f"Megatron on {card}: R3 k3_kl reduction (toy model)", field_at(data, "k3_kl_reduction"), "×", None,
-                f"toy: random-init weights scaled ×10 (the ratio follows the scale); {machine}"),
-    ]
+    model = data.get("model") or {}
+    shape = (f"{model.get('num_hidden_layers')} layers, hidden {model.get('hidden_size')}, {model.get('num_experts')} experts "
+             f"top-{model.get('num_experts_per_tok')}; init: {model.get('init', 'unstated')}")
+    mfu, overhead = data.get("mfu") or {}, (data.get("r3_overhead") or {}).get("ratio_on_over_off")
+    measures = [Measure(f"Megatron on {card}: step time, R3 on", field_at(data, "step_seconds_r3_on_median"), "s",
+                        note=f"{field_at(data, 'tokens_per_step')} tokens/step, fresh rollouts every step; {shape}; {machine}"),
+                Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s",
+                        note=machine)]
+    for variant, label in (("dense", "masked attention over packed rows (before)"),
+                           ("packed", "per-sequence attention (after)")):
+        if variant in mfu:
+            measured = mfu[variant].get("mfu_vs_measured_matmul")
+            measures.append(Measure(
+                f"Megatron on {card}: MFU, {label}", mfu[variant]["mfu_vs_datasheet"], "", at_least(0.15),
+                f"{len(mfu[variant]['steps'])} timed step(s); "
+                + (f"{measured:.4f} of the bf16 matmul peak measured on the card; " if measured is not None else "")
+                + f"{data.get('mfu_formula', data.get('mfu_note', ''))}; {machine}"))
+    if overhead:
+        measures.append(Measure(f"Megatron on {card}: step time R3 on ÷ off", overhead["ratio"], "×",
+                                note=f"{_ci(overhead)} over {overhead['n']} interleaved pairs; {machine}"))
+    measures.append(Measure(f"Megatron on {card}: R3 k3_kl reduction (toy model)", field_at(data, "k3_kl_reduction"), "×", None,
+                            f"toy: {model.get('init', 'random-init weights scaled')} (the ratio follows the init); {machine}"))
+    return measures
 
 
 def gpu_pretrain_measures(data: dict) -> list[Measure]:
@@ -329,7 +343,9 @@ def gpu_mtp_sft_measures(data: dict) -> list[Measure]:
     gap = summary["accept_change_gap_with_minus_without"]
     return [
         Measure(f"trained MoE, {steps} RL steps: accept rate change with MTP-SFT", 100 * with_sft["change"]["mean"], "points",
-                Target("within ±2", lambda v: abs(v) <= 2), f"{_ci(with_sft['change'], 100, '.1f')}; {machine}"),
+                Target("within ±2, 95% CI inside", lambda v, ci=with_sft["change"]["ci95"]: max(map(abs, ci)) <= 0.02),
+                f"{_ci(with_sft['change'], 100, '.1f')}; per seed {', '.join(f'{100 * v:+.1f}' for v in with_sft['change']['values'])}; "
+                f"{machine}"),
         Measure(f"trained MoE, {steps} RL steps: accept rate change without MTP-SFT", 100 * without["change"]["mean"], "points",
                 note=f"{_ci(without['change'], 100, '.1f')}; {machine}"),
         Measure(f"trained MoE, {steps} RL steps: accept-rate change, with minus without, in SE", gap and gap["mean"] / gap["se"],
@@ -472,7 +488,9 @@ BENCHES: tuple[Bench, ...] = (
           about="toy: draft accept rate over GRPO steps on a random-init tiny MoE (one seed), MTP layer trained "
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
-          about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+          results="gpu/run5-megatron/megatron_r3_mtp.json",
+          about="Megatron-core backend on one GPU, the trained MoE's shape (random-init stand-in), fresh rollouts "
+                "every step (run there, never by this command; its results file is read)"),
     Bench("async_speedup", "async_speedup.py", async_speedup_measures,
           about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
                 "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),

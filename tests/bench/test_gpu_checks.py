@@ -132,9 +132,14 @@ def test_spec_row_needs_the_interval_above_one():
 
 def test_mtp_sft_rows_report_the_gap_in_standard_errors():
     def change(mean, se):
-        return {"change": {"mean": mean, "se": se, "ci95": [mean - 3 * se, mean + 3 * se]}}
+        return {"change": {"mean": mean, "se": se, "ci95": [mean - 3 * se, mean + 3 * se], "values": [mean - se, mean + se]}}
 
-    summary = {"steps_compared": 50, "with_mtp_sft": {"accept_rate": change(-0.01, 0.005)},
+    wide = gpu_mtp_sft_measures({"machine": MACHINE, "summary": {
+        "steps_compared": 50, "with_mtp_sft": {"accept_rate": change(-0.01, 0.05)},
+        "without_mtp_sft": {"accept_rate": change(-0.05, 0.005)}, "accept_change_gap_with_minus_without": None}})[0]
+    assert wide.value == pytest.approx(-1.0) and not wide.met  # a mean inside ±2 with seeds far apart is not shown
+
+    summary = {"steps_compared": 50, "with_mtp_sft": {"accept_rate": change(-0.01, 0.002)},
                "without_mtp_sft": {"accept_rate": change(-0.05, 0.005)},
                "accept_change_gap_with_minus_without": {"mean": 0.04, "se": 0.01}}
     with_sft, without, gap = gpu_mtp_sft_measures({"machine": MACHINE, "summary": summary})
