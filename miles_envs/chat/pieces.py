@@ -21,21 +21,20 @@ from __future__ import annotations
 import functools
 import json
 import re
-import warnings
 from typing import Any
 
 import regex
+
+from miles_envs.chat.spot_check import SpotChecked
 
 _PLAIN = re.compile(r"[\t\n\r\x20-\x7e]*")
 _NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}  # identities on ASCII
 
 
-class PieceEncoder:
+class PieceEncoder(SpotChecked):
     def __init__(self, backend: Any, patterns: list[Any], size: int = 1 << 16, verify_every: int = 256) -> None:
         self.backend, self.patterns = backend, patterns
         self.size, self.verify_every = size, verify_every
-        self.enabled = True
-        self.calls = 0
         self._model = backend.model
         self._ids: dict[str, list[int]] = {}
         byte_level = _byte_level()
@@ -61,16 +60,11 @@ class PieceEncoder:
         ids = self._encode(text)
         if ids is None:
             return None
-        self.calls += 1
-        if self.calls == 1 or self.calls % self.verify_every == 0:
-            whole = self.backend.encode(text, add_special_tokens=False).ids
-            if ids != whole:
-                self.enabled = False
-                self._ids.clear()
-                warnings.warn("this tokenizer does not tokenise plain text the way its configuration reads; per-word reuse "
-                              "turned off (tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=3)
-                return whole
-        return ids
+        return self.spot_checked(ids, lambda: self.backend.encode(text, add_special_tokens=False).ids,
+                                 "this tokenizer does not tokenise plain text the way its configuration reads: per-word reuse")
+
+    def forget(self) -> None:
+        self._ids.clear()
 
     def _encode(self, text: str) -> list[int] | None:
         ids: list[int] = []
