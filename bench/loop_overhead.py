@@ -199,29 +199,42 @@ def _median_row(runs: list[dict], keys: tuple[str, ...]) -> dict:
 # ----------------------------------------------------------------------------- part 2: through HTTP
 
 
-def serve(env_name: str, latency_ms: float) -> None:
-    """Child process: the protocol server with the env's scripted policy."""
+def serve(env_name: str, latency_ms: float, port: int) -> None:
+    """Child process: the protocol server with the env's scripted policy (one of several on the port)."""
     from miles_envs.agents.protocol_server import ProtocolServer
-    from miles_envs.serving import run_forever
+    from miles_envs.serving import ServerLimits, run_forever
 
     policy = ENVS[env_name][1] if env_name in ENVS else (lambda context: ScriptedReply("ok"))
-    server = ProtocolServer(ScriptedEngine(load_tokenizer("qwen3"), policy), latency_s=latency_ms / 1e3)
+    server = ProtocolServer(ScriptedEngine(load_tokenizer("qwen3"), policy), port=port, latency_s=latency_ms / 1e3,
+                            limits=ServerLimits(reuse_port=True))
     run_forever(server, lambda s: print(f"listening on {s.url}", flush=True))
 
 
 class ServerChild:
-    def __init__(self, env_name: str, latency_ms: float = 0.0) -> None:
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", env_name, "--latency-ms", str(latency_ms)],
-                                        stdout=subprocess.PIPE, text=True)
-        self.url = re.search(r"(http://\S+)", self.process.stdout.readline()).group(1)
+    """``workers`` server processes on one port (the kernel spreads connections among them)."""
+
+    def __init__(self, env_name: str, latency_ms: float = 0.0, workers: int = 1) -> None:
+        self.processes: list[subprocess.Popen] = []
+        port = 0
+        for _ in range(workers):
+            process = subprocess.Popen([sys.executable, __file__, "--serve", env_name, "--latency-ms", str(latency_ms),
+                                        "--port", str(port)], stdout=subprocess.PIPE, text=True)
+            self.processes.append(process)
+            self.url = re.search(r"(http://\S+)", process.stdout.readline()).group(1)
+            port = int(self.url.rsplit(":", 1)[1])
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0
+        for process in self.processes:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(30)
 
 
 def http_turn(name: str, episodes: int, tokenizer, server: ServerChild) -> dict:
@@ -340,11 +353,11 @@ class FixedTurns(FixedEnv):
         return [user("again")], 1.0, self.t >= self.turns, False, {}
 
 
-def concurrent_episodes(episodes: int, turns: int, event_loop: str, max_loop_lag: float | None) -> dict:
+def concurrent_episodes(episodes: int, turns: int, event_loop: str, max_loop_lag: float | None, server_workers: int) -> dict:
     """The rollout process runs on ``event_loop`` (uvloop is what production rollout and SGLang servers use)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    server = ServerChild("Fixed observation", latency_ms=50)
+    server = ServerChild("Fixed observation", latency_ms=50, workers=server_workers)
     try:
         if event_loop == "uvloop":
             import uvloop
@@ -352,7 +365,7 @@ def concurrent_episodes(episodes: int, turns: int, event_loop: str, max_loop_lag
             result = uvloop.run(_concurrent(server, episodes, turns, max_loop_lag))
         else:
             result = asyncio.run(_concurrent(server, episodes, turns, max_loop_lag))
-        return {**result, "event_loop": event_loop, "load_average": os.getloadavg()}
+        return {**result, "event_loop": event_loop, "server_workers": server_workers, "load_average": os.getloadavg()}
     finally:
         server.close()
 
@@ -370,9 +383,12 @@ def main() -> None:
                         help="event loop of the rollout process in the concurrent part (the CLI's is asyncio)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--server-workers", type=int, default=1,
+                        help="protocol server processes on one port in the concurrent part (more cores: keep the test server from being the bound)")
     args = parser.parse_args()
     if args.serve:
-        return serve(args.serve, args.latency_ms)
+        return serve(args.serve, args.latency_ms, args.port)
     tokenizer = load_tokenizer("qwen3")
     in_process = {}
     for name in ENVS:
@@ -390,8 +406,8 @@ def main() -> None:
         through_http[name] = _median_row(runs, ("client_us", "server_us", "full_turn_us"))
         env_us = in_process[name]["env_us"]  # the env's own CPU, measured in part 1
         through_http[name].update(env_us=env_us, full_turn_without_env_us=through_http[name]["full_turn_us"] - env_us)
-    concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop, LoopConfig().max_loop_lag)
-    unpaced = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop, None)
+    concurrent = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop, LoopConfig().max_loop_lag, args.server_workers)
+    unpaced = concurrent_episodes(args.concurrent, args.concurrent_turns, args.event_loop, None, args.server_workers)
     report(in_process, through_http, concurrent, unpaced, args)
 
 

@@ -261,15 +261,29 @@ def _ci(stats: dict, scale: float = 1.0, digits: str = ".2f") -> str:
 
 def megatron_gpu_measures(data: dict) -> list[Measure]:
     card, machine = field_at(data, "card"), gpu_machine(data)
-    return [
-        Measure(f"Megatron on {card}: step time, R3 on", field_at(data, "step_seconds_r3_on_median"), "s",
-                note=f"{field_at(data, 'tokens_per_step')} tokens/step; {machine}"),
-        Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s", note=machine),
-        Measure(f"Megatron on {card}: MFU, R3 on", field_at(data, "mfu_r3_on"), note=f"{data.get('mfu_note', '')}; {machine}"),
-        Measure(f"Megatron on {card}: step time R3 on ÷ off", field_at(data, "r3_overhead_ratio"), "×", note=machine),
-        Measure(f"Megatron on {card}: R3 k3_kl reduction (toy model)", field_at(data, "k3_kl_reduction"), "×", None,
-                f"toy: random-init weights scaled ×10 (the ratio follows the scale); {machine}"),
-    ]
+    model = data.get("model") or {}
+    shape = (f"{model.get('num_hidden_layers')} layers, hidden {model.get('hidden_size')}, {model.get('num_experts')} experts "
+             f"top-{model.get('num_experts_per_tok')}; init: {model.get('init', 'unstated')}")
+    mfu, overhead = data.get("mfu") or {}, (data.get("r3_overhead") or {}).get("ratio_on_over_off")
+    measures = [Measure(f"Megatron on {card}: step time, R3 on", field_at(data, "step_seconds_r3_on_median"), "s",
+                        note=f"{field_at(data, 'tokens_per_step')} tokens/step, fresh rollouts every step; {shape}; {machine}"),
+                Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s",
+                        note=machine)]
+    for variant, label in (("dense", "masked attention over packed rows (before)"),
+                           ("packed", "per-sequence attention (after)")):
+        if variant in mfu:
+            measured = mfu[variant].get("mfu_vs_measured_matmul")
+            measures.append(Measure(
+                f"Megatron on {card}: MFU, {label}", mfu[variant]["mfu_vs_datasheet"], "", at_least(0.15),
+                f"{len(mfu[variant]['steps'])} timed step(s); "
+                + (f"{measured:.4f} of the bf16 matmul peak measured on the card; " if measured is not None else "")
+                + f"{data.get('mfu_formula', data.get('mfu_note', ''))}; {machine}"))
+    if overhead:
+        measures.append(Measure(f"Megatron on {card}: step time R3 on ÷ off", overhead["ratio"], "×",
+                                note=f"{_ci(overhead)} over {overhead['n']} interleaved pairs; {machine}"))
+    measures.append(Measure(f"Megatron on {card}: R3 k3_kl reduction (toy model)", field_at(data, "k3_kl_reduction"), "×", None,
+                            f"toy: {model.get('init', 'random-init weights scaled')} (the ratio follows the init); {machine}"))
+    return measures
 
 
 def gpu_pretrain_measures(data: dict) -> list[Measure]:
@@ -287,7 +301,11 @@ def gpu_pretrain_measures(data: dict) -> list[Measure]:
 
 
 def gpu_r3_measures(data: dict) -> list[Measure]:
-    summary, machine = field_at(data, "summary"), gpu_machine(data)
+    return r3_rows(field_at(data, "summary"), "R3 on the trained MoE", "seeds", gpu_machine(data))
+
+
+def r3_rows(summary: dict, title: str, repeats: str, machine: str) -> list[Measure]:
+    """k3-KL reduction by R3 per trainer precision, with the mismatch figures behind it."""
     tokens = summary["response_tokens_per_seed"]
     measures = []
     for precision in ("bf16", "fp32"):
@@ -295,13 +313,13 @@ def gpu_r3_measures(data: dict) -> list[Measure]:
         off, on = summary[f"{precision}_without_r3"], summary[f"{precision}_with_r3"]
         low, high = reduction["ci95"]
         measures.append(Measure(
-            f"R3 on the trained MoE: k3_kl reduction, bf16 rollout vs {precision} trainer", reduction["ratio"], "×",
+            f"{title}: k3_kl reduction, bf16 rollout vs {precision} trainer", reduction["ratio"], "×",
             Target("≥ 3 with a 95% CI above 1", lambda v, low=low: v >= 3 and low > 1),
-            f"95% CI [{low:.2f}, {high:.2f}] over {reduction['n']} seeds × {min(tokens)}+ response tokens; k3_kl "
-            f"{off['k3_kl']['mean']:.1e} → {on['k3_kl']['mean']:.1e}; mean |Δlogprob| {off['mean_abs_delta']['mean']:.4f} → "
-            f"{on['mean_abs_delta']['mean']:.4f}; |Δ| > ln 2: {off['extreme_frac']['mean']:.1e} → {on['extreme_frac']['mean']:.1e}; "
-            f"router disagreement {off['router_disagreement']['mean']:.4f} ({_ci(off['router_disagreement'], digits='.4f')}); "
-            f"{machine}"))
+            f"95% CI [{low:.2f}, {high:.2f}] over {reduction['n']} {repeats}, {min(tokens)}–{max(tokens)} response tokens "
+            f"each; k3_kl {off['k3_kl']['mean']:.1e} → {on['k3_kl']['mean']:.1e}; mean |Δlogprob| "
+            f"{off['mean_abs_delta']['mean']:.4f} → {on['mean_abs_delta']['mean']:.4f}; |Δ| > ln 2: "
+            f"{off['extreme_frac']['mean']:.1e} → {on['extreme_frac']['mean']:.1e}; router disagreement "
+            f"{off['router_disagreement']['mean']:.4f} ({_ci(off['router_disagreement'], digits='.4f')}); {machine}"))
     return measures
 
 
@@ -325,11 +343,15 @@ def gpu_mtp_sft_measures(data: dict) -> list[Measure]:
     gap = summary["accept_change_gap_with_minus_without"]
     return [
         Measure(f"trained MoE, {steps} RL steps: accept rate change with MTP-SFT", 100 * with_sft["change"]["mean"], "points",
-                Target("within ±2", lambda v: abs(v) <= 2), f"{_ci(with_sft['change'], 100, '.1f')}; {machine}"),
+                Target("within ±2, 95% CI inside", lambda v, ci=with_sft["change"]["ci95"]: max(map(abs, ci)) <= 0.02),
+                f"{_ci(with_sft['change'], 100, '.1f')}; per seed {', '.join(f'{100 * v:+.1f}' for v in with_sft['change']['values'])}; "
+                f"{machine}"),
         Measure(f"trained MoE, {steps} RL steps: accept rate change without MTP-SFT", 100 * without["change"]["mean"], "points",
                 note=f"{_ci(without['change'], 100, '.1f')}; {machine}"),
         Measure(f"trained MoE, {steps} RL steps: accept-rate change, with minus without, in SE", gap and gap["mean"] / gap["se"],
                 "SE", at_least(3), f"{gap and 100 * gap['mean']:.1f} points; {machine}" if gap else "fewer than 2 seeds"),
+        *(r3_rows(summary["r3_after_rl"], f"R3 after {steps}+ RL steps (policy moved)", "RL arms", machine)
+          if summary.get("r3_after_rl") else []),
     ]
 
 
@@ -466,15 +488,17 @@ BENCHES: tuple[Bench, ...] = (
           about="toy: draft accept rate over GRPO steps on a random-init tiny MoE (one seed), MTP layer trained "
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
-          about="Megatron-core backend on one GPU (run there, never by this command; its results file is read)"),
+          results="gpu/run5-megatron/megatron_r3_mtp.json",
+          about="Megatron-core backend on one GPU, the trained MoE's shape (random-init stand-in), fresh rollouts "
+                "every step (run there, never by this command; its results file is read)"),
     Bench("async_speedup", "async_speedup.py", async_speedup_measures,
           about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
                 "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
-          results="gpu/run1-r3/gpu_pretrain.json",
+          results="gpu/run4-rl/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "
                 "the model of the R3 rows (all GPU rows: one command, bench/gpu/trained_moe.py)"),
-    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run1-r3/gpu_r3.json",
+    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run4-rl/gpu_r3.json",
           about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
                 "trainer forwards, with and without replay"),
     Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
@@ -482,7 +506,7 @@ BENCHES: tuple[Bench, ...] = (
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
                 "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
-          results="gpu/run3-rl/gpu_mtp_sft.json",
+          results="gpu/run4-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
                 "one GPU"),
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),

@@ -122,6 +122,10 @@ async def run_episode(
             messages.extend(obs)
             episode = TokenStream(renderer.prompt_ids(messages, tools=tools))
             stop_ids = sorted(set(config.sampling.stop_token_ids) | set(renderer.stop_token_ids))
+            episode_sampling = replace(
+                config.sampling, stop_token_ids=stop_ids,
+                seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
+            )
             max_turns = config.max_turns or env.max_turns
             turns = 0
         while True:
@@ -129,12 +133,9 @@ async def run_episode(
             if budget <= 0:
                 status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
                 break
-            sampling = replace(
-                config.sampling,
-                max_new_tokens=min(config.sampling.max_new_tokens, budget),
-                stop_token_ids=stop_ids,
-                seed=sampling_seed if sampling_seed is not None else config.sampling.seed,
-            )
+            sampling = episode_sampling  # the reply may not run past the context
+            if budget < sampling.max_new_tokens:
+                sampling = replace(sampling, max_new_tokens=budget)
             started = time.perf_counter()
             try:  # no admission slot is held across the engine call: the engine bounds its own requests
                 gen = await engine.generate(
@@ -233,12 +234,30 @@ def append_generation(episode: TokenStream, gen: Generation) -> None:
 
 
 async def with_timeout(awaitable, timeout: float | None, what: str):
+    """``awaitable`` under a deadline, awaited in the calling task (``asyncio.timeout``: no task per
+    call, unlike ``wait_for`` before Python 3.12); a TimeoutError the env raises itself passes as is."""
     if timeout is None:
         return await awaitable
+    if _deadline is None:  # Python 3.10
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(_env_timeout(what, timeout)) from None
+    deadline = _deadline(timeout)
     try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"env {what}() did not finish within {timeout}s (LoopConfig.env_timeout)") from None
+        async with deadline:
+            return await awaitable
+    except TimeoutError:
+        if deadline.expired():
+            raise TimeoutError(_env_timeout(what, timeout)) from None
+        raise
+
+
+_deadline = getattr(asyncio, "timeout", None)
+
+
+def _env_timeout(what: str, timeout: float) -> str:
+    return f"env {what}() did not finish within {timeout}s (LoopConfig.env_timeout)"
 
 
 def episode_key(task_index: int, member: int) -> str:

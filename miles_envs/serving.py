@@ -38,6 +38,8 @@ class ServerLimits:
     keep_alive_s: float = 75.0  # idle keep-alive connections are closed after this (clients pool longer-lived ones)
     graceful_shutdown_s: float = 10.0  # running requests get this long to finish on stop
     backlog: int = 4096
+    # several processes may serve one port (SO_REUSEPORT, Linux): the kernel spreads new connections among them
+    reuse_port: bool = False
 
 
 # ----------------------------------------------------------------------------- replies
@@ -224,6 +226,8 @@ class HTTPServer:
     async def start(self) -> HTTPServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server takes its port back at once
+        if self.limits.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.host, self.port))
         sock.listen(self.limits.backlog)
         sock.setblocking(False)

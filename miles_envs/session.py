@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import uuid
 from dataclasses import dataclass, field, replace
@@ -92,6 +93,7 @@ class RolloutSession:
                 "use continue or drain"
             )
         self.stats = SessionStats()
+        self._rid_prefix, self._rids = uuid.uuid4().hex, itertools.count()  # unique request ids without a uuid each
         self._running: set[str] = set()
         self._aborted_by_update: set[str] = set()
         self._open = asyncio.Event()
@@ -120,9 +122,10 @@ class RolloutSession:
         kept: list[int] = []
         start = routed_experts_start
         while True:
-            request_rid = rid if rid is not None and not pieces else uuid.uuid4().hex
+            request_rid = rid if rid is not None and not pieces else f"{self._rid_prefix}-{next(self._rids)}"
             gen = await self._submit(
-                [*input_ids, *kept] if kept else input_ids, replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)),
+                [*input_ids, *kept] if kept else input_ids,
+                replace(sampling, max_new_tokens=sampling.max_new_tokens - len(kept)) if kept else sampling,
                 return_routed_experts=return_routed_experts, routed_experts_start=start, lora=lora, rid=request_rid,
             )
             aborted_by_update = self._take_update_abort(request_rid)

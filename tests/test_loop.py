@@ -119,6 +119,33 @@ def test_env_exception_fails_the_episode_with_its_traceback(qwen3, renderer):
     t.validate()
 
 
+class SlowEnv(Env):
+    """A step that takes ``wait_s``, or raises a TimeoutError of its own."""
+
+    def __init__(self, wait_s: float = 0.0, own_timeout: bool = False) -> None:
+        self.wait_s, self.own_timeout = wait_s, own_timeout
+
+    async def areset(self, seed=None, options=None):
+        return [user("go")], {}
+
+    async def astep(self, action):
+        if self.own_timeout:
+            raise TimeoutError("upstream quota service timed out")
+        await asyncio.sleep(self.wait_s)
+        return [user("late")], 1.0, True, False, {}
+
+
+def test_env_step_past_the_timeout_fails_the_episode_and_an_envs_own_timeout_keeps_its_message(qwen3, renderer):
+    parser, engine = get_parser("hermes"), ScriptedEngine(qwen3, ["hi"])
+    t = asyncio.run(run_episode(SlowEnv(wait_s=30), engine, renderer, parser, LoopConfig(env_timeout=0.05)))
+    assert t.status is Status.FAILED and "env step() did not finish within 0.05s (LoopConfig.env_timeout)" in t.error
+    t = asyncio.run(run_episode(SlowEnv(own_timeout=True), engine, renderer, parser, LoopConfig(env_timeout=5)))
+    assert t.status is Status.FAILED and "TimeoutError: upstream quota service timed out" in t.error
+    assert "did not finish within" not in t.error
+    t = asyncio.run(run_episode(SlowEnv(wait_s=0.01), engine, renderer, parser, LoopConfig(env_timeout=5)))
+    assert t.status is Status.COMPLETED and t.reward == 1.0
+
+
 def test_engine_abort_and_transport_errors_give_aborted(qwen3, renderer):
     t = asyncio.run(run_episode(make("miles/Echo-v0"), AbortingEngine(), renderer, get_parser("hermes"), LoopConfig()))
     assert t.status is Status.ABORTED and t.error == "server shutting down"

@@ -83,3 +83,23 @@ async def test_fault_layer_applies_faults_in_arrival_order_then_passes_through()
             with pytest.raises(httpx.RemoteProtocolError):  # headers promise 2 bytes, 1 arrives, then the close
                 await client.post("/", content=b"1234567890")
             assert (await client.post("/", content=b"12345678")).text == "8"
+
+
+async def test_servers_sharing_a_port_with_reuse_port_both_take_connections():
+    def named(name):
+        async def app(scope, receive, send):
+            await read_body(receive)
+            await send_reply(send, 200, name, b"text/plain")
+        return app
+
+    limits = ServerLimits(reuse_port=True)
+    async with HTTPServer(named(b"first"), limits=limits) as first:
+        async with HTTPServer(named(b"second"), port=first.port, limits=limits) as second:
+            assert second.port == first.port
+            answers = set()
+            for _ in range(64):  # the kernel spreads new connections by their address hash
+                async with httpx.AsyncClient(base_url=first.url) as client:
+                    answers.add((await client.post("/", content=b"x")).content)
+            assert answers == {b"first", b"second"}
+        with pytest.raises(OSError):  # without the option the port stays taken
+            await HTTPServer(named(b"third"), port=first.port).start()

@@ -13,8 +13,12 @@ megatron DDP + optimizer), R3 and MTP-SFT on. Phases, each written to the JSON a
 2. ``mfu``: the same fresh batches through a trainer with megatron's dense masked attention
    (before) and one with per-sequence attention (after), alternating steps; a profiled step of each.
 3. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
-   order (on-off, off-on, ...), each on a fresh batch; the ratio's mean with a bootstrap 95% CI.
+   order (on-off, off-on, ...), each on a fresh batch; the geometric-mean ratio with a 95%
+   t-interval over the pairs.
 4. ``mtp``: the MTP loss of every step of the per-sequence trainer, in order.
+
+``--time-limit`` bounds the whole run: the timed loops stop early (the JSON says how many steps
+and pairs ran) so that the results file is complete before an outer timeout would kill the process.
 
 MFU = FLOPs per step / step time / the card's dense bf16 peak (``H200_SXM_BF16_DENSE_PEAK``, the
 datasheet figure; the bf16 matmul peak measured on the card is reported beside it). FLOPs per step = 6 x active
@@ -22,7 +26,8 @@ parameters x tokens (experts weighted top-k/E, the tied vocabulary head counted 
 main head and MTP head; the embedding lookup not counted) + causal attention 12 x heads x head_dim
 x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
 
-    python bench/gpu/megatron_r3_mtp.py --out bench/results/megatron_r3_mtp.json
+    python bench/gpu/megatron_r3_mtp.py --time-limit 150 --samples 128 --max-running 8192 \
+        --out bench/results/megatron_r3_mtp.json
     python bench/gpu/megatron_r3_mtp.py --tiny --device cpu --out /tmp/megatron_r3_mtp.json
 """
 
@@ -39,12 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from common import machine, ratio_ci  # noqa: E402
 from r3_mismatch import PROMPTS, measure, rollout, sharpened_model  # noqa: E402
 
 from miles_envs.trainer import TrainerConfig  # noqa: E402
@@ -217,13 +222,14 @@ def profiled_step(trainer, batch: list, device: str) -> dict:
     }
 
 
-def ratio_ci(ratios: list[float], seed: int = 0) -> dict:
-    """Mean of per-pair ratios with a bootstrap 95% interval (10,000 resamples)."""
-    values = np.array(ratios)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (10_000, len(values)))].mean(1)
-    return {"mean": float(values.mean()), "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
-            "pairs": len(values)}
+class Clock:
+    """The run's time limit: the timed loops ask it whether another step still fits."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.end = time.perf_counter() + limit_s
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
 
 
 def make_trainer(hf_config, hf_weights, args, attention: str):
@@ -250,40 +256,101 @@ def megatron_here(device: str):
         yield
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model and batches, to try the script")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--samples", type=int, default=64, help="trajectories per step")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per attention path")
     parser.add_argument("--pairs", type=int, default=16, help="R3 on/off pairs")
     parser.add_argument("--row-tokens", type=int, default=8192)
     parser.add_argument("--rows-per-micro-batch", type=int, default=2)
-    parser.add_argument("--max-running", type=int, default=1024)
+    parser.add_argument("--max-running", type=int, default=4096, help="engine rows decoded together (all rollouts in one wave)")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--expert-scale", type=float, default=10.0)
     parser.add_argument("--head-scale", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-limit", type=float, default=1e9, help="seconds for the whole run; loops stop early to fit")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "megatron_r3_mtp.json"))
     args = parser.parse_args()
     args.shape = "tiny" if args.tiny else "medium"
     if args.tiny:
         args.samples, args.max_new_tokens, args.row_tokens = min(args.samples, 8), min(args.max_new_tokens, 12), min(args.row_tokens, 512)
+    return args
 
-    import megatron.core
-    import transformers
+
+def tokens(batch: list) -> int:
+    return sum(len(t.tokens) - 1 for t in batch)
+
+
+def mfu_phase(report: Report, before, after, fresh, args, clock: Clock, reserve_s) -> list:
+    """Alternating timed steps of the dense (before) and per-sequence (after) trainers; returns the
+    after-trainer's MTP losses. A step pair runs while the time left exceeds ``reserve_s()``."""
+    steps, mtp_loss = {"dense": [], "packed": []}, []
+    trainers = (("dense", before), ("packed", after))
+    for _, trainer in trainers:
+        timed_step(trainer, next(fresh), args.device)  # warm-up
+    for step in range(args.mfu_steps):
+        if step and clock.left() < reserve_s(steps):
+            break
+        for name, trainer in trainers:
+            batch = next(fresh)
+            seconds, metrics = timed_step(trainer, batch, args.device)
+            steps[name].append({"seconds": seconds, "tokens": tokens(batch), "flops": step_flops(trainer, batch)})
+            if name == "packed":
+                mtp_loss.append(metrics.get("mtp/loss"))
+    peak, measured = report["peak_bf16_dense_flops"], report["measured_matmul_peak_flops"]
+    summary = {}
+    for name, timed in steps.items():
+        seconds = sum(s["seconds"] for s in timed)
+        flops_per_s = sum(s["flops"] for s in timed) / seconds
+        summary[name] = {"step_seconds_median": statistics.median(s["seconds"] for s in timed),
+                         "tokens_per_second": sum(s["tokens"] for s in timed) / seconds, "tflops_per_second": flops_per_s / 1e12,
+                         "mfu_vs_datasheet": flops_per_s / peak if peak else None,
+                         "mfu_vs_measured_matmul": flops_per_s / measured if measured else None, "steps": timed}
+    summary["attention"] = {"dense": "before: megatron's masked attention, block-diagonal causal mask over each packed row",
+                            "packed": "after: causal SDPA per sequence (padded [sequences, L_max] batch)"}
+    report.phase("mfu", summary)
+    return mtp_loss
+
+
+def r3_phase(report: Report, trainer, fresh, args, clock: Clock, mtp_loss: list) -> None:
+    """``--pairs`` interleaved on/off pairs (fewer when the time limit comes first)."""
+    on, off = [], []
+    for pair in range(-1, args.pairs):  # pair -1 warms both paths up
+        if pair > 0 and clock.left() < 2.5 * (on[-1] + off[-1]):
+            break
+        order = (True, False) if pair % 2 == 0 else (False, True)
+        times = {}
+        for replay in order:
+            batch = next(fresh)
+            times[replay], metrics = timed_step(trainer, batch if replay else without_traces(batch), args.device)
+            if pair >= 0:
+                mtp_loss.append(metrics.get("mtp/loss"))
+        if pair >= 0:
+            on.append(times[True])
+            off.append(times[False])
+    report.phase("r3_overhead", {"ratio_on_over_off": ratio_ci(on, off), "seconds_on": on, "seconds_off": off,
+                                 "pairs_planned": args.pairs,
+                                 "order": "alternating on-off / off-on, a fresh batch every step",
+                                 "ci": "geometric mean of the per-pair ratios, 95% t-interval on their logs"})
+
+
+def main() -> None:
+    args = parse_args()
+    clock = Clock(args.time_limit)
+    import megatron.core  # noqa: F401  (fail before any work when megatron-core is missing)
 
     cuda = args.device == "cuda"
-    card = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((value for name, value in PEAKS.items() if name in card), None)
-    report = Report(Path(args.out), card=card, torch=torch.__version__, megatron_core=megatron.core.__version__,
-                    transformers=transformers.__version__, shape=args.shape, model={"arch": "qwen3-moe + 1 MTP layer",
-                    **SHAPES[args.shape], "vocab": None, "init": "random, sharpened (stand-in for the trained model's shape)"},
-                    peak_bf16_dense_flops=peak, peak_source="datasheet constant for the card named above",
-                    mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "))
+    info = machine()
+    peak_name, peak = next(((name, value) for name, value in PEAKS.items() if name in info["card"]), (None, None))
+    report = Report(Path(args.out), machine=info, shape=args.shape, model={"arch": "qwen3-moe + 1 MTP layer", **SHAPES[args.shape],
+                    "vocab": None, "init": "random, sharpened: a stand-in with the trained small MoE's shape (pretrain_moe.py medium)"},
+                    peak_bf16_dense_flops=peak, peak_source=f"{peak_name}_SXM_BF16_DENSE_PEAK, the datasheet figure" if peak else None,
+                    mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "), time_limit_s=args.time_limit)
     report.phase("measured_matmul_peak_flops", measured_matmul_peak(args.device))
-    batches_needed = 1 + 2 * (1 + args.mfu_steps) + 2 + 2 * (1 + args.pairs)  # mismatch, mfu, profile, r3 pairs
+    batches_needed = 1 + 2 * (1 + args.mfu_steps) + 2 * (1 + args.pairs) + 2  # mismatch, mfu, r3 pairs, profile
     with tempfile.TemporaryDirectory() as tmp, megatron_here(args.device):
         folder = Path(tmp) / "model"
         hf_config, hf_weights = write_checkpoint(folder, args)
@@ -291,66 +358,31 @@ def main() -> None:
         batches, rollout_s = fresh_batches(folder, args, batches_needed)
         report.phase("rollout", {"batches": len(batches), "samples_per_batch": args.samples, "max_new_tokens": args.max_new_tokens,
                                  "seconds": rollout_s, "engine": f"embedded, {'bf16' if cuda else 'fp32'}, one pass for all steps",
-                                 "tokens_per_step_mean": statistics.mean(sum(len(t.tokens) - 1 for t in b) for b in batches)})
+                                 "tokens_per_step_mean": statistics.mean(tokens(b) for b in batches)})
         fresh = iter(batches)
 
         after = make_trainer(hf_config, hf_weights, args, "packed")
         first = next(fresh)
         report.phase("mismatch", {"without_r3": measure(after, first, replay=False), "with_r3": measure(after, first, replay=True)})
-
         before = make_trainer(hf_config, hf_weights, args, "dense")
         del hf_weights
-        mfu, mtp_loss = {"dense": [], "packed": []}, []
-        for name, trainer in (("dense", before), ("packed", after)):
-            timed_step(trainer, next(fresh), args.device)  # warm-up
-        for _ in range(args.mfu_steps):
-            for name, trainer in (("dense", before), ("packed", after)):
-                batch = next(fresh)
-                seconds, metrics = timed_step(trainer, batch, args.device)
-                mfu[name].append({"seconds": seconds, "tokens": sum(len(t.tokens) - 1 for t in batch), "flops": step_flops(trainer, batch)})
-                if name == "packed":
-                    mtp_loss.append(metrics.get("mtp/loss"))
-        summary = {}
-        for name, steps in mfu.items():
-            seconds = sum(s["seconds"] for s in steps)
-            flops_per_s = sum(s["flops"] for s in steps) / seconds
-            summary[name] = {"step_seconds_median": statistics.median(s["seconds"] for s in steps),
-                             "tokens_per_second": sum(s["tokens"] for s in steps) / seconds, "tflops_per_second": flops_per_s / 1e12,
-                             "mfu_vs_datasheet": flops_per_s / peak if peak else None,
-                             "mfu_vs_measured_matmul": flops_per_s / report["measured_matmul_peak_flops"] if cuda else None,
-                             "steps": steps}
-        summary["attention"] = {"dense": "before: megatron's masked attention, block-diagonal causal mask over each packed row",
-                                "packed": "after: causal SDPA per sequence (padded [sequences, L_max] batch)"}
-        report.phase("mfu", summary)
-        report.phase("profile", {"dense": profiled_step(before, next(fresh), args.device),
-                                 "packed": profiled_step(after, next(fresh), args.device)})
-        del before
-        if cuda:
-            torch.cuda.empty_cache()
 
-        on, off, ratios = [], [], []
-        for pair in range(-1, args.pairs):  # pair -1 warms both paths up
-            order = (True, False) if pair % 2 == 0 else (False, True)
-            times = {}
-            for replay in order:
-                batch = next(fresh)
-                seconds, metrics = timed_step(after, batch if replay else without_traces(batch), args.device)
-                times[replay] = seconds
-                if pair >= 0:
-                    mtp_loss.append(metrics.get("mtp/loss"))
-            if pair >= 0:
-                on.append(times[True])
-                off.append(times[False])
-                ratios.append(times[True] / times[False])
-        report.phase("r3_overhead", {"ratio_on_over_off": ratio_ci(ratios, args.seed), "seconds_on": on, "seconds_off": off,
-                                     "order": "alternating on-off / off-on, a fresh batch every step"})
+        def reserve_s(steps: dict) -> float:  # time the R3 pairs and the profiled steps will need, plus a margin
+            dense, packed = (max(s["seconds"] for s in steps[k]) for k in ("dense", "packed"))
+            return 2 * (args.pairs + 1) * packed + 3 * (dense + packed) + 5
+
+        mtp_loss = mfu_phase(report, before, after, fresh, args, clock, reserve_s)
+        r3_phase(report, after, fresh, args, clock, mtp_loss)
+        if clock.left() > 3 * (report["mfu"]["dense"]["step_seconds_median"] + report["mfu"]["packed"]["step_seconds_median"]):
+            report.phase("profile", {"dense": profiled_step(before, next(fresh), args.device),
+                                     "packed": profiled_step(after, next(fresh), args.device)})
         report.phase("mtp", {"loss_per_step": mtp_loss, "note": "per-sequence trainer, every step on a batch it had not seen"})
-        packed, mismatch = report["mfu"]["packed"], report["mismatch"]
+        packed, mismatch, overhead = report["mfu"]["packed"], report["mismatch"], report["r3_overhead"]
         report.phase("summary", {  # the headline figures under the keys the README's results table reads
-            "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
-            "step_seconds_r3_on_median": statistics.median(on), "tokens_per_second_r3_on": packed["tokens_per_second"],
+            "card": info["card"], "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
+            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": packed["tokens_per_second"],
             "mfu_r3_on": packed["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
-            "r3_overhead_ratio": report["r3_overhead"]["ratio_on_over_off"]["mean"],
+            "r3_overhead_ratio": overhead["ratio_on_over_off"]["ratio"],
             "k3_kl_reduction": mismatch["without_r3"]["k3_kl"] / max(mismatch["with_r3"]["k3_kl"], 1e-30),
         })
         report.update(report.pop("summary"))

@@ -18,12 +18,15 @@ last ``--window`` steps), the change in points, its mean and 95% t-interval, and
 difference of the changes (with minus without).
 
     python bench/gpu/mtp_sft_rl.py --model /tmp/miles-moe     # writes bench/results/gpu_mtp_sft.json
+    python bench/gpu/mtp_sft_rl.py --summarize FILE           # recompute a results file's summary from its runs
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import multiprocessing
 import os
 import sys
@@ -145,7 +148,16 @@ def summarize(runs: list[dict], window: int) -> dict:
         summary[f"{condition}_mtp_sft"] = entry
     paired = [by_seed["with"][s] - by_seed["without"][s] for s in by_seed["with"] if s in by_seed["without"]]
     summary["accept_change_gap_with_minus_without"] = mean_ci(paired) if len(paired) > 1 else None
+    summary["r3_after_rl"] = r3_after_rl(runs)
     return summary
+
+
+def r3_after_rl(runs: list[dict]) -> dict | None:
+    """R3 on the policies RL moved: every arm's after-RL row (one per arm, arms as repeats)."""
+    import r3_trained
+
+    rows = [r["r3_after_rl"] for r in runs if r.get("r3_after_rl")]
+    return r3_trained.summarize(rows) if len(rows) > 1 else None
 
 
 def mean_curve(histories: list[list[dict]], key: str) -> list[dict]:
@@ -184,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mtp-lr", type=float, default=1e-4)
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--rl-row-tokens", type=int, default=2048, help="tokens per packed trainer row")
-    parser.add_argument("--rl-time-limit", type=float, default=240.0, help="seconds per arm at most")
+    parser.add_argument("--rl-time-limit", type=float, default=math.inf, help="seconds per arm at most (with trained_moe.py --budget-s: fitted to the budget)")
     parser.add_argument("--r3-after", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--partial-dir", help="each arm rewrites its history here after every step")
@@ -194,12 +206,20 @@ def main() -> None:
     import r3_trained
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint folder written by pretrain_moe.py")
+    parser.add_argument("--model", help="checkpoint folder written by pretrain_moe.py")
+    parser.add_argument("--summarize", metavar="RESULTS", help="recompute the summary of a results file from its runs, in place")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS / "gpu_mtp_sft.json"))
     add_arguments(parser)
     r3_trained.add_arguments(parser)
     args = parser.parse_args()
+    if args.summarize:
+        report = json.loads(Path(args.summarize).read_text())
+        report["summary"] = summarize(report["runs"], report["settings"]["window"])
+        print(f"wrote {write(args.summarize, report)}")
+        return
+    if not args.model:
+        parser.error("--model is required (or --summarize RESULTS)")
     report = mtp_report(Path(args.model), args)
     print(f"wrote {write(args.out, report)}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -260,7 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-lr", type=float, default=1e-4)
     parser.add_argument("--tool-row-tokens", type=int, default=2048)
     parser.add_argument("--tool-max-new-tokens", type=int, default=96, help="per turn")
-    parser.add_argument("--tool-time-limit", type=float, default=240.0, help="seconds of RL per seed at most")
+    parser.add_argument("--tool-time-limit", type=float, default=math.inf, help="seconds of RL per seed at most (with trained_moe.py --budget-s: fitted to the budget)")
     parser.add_argument("--demos", type=int, default=64, help="demonstration episodes per env")
     parser.add_argument("--sft-steps", type=int, default=12)
     parser.add_argument("--sft-batch", type=int, default=16)

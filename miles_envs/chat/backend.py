@@ -5,13 +5,16 @@ Rust calls (argument normalisation, ``BatchEncoding``, batch-of-one encoding) co
 the work itself. ``TokenizerCalls`` calls the backend directly, but only after checking on probe
 texts (special tokens, tool markup, whitespace runs, non-ASCII) that it gives exactly what the
 transformers calls give; any difference, or a tokenizer without a Rust backend, keeps the
-transformers calls.
+transformers calls. Plain ASCII text goes through ``PieceEncoder`` (per-word reuse, same ids) where
+the tokenizer's layout allows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from miles_envs.chat.pieces import PieceEncoder
 
 _PROBES = (
     "Hello, world!",
@@ -27,9 +30,12 @@ class TokenizerCalls:
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend = backend if backend is not None and self._same_as_transformers(backend) else None
+        self.pieces = PieceEncoder.for_backend(self.backend) if self.backend is not None else None
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without added special tokens (the chat template writes its own)."""
+        if self.pieces is not None and (ids := self.pieces.encode(text)) is not None:
+            return ids
         if self.backend is not None:
             return self.backend.encode(text, add_special_tokens=False).ids
         return self.reference_encode(text)

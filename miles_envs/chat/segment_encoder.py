@@ -15,41 +15,41 @@ call is also tokenised whole and compared; one mismatch turns the reuse off for 
 from __future__ import annotations
 
 import re
-import warnings
 from collections import OrderedDict
 from typing import Any
 
 from miles_envs.chat.backend import TokenizerCalls
+from miles_envs.chat.spot_check import SpotChecked
 
 
-class SegmentEncoder:
+class SegmentEncoder(SpotChecked):
     def __init__(self, tokenizer: Any, size: int = 8192, verify_every: int = 256, tokenizer_calls: TokenizerCalls | None = None) -> None:
         self.tokenizer = tokenizer
         self.tokenizer_calls = tokenizer_calls or TokenizerCalls(tokenizer)
         self.size, self.verify_every = size, verify_every
-        self.calls = 0
         self._ids: OrderedDict[str, list[int]] = OrderedDict()
         cuts = _cut_tokens(tokenizer)
-        self._split = re.compile("(?=" + "|".join(map(re.escape, sorted(cuts, key=len, reverse=True))) + ")") if cuts else None
+        # the cut tokens captured (not a lookahead): the scan then jumps between their first characters
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(cuts, key=len, reverse=True))) + ")") if cuts else None
         self.enabled = self._split is not None
 
     def encode(self, text: str) -> list[int]:
         if not self.enabled:
             return self._encode(text)
         ids: list[int] = []
-        for segment in self._split.split(text):
-            if segment:
-                ids += self._segment_ids(segment)
-        self.calls += 1
-        if self.calls == 1 or self.calls % self.verify_every == 0:
-            whole = self.tokenizer_calls.reference_encode(text)
-            if ids != whole:
-                self.enabled = False
-                self._ids.clear()
-                warnings.warn("this tokenizer does not tokenise chat text the same piece by piece; segment reuse turned off "
-                              "(tokenisation stays exact, only slower)", RuntimeWarning, stacklevel=2)
-                return whole
-        return ids
+        for segment in self.segments(text):
+            ids += self._segment_ids(segment)
+        return self.spot_checked(ids, lambda: self.tokenizer_calls.reference_encode(text),
+                                 "this tokenizer does not tokenise chat text the same piece by piece: segment reuse")
+
+    def forget(self) -> None:
+        self._ids.clear()
+
+    def segments(self, text: str) -> list[str]:
+        """``text`` cut just before each cut token (no empty pieces)."""
+        parts = self._split.split(text)  # text, cut token, text, cut token, text, ...
+        pieces = [parts[index] + parts[index + 1] for index in range(1, len(parts), 2)]
+        return [parts[0], *pieces] if parts[0] else pieces
 
     def _segment_ids(self, segment: str) -> list[int]:
         ids = self._ids.get(segment)

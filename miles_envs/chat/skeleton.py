@@ -13,12 +13,13 @@ rendering is rendered for real and compared; one mismatch turns skeletons off fo
 from __future__ import annotations
 
 import re
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
+
+from miles_envs.chat.spot_check import SpotChecked
 
 Message = Mapping[str, Any]
 Render = Callable[[list[Message], Any], str]
@@ -33,11 +34,9 @@ def fillable(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and value == value.strip() and not _UNFILLABLE.search(value)
 
 
-class Skeletons:
+class Skeletons(SpotChecked):
     def __init__(self, render: Render, size: int = 1024, verify_every: int = 64) -> None:
         self._render, self.size, self.verify_every = render, size, verify_every
-        self.enabled = True
-        self.filled = 0
         self._shapes: OrderedDict[bytes, tuple[list[str], list[int]] | None] = OrderedDict()
 
     def render(self, messages: Sequence[Message], fields: Sequence[tuple[int, str]], tools: Any) -> str | None:
@@ -64,17 +63,11 @@ class Skeletons:
         parts = [literals[0]]
         for literal, hole in zip(literals[1:], order):
             parts += (values[hole], literal)
-        text = "".join(parts)
-        self.filled += 1
-        if self.filled % self.verify_every == 1:
-            real = self._render(list(messages), tools)
-            if real != text:
-                self.enabled = False
-                self._shapes.clear()
-                warnings.warn("chat template output depends on more than a conversation's shape; skeleton "
-                              "rendering turned off (rendering stays exact, only slower)", RuntimeWarning, stacklevel=3)
-                return real
-        return text
+        return self.spot_checked("".join(parts), lambda: self._render(list(messages), tools),
+                                 "chat template output depends on more than a conversation's shape: skeleton rendering")
+
+    def forget(self) -> None:
+        self._shapes.clear()
 
     def _build(self, messages: Sequence[Message], fields: Sequence[tuple[int, str]], tools: Any) -> tuple[list[str], list[int]] | None:
         """(literals, hole order) shared by both placeholder families, or None when the template does not write them verbatim."""

@@ -282,8 +282,8 @@ def show_flags_bare() -> None:
     """typer's rich help labels on/off flags ``<bool>`` as if they took a value; show them bare."""
     from typer.core import TyperOption
 
-    labelled = TyperOption.display_type_rich
-    if getattr(labelled, "flags_bare", False):
+    labelled = getattr(TyperOption, "display_type_rich", None)
+    if labelled is None or getattr(labelled, "flags_bare", False):  # a typer without this hook draws its own help
         return
 
     def display_type_rich(self: TyperOption, ctx: Any) -> str | None:

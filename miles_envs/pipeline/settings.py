@@ -80,6 +80,12 @@ def check_settings(settings: TrainSettings) -> None:
 
         if not torch.cuda.is_available():
             raise BackendUnavailable("--backend megatron trains on CUDA GPUs and none is visible here: use --backend torch")
+        if settings.sft_warmup:
+            raise ValueError(
+                "--sft-warmup trains with the torch backend's own optimizer, which the megatron backend's weights are not in: "
+                "warm-start with --backend torch (e.g. --steps 1), then pass a checkpoint's model folder "
+                "(OUT/checkpoints/step_N/model) to --backend megatron as --model"
+            )
     if not 0.0 < settings.staleness_decay <= 1.0:
         raise ValueError(f"--staleness-decay {settings.staleness_decay}: must be in (0, 1] (1: stale tokens weigh like fresh ones)")
     if settings.async_mode:

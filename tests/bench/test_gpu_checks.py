@@ -100,19 +100,24 @@ def test_mtp_summary_without_a_complete_seed_says_so():
 MACHINE = {"card": "NVIDIA H200", "torch": "2.11.0", "transformers": "5.24.0", "megatron_core": None}
 
 
-def test_r3_row_needs_the_interval_above_one():
+def r3_summary(tokens: list[int]) -> dict:
+    """An R3 summary whose bf16 interval reaches below 1 and whose fp32 interval does not."""
     def arm(k3):
         return {m: {"mean": v, "ci95": [v, v]} for m, v in
                 {"k3_kl": k3, "extreme_frac": 0.0, "mean_abs_delta": 0.01, "router_disagreement": 0.01}.items()}
 
-    summary = {"response_tokens_per_seed": [9000, 8500, 8200]}
+    summary = {"response_tokens_per_seed": tokens}
     for precision, (ratio, low) in {"bf16": (4.0, 0.5), "fp32": (4.0, 1.5)}.items():
         summary[f"{precision}_without_r3"], summary[f"{precision}_with_r3"] = arm(4e-4), arm(1e-4)
-        summary[f"{precision}_k3_kl_reduction"] = {"ratio": ratio, "ci95": [low, 9.0], "n": 3}
-    measures = gpu_r3_measures({"machine": MACHINE, "summary": summary})
+        summary[f"{precision}_k3_kl_reduction"] = {"ratio": ratio, "ci95": [low, 9.0], "n": len(tokens)}
+    return summary
+
+
+def test_r3_row_needs_the_interval_above_one():
+    measures = gpu_r3_measures({"machine": MACHINE, "summary": r3_summary([9000, 8500, 8200])})
     assert [m.met for m in measures] == [False, True]
     assert "NVIDIA H200, torch 2.11.0, transformers 5.24.0, megatron-core not used" in measures[0].note
-    assert "8200+ response tokens" in measures[0].note
+    assert "8200–9000 response tokens each" in measures[0].note
 
 
 def test_spec_row_needs_the_interval_above_one():
@@ -127,15 +132,25 @@ def test_spec_row_needs_the_interval_above_one():
 
 def test_mtp_sft_rows_report_the_gap_in_standard_errors():
     def change(mean, se):
-        return {"change": {"mean": mean, "se": se, "ci95": [mean - 3 * se, mean + 3 * se]}}
+        return {"change": {"mean": mean, "se": se, "ci95": [mean - 3 * se, mean + 3 * se], "values": [mean - se, mean + se]}}
 
-    summary = {"steps_compared": 50, "with_mtp_sft": {"accept_rate": change(-0.01, 0.005)},
+    wide = gpu_mtp_sft_measures({"machine": MACHINE, "summary": {
+        "steps_compared": 50, "with_mtp_sft": {"accept_rate": change(-0.01, 0.05)},
+        "without_mtp_sft": {"accept_rate": change(-0.05, 0.005)}, "accept_change_gap_with_minus_without": None}})[0]
+    assert wide.value == pytest.approx(-1.0) and not wide.met  # a mean inside ±2 with seeds far apart is not shown
+
+    summary = {"steps_compared": 50, "with_mtp_sft": {"accept_rate": change(-0.01, 0.002)},
                "without_mtp_sft": {"accept_rate": change(-0.05, 0.005)},
                "accept_change_gap_with_minus_without": {"mean": 0.04, "se": 0.01}}
     with_sft, without, gap = gpu_mtp_sft_measures({"machine": MACHINE, "summary": summary})
     assert with_sft.value == pytest.approx(-1.0) and with_sft.met
     assert without.value == pytest.approx(-5.0) and without.met is None
     assert gap.value == pytest.approx(4.0) and gap.met
+
+    summary["r3_after_rl"] = r3_summary([300, 500])
+    *_, bf16_after, fp32_after = gpu_mtp_sft_measures({"machine": MACHINE, "summary": summary})
+    assert bf16_after.name.startswith("R3 after 50+ RL steps") and "over 2 RL arms, 300–500" in bf16_after.note
+    assert [bf16_after.met, fp32_after.met] == [False, True]
 
 
 @pytest.mark.parametrize("env_id", toolrl.ENVS)

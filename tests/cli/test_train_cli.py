@@ -246,3 +246,20 @@ def test_a_resumed_run_continues_its_wandb_run(model, tmp_path):
     run_id = (out / "wandb_run_id").read_text().strip()
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+
+
+def test_megatron_backend_refuses_the_torch_warm_start_before_any_work_gpu_simulated(tmp_path, monkeypatch):
+    """The check comes after the GPU check, so a visible GPU is simulated."""
+    import torch
+
+    from miles_envs.pipeline import TrainSettings
+    from miles_envs.pipeline.settings import check_settings
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    settings = TrainSettings(env_id="miles/Echo-v0", model=model, out=tmp_path / "run", steps=1, backend="megatron", sft_warmup=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="--sft-warmup trains with the torch backend's own optimizer"):
+        check_settings(settings)
+    assert not (tmp_path / "run").exists()

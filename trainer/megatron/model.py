@@ -144,7 +144,7 @@ def build_gpt_model(hf_config, settings: MegatronSettings):
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
     mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te) if config.mtp_num_layers else None
     rope = getattr(hf_config, "rope_parameters", None) or {}
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=hf_config.vocab_size,
@@ -156,3 +156,6 @@ def build_gpt_model(hf_config, settings: MegatronSettings):
         rotary_base=int(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000))),
         mtp_block_spec=mtp_spec,
     )
+    if torch.cuda.is_available():  # the local spec's norms are plain torch modules, made on the CPU
+        model.cuda(torch.cuda.current_device())
+    return model
