@@ -96,7 +96,10 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> None:
         trainer.load_model_files(path / "model")
     else:
         _load_transformers_model(trainer, path, state["lora"])
+    configured = [group["lr"] for group in getattr(trainer.optimizer, "param_groups", [])]
     trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=trainer.device, weights_only=False))
+    for group, lr in zip(getattr(trainer.optimizer, "param_groups", []), configured):
+        group["lr"] = lr  # moments come from the checkpoint; the rates are this run's (a resume may change --lr)
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

@@ -161,6 +161,17 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_resume_trains_at_the_rate_it_is_given_not_the_checkpoints(tmp_path):
+    trainer = Trainer(tiny_moe(), TrainerConfig(lr=1e-2, device="cpu"))
+    trainer.train_step(group(trainer))
+    path = save_checkpoint(trainer, tmp_path)
+    resumed = Trainer(tiny_moe(), TrainerConfig(lr=3e-4, device="cpu"))
+    load_checkpoint(resumed, path)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [3e-4] * len(resumed.optimizer.param_groups)
+    saved_moments = torch.load(path / "optimizer.pt", weights_only=False)["state"]
+    assert resumed.optimizer.state_dict()["state"].keys() == saved_moments.keys()
+
+
 def test_lora_checkpoint_resume_restores_adapters(moe_model, tmp_path):
     trainer = Trainer(moe_model, TrainerConfig(lora_rank=4, lr=1e-2, device="cpu"))
     trainer.train_step(group(trainer))
