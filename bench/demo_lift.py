@@ -229,6 +229,9 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=REPO / "README.md", help="README whose demo section is rewritten")
     parser.add_argument("--stored", action="store_true", help="only rewrite the README section from summary.json")
     args = parser.parse_args()
+    for name in ("jobs", "eval_games"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.stored:
         summary = json.loads((args.results / "summary.json").read_text())
     else:

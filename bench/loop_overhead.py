@@ -387,6 +387,9 @@ def main() -> None:
     parser.add_argument("--server-workers", type=int, default=1,
                         help="protocol server processes on one port in the concurrent part (more cores: keep the test server from being the bound)")
     args = parser.parse_args()
+    for name in ("episodes", "repeats", "concurrent", "concurrent_turns", "server_workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.serve:
         return serve(args.serve, args.latency_ms, args.port)
     tokenizer = load_tokenizer("qwen3")

@@ -214,6 +214,8 @@ def main() -> None:
     r3_trained.add_arguments(parser)
     args = parser.parse_args()
     if args.summarize:
+        if not Path(args.summarize).is_file():
+            parser.error(f"--summarize {args.summarize}: no such results file (one written by this script)")
         report = json.loads(Path(args.summarize).read_text())
         report["summary"] = summarize(report["runs"], report["settings"]["window"])
         print(f"wrote {write(args.summarize, report)}")
