@@ -233,6 +233,9 @@ def append_generation(episode: TokenStream, gen: Generation) -> None:
     )
 
 
+_deadline = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
 async def with_timeout(awaitable, timeout: float | None, what: str):
     """``awaitable`` under a deadline, awaited in the calling task (``asyncio.timeout``: no task per
     call, unlike ``wait_for`` before Python 3.12); a TimeoutError the env raises itself passes as is."""
@@ -251,9 +254,6 @@ async def with_timeout(awaitable, timeout: float | None, what: str):
         if deadline.expired():
             raise TimeoutError(_env_timeout(what, timeout)) from None
         raise
-
-
-_deadline = getattr(asyncio, "timeout", None)
 
 
 def _env_timeout(what: str, timeout: float) -> str:
