@@ -264,6 +264,12 @@ def episode_key(task_index: int, member: int) -> str:
     return f"{task_index}:{member}"
 
 
+def episode_order(trajectory: Trajectory) -> tuple[int, int]:
+    """``(task, member)`` of a trajectory ``rollout`` played: its place in the grid, whatever the finish order."""
+    task, member = str(trajectory.episode_id).split(":")
+    return int(task), int(member)
+
+
 async def rollout(
     envs: str | EnvFactory,
     engine: Engine,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from miles_envs.loop import LoopConfig, episode_key, rollout
+from miles_envs.loop import LoopConfig, episode_key, episode_order, rollout
 from miles_envs.trajectory import Trajectory
 from miles_envs.weight_sync import WeightSource
 
@@ -58,11 +58,6 @@ def start_rollout_workers(
     return [actor.remote(make_engine, make_renderer, make_parser) for _ in range(num_workers)]
 
 
-def _episode_order(trajectory: Trajectory) -> tuple[int, int]:
-    task, member = str(trajectory.episode_id).split(":")
-    return int(task), int(member)
-
-
 async def distributed_rollout(
     workers: Sequence[Any],
     envs: Any,
@@ -78,4 +73,4 @@ async def distributed_rollout(
     shards = [s for s in np.array_split(np.arange(n), len(workers)) if len(s)]
     refs = [w.run.remote(envs, int(s[0]), int(s[-1]) + 1, group_size, config, seed) for w, s in zip(workers, shards)]
     results = await asyncio.gather(*refs)
-    return sorted((t for shard in results for t in shard), key=_episode_order)
+    return sorted((t for shard in results for t in shard), key=episode_order)

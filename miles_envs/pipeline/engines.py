@@ -1,7 +1,8 @@
 """The engines a training run rolls out on, each paired with the weight sync it takes.
 
 - no ``--engine``: the embedded engine on ``--model`` in this process; the trainer's tensors go to it
-  directly (under LoRA, as the served adapter's weights);
+  directly (under LoRA, as the served adapter's weights); with ``--deterministic`` it runs
+  ``DETERMINISTIC_ENGINE``;
 - ``--engine sglang://HOST:PORT``: an SGLang server reloading the checkpoints this run writes under
   ``OUT/serving`` (under LoRA, the adapter is unloaded and reloaded);
 - ``--ray N``: N Ray actors with their own embedded engines play the rollouts; the local engine is
@@ -18,6 +19,11 @@ from typing import Any, Callable
 from miles_envs.loop import LoopConfig
 from miles_envs.pipeline.settings import ADAPTER_NAME, TrainSettings
 from miles_envs.pipeline.weights import FanOut, InProcess, ThroughFolder, WeightSync
+
+# One request at a time, each prompt prefilled whole: a row's numbers then depend on its own tokens
+# and the weights only. Batched, they also depend on the other rows (the padding width changes
+# attention's sums in the last bits) and so on when each request happened to arrive.
+DETERMINISTIC_ENGINE = {"max_running": 1, "prefix_cache_tokens": 0}
 
 
 @dataclass
@@ -37,7 +43,8 @@ async def local_rollouts(settings: TrainSettings, trainer: Any) -> Rollouts:
     if settings.engine is None:
         from miles_envs.agents.embedded import EmbeddedEngine
 
-        engine = EmbeddedEngine.from_path(settings.model, device=trainer.device, draft_tokens=settings.draft_tokens)
+        schedule = DETERMINISTIC_ENGINE if settings.deterministic else {}
+        engine = EmbeddedEngine.from_path(settings.model, device=trainer.device, draft_tokens=settings.draft_tokens, **schedule)
         if lora:
             from miles_envs.trainer.lora import save_adapter
 

@@ -45,6 +45,7 @@ class TrainSettings:
     draft_tokens: int = 0
     device: str = "auto"
     seed: int = 0
+    deterministic: bool = False  # bit-for-bit repeatable runs (pipeline.engines.DETERMINISTIC_ENGINE)
     log: tuple[str, ...] = ("jsonl",)
     ray_workers: int = 0  # > 0: rollouts on Ray actors, each with its own embedded engine
     async_mode: bool = False  # rollouts keep running while the trainer trains (pipeline.async_run)
@@ -85,6 +86,15 @@ def check_settings(settings: TrainSettings) -> None:
                 "--sft-warmup trains with the torch backend's own optimizer, which the megatron backend's weights are not in: "
                 "warm-start with --backend torch (e.g. --steps 1), then pass a checkpoint's model folder "
                 "(OUT/checkpoints/step_N/model) to --backend megatron as --model"
+            )
+    if settings.deterministic:
+        given = {"--engine": settings.engine is not None, "--ray": bool(settings.ray_workers), "--async": settings.async_mode,
+                 "--draft-tokens": bool(settings.draft_tokens)}
+        if any(given.values()):
+            raise ValueError(
+                f"--deterministic repeats a run on the embedded engine's one-request-at-a-time schedule, which "
+                f"{', '.join(k for k, v in given.items() if v)} replace: drop one or the other (an SGLang server has its "
+                "own --enable-deterministic-inference)"
             )
     if not 0.0 < settings.staleness_decay <= 1.0:
         raise ValueError(f"--staleness-decay {settings.staleness_decay}: must be in (0, 1] (1: stale tokens weigh like fresh ones)")

@@ -2,8 +2,8 @@
 
 Each step runs ``tasks_per_step`` env tasks x ``group_size`` episodes through
 ``miles_envs.loop.rollout`` (routing traces requested when the trainer replays them), trains one
-step on the finished trajectories, and pushes the new weights with the step's version. Records and
-resume: :class:`~miles_envs.pipeline.records.RunFolder`. The asynchronous schedule is
+step on the finished trajectories (in task order, not finish order), and pushes the new weights
+with the step's version. Records and resume: :class:`~miles_envs.pipeline.records.RunFolder`. The asynchronous schedule is
 :func:`miles_envs.pipeline.async_run.train_async`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from miles_envs.engine import Engine
-from miles_envs.loop import LoopConfig, rollout
+from miles_envs.loop import LoopConfig, episode_order, rollout
 from miles_envs.pipeline.records import RunFolder, rollout_metrics
 from miles_envs.pipeline.weights import InProcess, WeightSync
 from miles_envs.trajectory import Trajectory
@@ -67,7 +67,7 @@ async def train(
             stream = rollout(
                 env_id, engine, renderer, parser=parser, n=tasks_per_step, group_size=group_size, config=config, seed=step_seed
             )
-            trajectories = [t async for t in stream]
+            trajectories = sorted([t async for t in stream], key=episode_order)  # the batch never depends on finish order
         metrics = {**trainer.train_step(trajectories), **rollout_metrics(trajectories)}
         await sync.push(trainer)
         history.append(metrics)
