@@ -3,8 +3,8 @@
 Runs ``miles-envs init-model`` and ``miles-envs train`` (the README's flags, ``MAIN_JOB_FLAGS``) once
 per seed as separate processes, at most ``--jobs`` at a time, each on one thread; per-run CPU time
 comes from ``os.wait4`` (user + system of that process alone, so runs sharing the machine do not
-inflate each other's figure). Then it plays ``--eval-games`` held-out games greedily with the model
-as initialised, the warm-started checkpoint (step 0) and the last one: games won with a Wilson 95%
+inflate each other's figure). Then it plays ``--eval-games`` held-out games greedily, on the
+embedded engine's deterministic schedule as the runs do, with the model as initialised, the warm-started checkpoint (step 0) and the last one: games won with a Wilson 95%
 interval, mean reward, and which secrets each policy finds. A greedy policy on a fixed prompt plays
 each secret the same way every time, so the interval is the uncertainty of sampling the secrets.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 ENV_ID = "miles/GuessNumber7-v0"
 # The README's `miles-envs train` command, less --model/--out/--seed.
 MAIN_JOB_FLAGS = (
-    "--sft-warmup", "300", "--sft-lr", "5e-3", "--steps", "50", "--lr", "1e-3", "--tasks-per-step", "8",
-    "--group-size", "8", "--max-new-tokens", "4", "--eval-every", "10", "--eval-tasks", "64",
+    "--sft-warmup", "300", "--sft-lr", "5e-3", "--steps", "40", "--lr", "1e-3", "--tasks-per-step", "8",
+    "--group-size", "8", "--max-new-tokens", "4", "--eval-every", "10", "--eval-tasks", "64", "--deterministic",
 )
 KEEP_ALL_CHECKPOINTS = ("--keep-checkpoints", "1000")  # bench only: the warm start's checkpoint stays for the eval
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +79,12 @@ async def held_out(model: Path, renderer, games: int) -> dict:
     from miles_envs.agents.embedded import EmbeddedEngine
     from miles_envs.engine import SamplingParams
     from miles_envs.loop import LoopConfig, rollout
+    from miles_envs.pipeline.engines import DETERMINISTIC_ENGINE
     from miles_envs.pipeline.settings import EVAL_SEED
     from miles_envs.registry import make
 
     torch.set_num_threads(1)
-    engine = EmbeddedEngine.from_path(model, device="cpu")
+    engine = EmbeddedEngine.from_path(model, device="cpu", **DETERMINISTIC_ENGINE)
     config = LoopConfig(sampling=SamplingParams(temperature=0.0, max_new_tokens=int(flag("--max-new-tokens"))))
     try:
         played = [t async for t in rollout(ENV_ID, engine, renderer, n=games, config=config, seed=EVAL_SEED)]
