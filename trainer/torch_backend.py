@@ -196,7 +196,11 @@ class Trainer:
         batches = pack(
             trajectories, advantages, coefs, max_row_tokens=cfg.max_row_tokens, rows_per_micro_batch=cfg.rows_per_micro_batch
         )
-        return [b.to(self.device) for b in batches]
+        return [self._to_device(b) for b in batches]
+
+    def _to_device(self, batch: PackedBatch) -> PackedBatch:
+        """A packed micro-batch on the trainer's device (a backend may keep host facts beside it)."""
+        return batch.to(self.device)
 
     # -- the step ------------------------------------------------------------------------------
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
@@ -217,7 +221,7 @@ class Trainer:
             for micro_batches in plan:
                 self.optimizer.zero_grad(set_to_none=True)
                 mtp_tokens = count_mtp_tokens(micro_batches) if cfg.mtp_sft else 0
-                step_loss = 0.0
+                step_loss = 0.0  # a device tensor after the first micro-batch: read once per step, in stats.means()
                 for batch in micro_batches:
                     loss = self._micro_batch_loss(
                         batch,
@@ -228,7 +232,7 @@ class Trainer:
                         mtp_tokens,
                     )
                     loss.backward()
-                    step_loss += float(loss.detach())
+                    step_loss = step_loss + loss.detach()
                 stats.add("loss", step_loss)
                 stats.add("grad_norm", self._optimizer_step())
         self.step += 1
