@@ -270,7 +270,9 @@ def megatron_gpu_measures(data: dict) -> list[Measure]:
                 Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s",
                         note=machine)]
     for variant, label in (("dense", "masked attention over packed rows (before)"),
-                           ("packed", "per-sequence attention (after)")):
+                           ("packed", "per-sequence attention (after)"),
+                           ("sequential", "per-expert MLP loop (before)"),
+                           ("grouped", "grouped-GEMM experts (after)")):
         if variant in mfu:
             measured = mfu[variant].get("mfu_vs_measured_matmul")
             measures.append(Measure(
