@@ -18,6 +18,7 @@ producing something else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -71,7 +72,8 @@ class GroupedMLP(SequentialMLP):
             return False
         fc1 = self.local_experts[0].linear_fc1.weight
         align = _ALIGN_BYTES // hidden.element_size()
-        return fc1.dtype == hidden.dtype and fc1.shape[0] % (2 * align) == 0 and fc1.shape[1] % align == 0
+        aligned_rows = hidden.stride(-1) == 1 and hidden.data_ptr() % _ALIGN_BYTES == 0
+        return aligned_rows and fc1.dtype == hidden.dtype and fc1.shape[0] % (2 * align) == 0 and fc1.shape[1] % align == 0
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         hidden = permuted_local_hidden_states
@@ -90,11 +92,19 @@ EXPERTS = {"grouped": GroupedMLP, "sequential": SequentialMLP}
 
 
 def with_experts(spec, module: type):
-    """``spec`` (a layer/block spec tree) with every ``SequentialMLP`` experts spec building ``module``."""
+    """``spec`` (a layer/block spec tree) with every ``SequentialMLP`` experts spec building ``module``.
+
+    megatron-core <= 0.16 writes specs as ``ModuleSpec`` trees, 0.19 as ``functools.partial``
+    builders of dataclass submodules; both are walked.
+    """
     if isinstance(spec, ModuleSpec):
         if spec.module is SequentialMLP:
             return dataclasses.replace(spec, module=module)
         return dataclasses.replace(spec, submodules=with_experts(spec.submodules, module))
+    if isinstance(spec, functools.partial):
+        func = module if spec.func is SequentialMLP else spec.func
+        args = [with_experts(a, module) for a in spec.args]
+        return functools.partial(func, *args, **{k: with_experts(v, module) for k, v in spec.keywords.items()})
     if isinstance(spec, list):
         return [with_experts(s, module) for s in spec]
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
