@@ -331,20 +331,20 @@ class _MismatchCollector:
     """Rollout-vs-trainer logprob deltas and router disagreement, from the first forward of a step."""
 
     def __init__(self) -> None:
-        self.trainer: list[torch.Tensor] = []
-        self.rollout: list[torch.Tensor] = []
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (trainer, rollout, mask) per micro-batch
         self.routing = RoutingRecord()
 
     def add(self, result: ForwardResult, batch: PackedBatch) -> None:
-        mask = batch.loss_mask.bool()
-        self.trainer.append(result.logprobs.detach()[mask].cpu())
-        self.rollout.append(batch.rollout_logprobs[mask].cpu())
+        # kept on the device and masked in ``metrics``: masking here would make the host wait for the
+        # forward before it could queue the backward
+        self.pairs.append((result.logprobs.detach(), batch.rollout_logprobs, batch.loss_mask.bool()))
         self.routing.merge(result.routing)
 
     def metrics(self) -> dict[str, float]:
-        if not self.trainer:
+        if not self.pairs:
             return {}
-        trainer, rollout = torch.cat(self.trainer), torch.cat(self.rollout)
+        trainer = torch.cat([t[mask] for t, _, mask in self.pairs]).cpu()
+        rollout = torch.cat([r[mask] for _, r, mask in self.pairs]).cpu()
         out = {f"mismatch/{k}": v for k, v in mismatch_metrics(trainer, rollout, torch.ones_like(trainer)).items()}
         if int(self.routing.pairs):
             out["mismatch/router_disagreement"] = self.routing.disagreement
