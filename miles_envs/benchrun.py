@@ -508,7 +508,7 @@ BENCHES: tuple[Bench, ...] = (
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
                 "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
-          results="gpu/run4-rl/gpu_mtp_sft.json",
+          results="gpu/run6-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
                 "one GPU"),
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),
