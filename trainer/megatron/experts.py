@@ -11,8 +11,8 @@ in the activation's dtype, fc2.
 
 Where ``grouped_mm`` cannot run (no such op in this torch, a CUDA card before sm90 or a dtype other
 than bf16 there, expert tensor parallelism, biases, quantised or un-gated experts, unaligned
-widths) the layer runs ``SequentialMLP``'s own loop, so results never depend on the path silently
-producing something else.
+widths) the layer runs ``SequentialMLP``'s own loop: the fallback is megatron's code, exact by
+construction. ``runs_grouped`` says which path a forward takes.
 """
 
 from __future__ import annotations
