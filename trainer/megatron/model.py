@@ -33,6 +33,10 @@ class MegatronSettings:
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (DP > 1; not checkpointed)
     attention: str = "packed"  # "packed": causal SDPA per sequence; "dense": megatron's masked attention (reference)
     experts: str = "grouped"  # "grouped": experts.GroupedMLP; "sequential": megatron's per-expert loop (reference)
+    # "fused": logprobs, entropy and MTP cross-entropy chunk by chunk (vocab_head.py; tensor_parallel=1 only,
+    # megatron's vocab-parallel output layer otherwise); "unfused": megatron's output layer, full logits (reference)
+    vocab_head: str = "fused"
+    head_chunk_tokens: int = 4096  # tokens per chunk of the fused head's logits
 
 
 SUPPORTED = ("qwen3_moe", "qwen3")
