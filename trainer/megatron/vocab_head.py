@@ -25,9 +25,16 @@ class HeadOutput:
     argmax: torch.Tensor  # [tokens] long, the most likely token (no gradient)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()
-    return logits if scale == 1.0 else logits.mul_(scale)
+def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-softmax of one chunk's logits (computed in the weight's dtype, as the output layer
+    does); writes the logits' argmax into ``argmax`` when given."""
+    logits = hidden @ weight.t()
+    if argmax is not None:
+        argmax.copy_(logits.argmax(-1))
+    logits = logits.float()
+    if scale != 1.0:
+        logits.mul_(scale)
+    return torch.log_softmax(logits, dim=-1)
 
 
 class _ChunkedVocabHead(torch.autograd.Function):
@@ -35,19 +42,15 @@ class _ChunkedVocabHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk: int, scale: float, with_entropy: bool):
         n = hidden.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(logprobs)
         entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            z = _chunk_logits(hidden[rows], weight, scale)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            argmax[rows] = z.argmax(-1)
-            log_p = z.sub_(lse[rows, None])
+            log_p = _chunk_log_probs(hidden[rows], weight, scale, argmax[rows])
             logprobs[rows] = log_p.gather(-1, targets[rows, None]).squeeze(-1)
             if with_entropy:  # -sum(p * log p) per row, without a [chunk, vocab] product
                 entropy[rows] = -torch.bmm(log_p.exp().unsqueeze(1), log_p.unsqueeze(2)).view(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, targets, entropy)
         ctx.chunk, ctx.scale = chunk, scale
         ctx.mark_non_differentiable(argmax)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
@@ -55,14 +58,14 @@ class _ChunkedVocabHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_argmax):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, entropy = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
+            grad_logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            log_p = _chunk_logits(hidden[rows], weight, ctx.scale).sub_(lse[rows, None])
+            log_p = _chunk_log_probs(hidden[rows], weight, ctx.scale)
             # d logprob/dz = onehot - p;  d entropy/dz = -p * (log p + entropy)
             coef = grad_logprobs[rows, None]
             if grad_entropy is not None:
