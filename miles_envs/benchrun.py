@@ -272,7 +272,8 @@ def megatron_gpu_measures(data: dict) -> list[Measure]:
     for variant, label in (("dense", "masked attention over packed rows (before)"),
                            ("packed", "per-sequence attention (after)"),
                            ("sequential", "per-expert MLP loop (before)"),
-                           ("grouped", "grouped-GEMM experts (after)")):
+                           ("grouped", "grouped-GEMM experts (after)"),
+                           ("fused", "grouped experts + chunked vocabulary head (after)")):
         if variant in mfu:
             measured = mfu[variant].get("mfu_vs_measured_matmul")
             measures.append(Measure(

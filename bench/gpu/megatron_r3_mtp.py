@@ -10,17 +10,18 @@ trains on data it already fitted). The trainer is the megatron backend in bf16 (
 megatron DDP + optimizer), R3 and MTP-SFT on. Phases, each written to the JSON as it ends:
 
 1. ``mismatch``: one no-grad forward of the first batch with and without replay (k3-KL etc.).
-2. ``mfu``: fresh batches through a trainer whose experts run as megatron's ``SequentialMLP``
-   (before: one MLP call per expert) and one with ``GroupedMLP`` (after: two grouped GEMMs per
-   layer), both with per-sequence attention, in pairs whose order alternates; each arm's median,
-   spread and MFU, and the per-token step-time ratio with a 95% t-interval over the pairs.
-   (The attention fix before it was measured the same way, masked attention over packed rows
-   against per-sequence SDPA: ``bench/gpu/NOTES.md``.)
+2. ``mfu``: fresh batches through three trainers (``ARMS``), all with per-sequence attention, in
+   rounds whose order alternates: megatron's ``SequentialMLP`` experts (one MLP call per expert)
+   and megatron's output layer (full logits); ``GroupedMLP`` experts (two grouped GEMMs per layer)
+   with the same head; grouped experts and the chunked vocabulary head (``vocab_head.py``). Each
+   arm's median, spread and MFU, and the per-token step-time ratio of each fix with a 95%
+   t-interval over the rounds. (The attention fix before them was measured the same way, masked
+   attention over packed rows against per-sequence SDPA: ``bench/gpu/NOTES.md``.)
 3. ``profile``: one step of each arm under torch.profiler (GPU busy share, host syncs, top ops).
 4. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
    order (on-off, off-on, ...), each on a fresh batch; the geometric-mean ratio with a 95%
    t-interval over the pairs.
-5. ``mtp``: the MTP loss of every step of the grouped trainer, in order.
+5. ``mtp``: the MTP loss of every step of the final trainer (grouped experts, chunked head), in order.
 
 ``--time-limit`` bounds the whole run: the timed loops stop early (the JSON says how many steps
 and pairs ran; the MFU pairs leave time for the profile and all R3 pairs) so that the results file
@@ -63,10 +64,15 @@ from miles_envs.trainer import TrainerConfig  # noqa: E402
 H200_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H200 SXM datasheet, dense (no sparsity)
 H100_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet, dense
 PEAKS = {"H200": H200_SXM_BF16_DENSE_PEAK, "H100": H100_SXM_BF16_DENSE_PEAK}
-ARMS = {  # the MFU phase's before/after: how the experts of every MoE layer run
-    "sequential": "before: megatron's SequentialMLP, one MLP call per expert (host-side split by token counts)",
-    "grouped": "after: GroupedMLP, all experts in two grouped_mm calls per layer (same weights)",
+ARMS = {  # the MFU phase's arms, in the order the fixes came: (experts, vocab_head, what it is)
+    "sequential": ("sequential", "unfused", "before: megatron's SequentialMLP, one MLP call per expert (host-side split by "
+                   "token counts); megatron's output layer, full fp32 logits for the losses"),
+    "grouped": ("grouped", "unfused", "GroupedMLP, all experts in two grouped_mm calls per layer (same weights); "
+                "megatron's output layer"),
+    "fused": ("grouped", "fused", "after: GroupedMLP and the chunked vocabulary head (logprobs, entropy, MTP cross-entropy "
+              "per chunk of tokens, never all logits)"),
 }
+FINAL = "fused"  # the trainer the mismatch, R3 and MTP phases use
 SHAPES = {  # pretrain_moe.py's medium, and a CPU-sized one for trying the script
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                    num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=1024),
@@ -250,12 +256,13 @@ class Clock:
         return self.end - time.perf_counter()
 
 
-def make_trainer(hf_config, hf_weights, args, experts: str):
+def make_trainer(hf_config, hf_weights, args, arm: str):
     from miles_envs.trainer.megatron.backend import MegatronTrainer
     from miles_envs.trainer.megatron.model import MegatronSettings
 
     cuda = args.device == "cuda"
-    settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, experts=experts,
+    experts, head, _ = ARMS[arm]
+    settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, experts=experts, vocab_head=head,
                                 token_dispatcher="alltoall" if cuda else "allgather", use_cpu_initialization=not cuda)
     config = TrainerConfig(r3=True, mtp_sft=True, dtype="bfloat16" if cuda else "float32", device=args.device, lr=args.lr,
                            max_row_tokens=args.row_tokens, rows_per_micro_batch=args.rows_per_micro_batch)
@@ -280,7 +287,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--samples", type=int, default=64, help="trajectories per step")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per experts arm (interleaved pairs)")
+    parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per MFU arm (interleaved rounds)")
     parser.add_argument("--pairs", type=int, default=16, help="R3 on/off pairs")
     parser.add_argument("--row-tokens", type=int, default=8192)
     parser.add_argument("--rows-per-micro-batch", type=int, default=2)
@@ -303,33 +310,34 @@ def tokens(batch: list) -> int:
 
 
 def mfu_phase(report: Report, trainers: dict, fresh, args, clock: Clock, reserve_s) -> list:
-    """Timed steps of the ``ARMS`` trainers in pairs whose order alternates; returns the grouped
-    trainer's MTP losses. A pair runs while the time left exceeds ``reserve_s(steps)``."""
-    steps, mtp_loss = {name: [] for name in trainers}, []
-    for trainer in trainers.values():
-        timed_step(trainer, next(fresh), args.device)  # warm-up
-    for pair in range(args.mfu_steps):
-        if pair and clock.left() < reserve_s(steps):
+    """Timed steps of the ``ARMS`` trainers in rounds whose order alternates; returns the final
+    trainer's MTP losses. A round runs while the time left exceeds ``reserve_s(steps)``."""
+    steps, mtp_loss = {name: [] for name in ARMS}, []
+    for name in ARMS:
+        timed_step(trainers[name], next(fresh), args.device)  # warm-up
+    for round_ in range(args.mfu_steps):
+        if round_ and clock.left() < reserve_s(steps):
             break
-        for name in (list(trainers) if pair % 2 == 0 else list(trainers)[::-1]):
+        for name in (list(ARMS) if round_ % 2 == 0 else list(ARMS)[::-1]):
             batch = next(fresh)
             seconds, metrics = timed_step(trainers[name], batch, args.device)
             steps[name].append({"seconds": seconds, "tokens": tokens(batch), "flops": step_flops(trainers[name], batch)})
-            if name == "grouped":
+            if name == FINAL:
                 mtp_loss.append(metrics.get("mtp/loss"))
     peak, measured = report["peak_bf16_dense_flops"], report["measured_matmul_peak_flops"]
     summary = {}
     for name, timed in steps.items():
         seconds = [s["seconds"] for s in timed]
         flops_per_s = sum(s["flops"] for s in timed) / sum(seconds)
-        summary[name] = {"experts": ARMS[name], "step_seconds_median": statistics.median(seconds),
+        summary[name] = {"arm": ARMS[name][2], "step_seconds_median": statistics.median(seconds),
                          "step_seconds_min": min(seconds), "step_seconds_max": max(seconds),
                          "tokens_per_second": sum(s["tokens"] for s in timed) / sum(seconds), "tflops_per_second": flops_per_s / 1e12,
                          "mfu_vs_datasheet": flops_per_s / peak if peak else None,
                          "mfu_vs_measured_matmul": flops_per_s / measured if measured else None, "steps": timed}
     per_token = {name: [s["seconds"] / s["tokens"] for s in timed] for name, timed in steps.items()}
     summary["speedup"] = {"sequential_over_grouped": ratio_ci(per_token["sequential"], per_token["grouped"]),
-                          "of": "seconds per token, per pair (each step on a fresh batch)",
+                          "grouped_over_fused": ratio_ci(per_token["grouped"], per_token["fused"]),
+                          "of": "seconds per token, per round (each step on a fresh batch)",
                           "ci": "geometric mean of the per-pair ratios, 95% t-interval on their logs"}
     report.phase("mfu", summary)
     return mtp_loss
@@ -370,7 +378,7 @@ def main() -> None:
                     peak_bf16_dense_flops=peak, peak_source=f"{peak_name}_SXM_BF16_DENSE_PEAK, the datasheet figure" if peak else None,
                     mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "), time_limit_s=args.time_limit)
     report.phase("measured_matmul_peak_flops", measured_matmul_peak(args.device))
-    batches_needed = 1 + 2 * (1 + args.mfu_steps) + 2 * (1 + args.pairs) + 2  # mismatch, mfu, r3 pairs, profile
+    batches_needed = 1 + len(ARMS) * (2 + args.mfu_steps) + 2 * (1 + args.pairs)  # mismatch, mfu, r3 pairs, profile
     with tempfile.TemporaryDirectory() as tmp, megatron_here(args.device):
         folder = Path(tmp) / "model"
         hf_config, hf_weights = write_checkpoint(folder, args)
@@ -381,27 +389,27 @@ def main() -> None:
                                  "tokens_per_step_mean": statistics.mean(tokens(b) for b in batches)})
         fresh = iter(batches)
 
-        trainers = {"grouped": make_trainer(hf_config, hf_weights, args, "grouped")}
+        trainers = {FINAL: make_trainer(hf_config, hf_weights, args, FINAL)}
         first = next(fresh)
-        report.phase("mismatch", {"without_r3": measure(trainers["grouped"], first, replay=False),
-                                  "with_r3": measure(trainers["grouped"], first, replay=True)})
-        trainers = {"sequential": make_trainer(hf_config, hf_weights, args, "sequential"), **trainers}
+        report.phase("mismatch", {"without_r3": measure(trainers[FINAL], first, replay=False),
+                                  "with_r3": measure(trainers[FINAL], first, replay=True)})
+        trainers |= {name: make_trainer(hf_config, hf_weights, args, name) for name in ARMS if name != FINAL}
         del hf_weights
 
         def reserve_s(steps: dict) -> float:  # time the R3 pairs and the profiled steps will need, plus a margin
-            before, after = (max(s["seconds"] for s in steps[name]) for name in ARMS)
-            return 2 * (args.pairs + 1) * after + 3 * (before + after) + 5
+            slowest = {name: max(s["seconds"] for s in steps[name]) for name in ARMS}
+            return 2 * (args.pairs + 1) * slowest[FINAL] + 3 * sum(slowest.values()) + 5
 
         mtp_loss = mfu_phase(report, trainers, fresh, args, clock, reserve_s)
-        r3_phase(report, trainers["grouped"], fresh, args, clock, mtp_loss)
+        r3_phase(report, trainers[FINAL], fresh, args, clock, mtp_loss)
         if clock.left() > 3 * sum(report["mfu"][name]["step_seconds_median"] for name in ARMS):
             report.phase("profile", {name: profiled_step(trainers[name], next(fresh), args.device) for name in ARMS})
-        report.phase("mtp", {"loss_per_step": mtp_loss, "note": "grouped-experts trainer, every step on a batch it had not seen"})
-        grouped, mismatch, overhead = report["mfu"]["grouped"], report["mismatch"], report["r3_overhead"]
+        report.phase("mtp", {"loss_per_step": mtp_loss, "note": "final trainer (grouped experts, chunked head), every step on a batch it had not seen"})
+        final, mismatch, overhead = report["mfu"][FINAL], report["mismatch"], report["r3_overhead"]
         report.phase("summary", {  # the headline figures under the keys the README's results table reads
             "card": info["card"], "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
-            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": grouped["tokens_per_second"],
-            "mfu_r3_on": grouped["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
+            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": final["tokens_per_second"],
+            "mfu_r3_on": final["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
             "r3_overhead_ratio": overhead["ratio_on_over_off"]["ratio"],
             "k3_kl_reduction": mismatch["without_r3"]["k3_kl"] / max(mismatch["with_r3"]["k3_kl"], 1e-30),
         })
