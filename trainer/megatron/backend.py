@@ -210,17 +210,27 @@ class MegatronTrainer(Trainer):
         self._mtp_outputs = [m[:, :width] for m in mtp]
         main, targets = main[:, :width], batch.targets[:, :width].to(main.device)
         if self.fused_head:
-            head = self._head(main, targets, temperature=self.config.temperature)
-            return ForwardResult(head.logprobs.view_as(targets), head.entropy.view_as(targets), record)
+            logprobs, entropy, _ = self._head(main, targets, host_of(batch).loss_mask[:, :width], temperature=self.config.temperature)
+            return ForwardResult(logprobs, entropy, record)
         logits = main if self.config.temperature == 1.0 else main / self.config.temperature
         logprobs, entropy = token_logprobs_and_entropy(logits, targets)
         return ForwardResult(logprobs, entropy, record)
 
-    def _head(self, hidden: torch.Tensor, targets: torch.Tensor, **kwargs):
-        """``vocab_head`` of ``hidden`` ([rows, T, hidden]) with the model's output weight (tied or not)."""
+    def _head(self, hidden: torch.Tensor, targets: torch.Tensor, host_mask: torch.Tensor, **kwargs):
+        """``vocab_head`` of ``hidden`` ([rows, T, hidden]) with the model's output weight (tied or
+        not), run only where the host mask ``host_mask`` ([rows, T]) is set: prompts, padding and
+        unlabelled positions cost no head FLOPs. Returns ``(logprobs, entropy, argmax)`` as
+        [rows, T], zero elsewhere."""
         gpt = self.gpt
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
-        return vocab_head(hidden.flatten(0, 1), weight, targets.flatten(), chunk_tokens=self.settings.head_chunk_tokens, **kwargs)
+        index = host_mask.flatten().nonzero().squeeze(1).to(hidden.device, non_blocking=True)
+        out = vocab_head(hidden.flatten(0, 1).index_select(0, index), weight, targets.flatten().index_select(0, index),
+                         chunk_tokens=self.settings.head_chunk_tokens, **kwargs)
+
+        def spread(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values.new_zeros(targets.numel()).index_copy(0, index, values).view_as(targets)
+
+        return spread(out.logprobs), spread(out.entropy), spread(out.argmax)
 
     # -- the step ------------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
@@ -246,16 +256,16 @@ class MegatronTrainer(Trainer):
         (mean over depths), with ``_mtp_stats``'s metrics; metrics stay on the device."""
         loss_sum, loss_mean = 0.0, 0.0
         for depth, hidden in enumerate(self._mtp_outputs):
-            _, _, labels, mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
-            labelled = int(mask.sum())
-            labels, mask = labels.to(hidden.device, non_blocking=True), mask.to(hidden.device, non_blocking=True)
-            head = self._head(hidden, labels, entropy=False)
-            ce_sum = -(head.logprobs.view_as(mask) * mask).sum()
+            _, _, labels, host_mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
+            labelled = int(host_mask.sum())
+            labels, mask = labels.to(hidden.device, non_blocking=True), host_mask.to(hidden.device, non_blocking=True)
+            logprobs, _, argmax = self._head(hidden, labels, host_mask, entropy=False)
+            ce_sum = -(logprobs * mask).sum()
             loss_sum = loss_sum + ce_sum / len(self._mtp_outputs)
             loss_mean = loss_mean + ce_sum.detach() / max(1, labelled) / len(self._mtp_outputs)
             if depth == 0:
                 tokens = labelled
-                hits = ((head.argmax.view_as(labels) == labels).float() * mask).sum()
+                hits = ((argmax == labels).float() * mask).sum()
         stats.add("mtp/loss", loss_mean, tokens)
         stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
         return self.settings.mtp_loss_scale * loss_sum / mtp_tokens

@@ -67,10 +67,10 @@ class _ChunkedVocabHead(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk)
             log_p = _chunk_log_probs(hidden[rows], weight, ctx.scale)
             # d logprob/dz = onehot - p;  d entropy/dz = -p * (log p + entropy)
-            coef = grad_logprobs[rows, None]
+            neg_coef = grad_logprobs[rows, None].neg()
             if grad_entropy is not None:
-                coef = coef + grad_entropy[rows, None] * (log_p + entropy[rows, None])
-            grad_z = log_p.exp_().mul_(coef).neg_()
+                neg_coef = (log_p + entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(grad_logprobs[rows, None]).neg_()
+            grad_z = log_p.exp_().mul_(neg_coef)
             grad_z.scatter_add_(-1, targets[rows, None], grad_logprobs[rows, None])
             if ctx.scale != 1.0:
                 grad_z.mul_(ctx.scale)
