@@ -29,9 +29,10 @@ is complete before an outer timeout would kill the process.
 
 MFU = FLOPs per step / step time / the card's dense bf16 peak (``H200_SXM_BF16_DENSE_PEAK``, the
 datasheet figure; the bf16 matmul peak measured on the card is reported beside it). FLOPs per step = 6 x active
-parameters x tokens (experts weighted top-k/E, the tied vocabulary head counted once per use:
-main head and MTP head; the embedding lookup not counted) + causal attention 12 x heads x head_dim
-x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
+parameters x tokens (experts weighted top-k/E; the embedding lookup not counted) + 6 x vocab x hidden x
+response tokens per use of the tied vocabulary head (main head and MTP head: the losses need no
+logits at prompt tokens, so computing them there is not counted) + causal attention 12 x heads x
+head_dim x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
 
     python bench/gpu/megatron_r3_mtp.py --time-limit 150 --samples 128 --max-running 8192 --mfu-steps 6 \
         --out bench/results/megatron_r3_mtp.json
@@ -174,11 +175,12 @@ def step_flops(trainer, batch: list) -> float:
         else:
             dense += p.numel()
     depth = cfg.mtp_num_layers or 0
-    active = dense + expert * cfg.moe_router_topk / cfg.num_moe_experts + trainer.hf_config.vocab_size * cfg.hidden_size * (1 + depth)
+    active = dense + expert * cfg.moe_router_topk / cfg.num_moe_experts
+    head = trainer.hf_config.vocab_size * cfg.hidden_size * (1 + depth) * sum(t.num_model_tokens for t in batch)
     lengths = [len(t.tokens) - 1 for t in batch]
     causal_pairs = sum(n * (n + 1) / 2 for n in lengths)
     attention = 12 * cfg.num_attention_heads * cfg.kv_channels * causal_pairs * (cfg.num_layers + depth)
-    return 6.0 * active * sum(lengths) + attention
+    return 6.0 * (active * sum(lengths) + head) + attention
 
 
 def measured_matmul_peak(device: str) -> float | None:
