@@ -9,8 +9,9 @@ baseline, so X's first-move edge is not credited to its moves) and go to the tra
 are not trainable); after each iteration the current weights join the pool. Every
 ``--eval-every`` iterations the learner plays fixed reference opponents on fixed seeds, half the
 games as X: ``random`` (a random legal move) and ``one_ply`` (win if possible, block if needed,
-else random). Its win+draw rate against them, with a 95% Wilson interval, is the curve that shows
-whether self-play made it stronger.
+else random). Its win+draw rate against them (the learner greedy unless ``--eval-temperature``
+says otherwise), with a 95% Wilson interval, is the curve that shows whether self-play made it
+stronger.
 
     python examples/coevolve/selfplay_tictactoe.py --iterations 3 --games 8 --out runs/selfplay
 
@@ -67,12 +68,15 @@ async def play(renderer, seatings: list[dict[str, AgentPolicy]], seed: int, samp
     return sorted(episodes, key=lambda e: int(e.episode_id.split(":")[0]))
 
 
-async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int, concurrency: int = 64) -> dict:
-    """Win+draw rate (95% CI), win rate and forfeit rate against each reference, on fixed seeds."""
+async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int, temperature: float,
+                   concurrency: int = 64) -> dict:
+    """Win+draw rate (95% CI), win rate and forfeit rate against each reference, on fixed seeds, the
+    learner sampled at ``temperature``."""
     row = {}
     seats = ["x" if g % 2 == 0 else "o" for g in range(games)]
+    player = learner.evaluated(temperature)
     for name, reference in references.items():
-        seatings = [{seat: learner.policy, other(seat): reference} for seat in seats]
+        seatings = [{seat: player, other(seat): reference} for seat in seats]
         episodes = await play(learner.renderer, seatings, seed=10**6 + seed, sampling_seed=10**7 + seed * 10_000, concurrency=concurrency)
         rewards = [e.returns[seat] for e, seat in zip(episodes, seats)]
         forfeits = [e.infos.get(seat, {}).get("forfeit") and r < 0 for e, seat, r in zip(episodes, seats, rewards)]
@@ -120,7 +124,7 @@ async def main() -> None:
 
     async def eval_point(iteration: int, phase: str) -> None:
         games = eval_games(args, phase)
-        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, games, args.seed, args.concurrency)}
+        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, games, args.seed, args.eval_temperature, args.concurrency)}
         evals.append(row)
         cells = "  ".join(f"{n}: {row[n]['win_draw']:.3f} {row[n]['win_draw_ci95']}" for n in REFERENCES)
         console.print(f"[bold]eval[/] iteration={iteration} {phase}  win+draw  {cells}")
