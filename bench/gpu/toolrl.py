@@ -283,7 +283,7 @@ def plot(report: dict, path: Path) -> Path:
         axes[0].plot([c["step"] for c in checks], [c["val_parse_error_rate"] for c in checks], ls="--", label=f"{label} parse errors")
         steps = [row["step"] for row in run["steps"]]
         for axis, key in zip(axes[1:4], ("reward", "parse_error_rate", "turns_per_episode")):
-            axis.plot(steps, [row[key] for row in run["steps"]], label=label)
+            axis.plot(steps, [row[key] for row in run["steps"]], marker=".", label=label)
         if "eval" in run:
             stages = [s for s in ("pretrained", "after_sft", "after_rl") if s in run["eval"]]
             axes[4].plot(stages, [run["eval"][s]["reward"] for s in stages], marker="o", label=label)

@@ -135,7 +135,7 @@ def scripted_learner(args) -> Learner:
 
 
 async def main() -> None:
-    parser = common_arguments(__doc__.split("\n\n")[0])
+    parser = common_arguments(__doc__.split("\n\n")[0], eval_temperature=0.0)
     parser.add_argument("--solvers", type=at_least(1), default=4)
     parser.add_argument("--max-operators", type=at_least(1), default=4)
     args = parser.parse_args()
