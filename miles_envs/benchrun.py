@@ -270,7 +270,9 @@ def megatron_gpu_measures(data: dict) -> list[Measure]:
                 Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s",
                         note=machine)]
     for variant, label in (("dense", "masked attention over packed rows (before)"),
-                           ("packed", "per-sequence attention (after)")):
+                           ("packed", "per-sequence attention (after)"),
+                           ("sequential", "per-expert MLP loop (before)"),
+                           ("grouped", "grouped-GEMM experts (after)")):
         if variant in mfu:
             measured = mfu[variant].get("mfu_vs_measured_matmul")
             measures.append(Measure(
@@ -506,7 +508,7 @@ BENCHES: tuple[Bench, ...] = (
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
                 "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
-          results="gpu/run4-rl/gpu_mtp_sft.json",
+          results="gpu/run6-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
                 "one GPU"),
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),

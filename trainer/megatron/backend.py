@@ -26,7 +26,7 @@ from miles_envs.trainer.batch import PackedBatch
 from miles_envs.trainer.config import TrainerConfig
 from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
 from miles_envs.trainer.megatron.attention import install_packed_attention
-from miles_envs.trainer.megatron.forward import pad_width, run_forward
+from miles_envs.trainer.megatron.forward import HostBackedBatch, host_of, pad_width, run_forward
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
 from miles_envs.trainer.megatron.parallel import MegatronUnavailable, ensure_parallel
 from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
@@ -182,6 +182,9 @@ class MegatronTrainer(Trainer):
             reload()
 
     # -- forward -------------------------------------------------------------------------------
+    def _to_device(self, batch: PackedBatch) -> HostBackedBatch:
+        return HostBackedBatch.of(batch, self.device)
+
     def forward(self, batch: PackedBatch, *, replay: bool, model=None, hidden_states: bool = False) -> ForwardResult:
         width = batch.input_ids.shape[1]
         if self.gpt.config.sequence_parallel:
@@ -207,7 +210,7 @@ class MegatronTrainer(Trainer):
         from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
         train_mtp = self.config.mtp_sft and mtp_tokens > 0
-        share = int(mtp_labels(batch, 0)[3].sum()) / mtp_tokens if train_mtp else 0.0
+        share = int(mtp_labels(host_of(batch), 0)[3].sum()) / mtp_tokens if train_mtp else 0.0
         MTPLossAutoScaler.set_loss_scale(torch.tensor(share))
         if train_mtp:
             self._mtp_stats(batch, stats)
@@ -219,10 +222,10 @@ class MegatronTrainer(Trainer):
         they stay on the device (``MeanAccumulator`` reads them once per step)."""
         loss = 0.0
         for depth, logits in enumerate(self._mtp_logits):
-            _, _, labels, mask = mtp_labels(batch, depth)  # host tensors: their counts need no sync
+            _, _, labels, mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
             labelled = int(mask.sum())
             count = max(1, labelled)
-            labels, mask = labels.to(logits.device), mask.to(logits.device)
+            labels, mask = labels.to(logits.device, non_blocking=True), mask.to(logits.device, non_blocking=True)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
             loss = loss + (ce * mask).sum() / count / len(self._mtp_logits)
             if depth == 0:

@@ -15,7 +15,7 @@ hook keeps a copy.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import torch
@@ -76,13 +76,45 @@ def pad_width(batch: PackedBatch, multiple: int) -> PackedBatch:
     if not extra:
         return batch
     padded = {}
-    for f in fields(batch):
+    for f in fields(PackedBatch):
         value = getattr(batch, f.name)
         if isinstance(value, torch.Tensor):
             tail = value.new_full((value.shape[0], extra, *value.shape[2:]), _PAD.get(f.name, 0))
             value = torch.cat([value, tail], dim=1)
         padded[f.name] = value
+    if isinstance(batch, HostBackedBatch):
+        return HostBackedBatch(**padded, host=pad_width(batch.host, multiple))
     return PackedBatch(**padded)
+
+
+def _moved(batch: PackedBatch, device: torch.device | str) -> dict:
+    """``PackedBatch``'s own fields of ``batch``, tensors on ``device``."""
+    values = {f.name: getattr(batch, f.name) for f in fields(PackedBatch)}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
+
+@dataclass
+class HostBackedBatch(PackedBatch):
+    """A micro-batch on the device that keeps the host batch it was copied from: the forward's
+    layout, masks and token counts are read from ``host``, so they never wait on the GPU."""
+
+    host: PackedBatch | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, batch: PackedBatch, device: torch.device | str) -> HostBackedBatch:
+        return cls(**_moved(batch, device), host=batch)
+
+    def to(self, device: torch.device | str) -> HostBackedBatch:
+        return HostBackedBatch(**_moved(self, device), host=self.host)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.host.loss_mask.sum())
+
+
+def host_of(batch: PackedBatch) -> PackedBatch:
+    """The host copy of ``batch`` when it keeps one (else ``batch`` itself: reads from it may sync)."""
+    return getattr(batch, "host", None) or batch
 
 
 @dataclass
@@ -102,18 +134,20 @@ def _capture_output_layer(gpt_model: nn.Module, copy: bool) -> Iterator[list[tor
 
 
 def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> ForwardOutput:
-    """Forward ``batch`` (host tensors) through ``model`` (``gpt_model`` is the ``GPTModel`` inside it)."""
+    """Forward ``batch`` through ``model`` (``gpt_model`` is the ``GPTModel`` inside it); the attention
+    layout and masks come from the host copy (``host_of``)."""
     rotary = install_packed_rotary(gpt_model)
     packed = [m for m in gpt_model.modules() if isinstance(m, PackedAttention)]
+    host = host_of(batch)
     if packed:
-        layout = PackedLayout.of(batch.seq_index, batch.position_ids, batch.num_sequences).to(torch.device(device))
+        layout = PackedLayout.of(host.seq_index, host.position_ids, host.num_sequences).to(torch.device(device))
         mask = None
     else:
-        mask = packed_attention_mask(batch.seq_index).to(device)
+        mask = packed_attention_mask(host.seq_index).to(device)
     depth = gpt_model.config.mtp_num_layers or 0
-    loss_mask = mtp_loss_mask(batch, depth) if depth else None
+    loss_mask = mtp_loss_mask(host, depth) if depth else None
     batch = batch.to(device)
-    extra = {"labels": batch.targets, "loss_mask": loss_mask.to(device)} if depth else {}
+    extra = {"labels": batch.targets, "loss_mask": loss_mask.to(device, non_blocking=True)} if depth else {}
     rotary.positions = batch.position_ids
     for module in packed:
         module.layout = layout
