@@ -498,10 +498,10 @@ BENCHES: tuple[Bench, ...] = (
           about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
                 "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
-          results="gpu/run4-rl/gpu_pretrain.json",
+          results="gpu/run7-r3-toolrl/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "
                 "the model of the R3 rows (all GPU rows: one command, bench/gpu/trained_moe.py)"),
-    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run4-rl/gpu_r3.json",
+    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run7-r3-toolrl/gpu_r3.json",
           about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
                 "trainer forwards, with and without replay"),
     Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
