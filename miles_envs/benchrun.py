@@ -491,7 +491,7 @@ BENCHES: tuple[Bench, ...] = (
           about="toy: draft accept rate over GRPO steps on a random-init tiny MoE (one seed), MTP layer trained "
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
-          results="gpu/run5-megatron/megatron_r3_mtp.json",
+          results="gpu/run8-megatron-spec/megatron_r3_mtp.json",
           about="Megatron-core backend on one GPU, the trained MoE's shape (random-init stand-in), fresh rollouts "
                 "every step (run there, never by this command; its results file is read)"),
     Bench("async_speedup", "async_speedup.py", async_speedup_measures,
@@ -505,9 +505,9 @@ BENCHES: tuple[Bench, ...] = (
           about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
                 "trainer forwards, with and without replay"),
     Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
-          results="gpu/run3-batched-spec/gpu_spec_decode.json",
+          results="gpu/run8-megatron-spec/gpu_spec_decode.json",
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
-                "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
+                "(its model: a 115-step pretraining run in the same command, bench/results/gpu/run8-megatron-spec/gpu_pretrain.json; the GPU tests shared the card during its first repeat)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
           results="gpu/run6-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
