@@ -270,7 +270,10 @@ def megatron_gpu_measures(data: dict) -> list[Measure]:
                 Measure(f"Megatron on {card}: tokens/s, R3 on", field_at(data, "tokens_per_second_r3_on"), "tokens/s",
                         note=machine)]
     for variant, label in (("dense", "masked attention over packed rows (before)"),
-                           ("packed", "per-sequence attention (after)")):
+                           ("packed", "per-sequence attention (after)"),
+                           ("sequential", "per-expert MLP loop (before)"),
+                           ("grouped", "grouped-GEMM experts (after)"),
+                           ("fused", "grouped experts + chunked vocabulary head (after)")):
         if variant in mfu:
             measured = mfu[variant].get("mfu_vs_measured_matmul")
             measures.append(Measure(
@@ -488,25 +491,25 @@ BENCHES: tuple[Bench, ...] = (
           about="toy: draft accept rate over GRPO steps on a random-init tiny MoE (one seed), MTP layer trained "
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
-          results="gpu/run5-megatron/megatron_r3_mtp.json",
+          results="gpu/run8-megatron-spec/megatron_r3_mtp.json",
           about="Megatron-core backend on one GPU, the trained MoE's shape (random-init stand-in), fresh rollouts "
                 "every step (run there, never by this command; its results file is read)"),
     Bench("async_speedup", "async_speedup.py", async_speedup_measures,
           about="sync vs async training on a long-tailed agent workload (Pareto turn counts, log-normal tool latency) "
                 "against a throughput-model engine, at staleness 1, 2, 4; then a real tiny run of both modes"),
     Bench("gpu_pretrain", "gpu/pretrain_moe.py", gpu_pretrain_measures, runs_here=False,
-          results="gpu/run4-rl/gpu_pretrain.json",
+          results="gpu/run7-r3-toolrl/gpu_pretrain.json",
           about="small Qwen3-MoE + MTP layer pretrained from scratch on the repo's own corpus on one GPU; "
                 "the model of the R3 rows (all GPU rows: one command, bench/gpu/trained_moe.py)"),
-    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run4-rl/gpu_r3.json",
+    Bench("gpu_r3", "gpu/r3_trained.py", gpu_r3_measures, runs_here=False, results="gpu/run7-r3-toolrl/gpu_r3.json",
           about="R3 on that trained MoE, no weight scaling: env rollouts in the bf16 embedded engine vs bf16/fp32 "
                 "trainer forwards, with and without replay"),
     Bench("gpu_spec_decode", "gpu/spec_trained.py", gpu_spec_measures, runs_here=False,
-          results="gpu/run3-batched-spec/gpu_spec_decode.json",
+          results="gpu/run8-megatron-spec/gpu_spec_decode.json",
           about="speculative decoding with the model's own pretrained MTP layer in the embedded engine on one GPU "
-                "(its model: a 60-step pretraining run, bench/results/gpu/run3-batched-spec/gpu_pretrain.json)"),
+                "(its model: a 115-step pretraining run in the same command, bench/results/gpu/run8-megatron-spec/gpu_pretrain.json; the GPU tests shared the card during its first repeat)"),
     Bench("gpu_mtp_sft", "gpu/mtp_sft_rl.py", gpu_mtp_sft_measures, runs_here=False,
-          results="gpu/run4-rl/gpu_mtp_sft.json",
+          results="gpu/run6-rl/gpu_mtp_sft.json",
           about="draft accept rate over GRPO steps on GuessNumber with vs without online MTP-SFT, trained MoE on "
                 "one GPU"),
     Bench("peers", "peers.py", peers_measures, ("--episodes", "20", "--turns", "4", "--repeats", "1"),

@@ -196,7 +196,11 @@ class Trainer:
         batches = pack(
             trajectories, advantages, coefs, max_row_tokens=cfg.max_row_tokens, rows_per_micro_batch=cfg.rows_per_micro_batch
         )
-        return [b.to(self.device) for b in batches]
+        return [self._to_device(b) for b in batches]
+
+    def _to_device(self, batch: PackedBatch) -> PackedBatch:
+        """A packed micro-batch on the trainer's device (a backend may keep host facts beside it)."""
+        return batch.to(self.device)
 
     # -- the step ------------------------------------------------------------------------------
     def train_step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
@@ -217,7 +221,7 @@ class Trainer:
             for micro_batches in plan:
                 self.optimizer.zero_grad(set_to_none=True)
                 mtp_tokens = count_mtp_tokens(micro_batches) if cfg.mtp_sft else 0
-                step_loss = 0.0
+                step_loss = 0.0  # a device tensor after the first micro-batch: read once per step, in stats.means()
                 for batch in micro_batches:
                     loss = self._micro_batch_loss(
                         batch,
@@ -228,7 +232,7 @@ class Trainer:
                         mtp_tokens,
                     )
                     loss.backward()
-                    step_loss += float(loss.detach())
+                    step_loss = step_loss + loss.detach()
                 stats.add("loss", step_loss)
                 stats.add("grad_norm", self._optimizer_step())
         self.step += 1
@@ -327,20 +331,20 @@ class _MismatchCollector:
     """Rollout-vs-trainer logprob deltas and router disagreement, from the first forward of a step."""
 
     def __init__(self) -> None:
-        self.trainer: list[torch.Tensor] = []
-        self.rollout: list[torch.Tensor] = []
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (trainer, rollout, mask) per micro-batch
         self.routing = RoutingRecord()
 
     def add(self, result: ForwardResult, batch: PackedBatch) -> None:
-        mask = batch.loss_mask.bool()
-        self.trainer.append(result.logprobs.detach()[mask].cpu())
-        self.rollout.append(batch.rollout_logprobs[mask].cpu())
+        # kept on the device and masked in ``metrics``: masking here would make the host wait for the
+        # forward before it could queue the backward
+        self.pairs.append((result.logprobs.detach(), batch.rollout_logprobs, batch.loss_mask.bool()))
         self.routing.merge(result.routing)
 
     def metrics(self) -> dict[str, float]:
-        if not self.trainer:
+        if not self.pairs:
             return {}
-        trainer, rollout = torch.cat(self.trainer), torch.cat(self.rollout)
+        trainer = torch.cat([t[mask] for t, _, mask in self.pairs]).cpu()
+        rollout = torch.cat([r[mask] for _, r, mask in self.pairs]).cpu()
         out = {f"mismatch/{k}": v for k, v in mismatch_metrics(trainer, rollout, torch.ones_like(trainer)).items()}
         if int(self.routing.pairs):
             out["mismatch/router_disagreement"] = self.routing.disagreement

@@ -10,23 +10,31 @@ trains on data it already fitted). The trainer is the megatron backend in bf16 (
 megatron DDP + optimizer), R3 and MTP-SFT on. Phases, each written to the JSON as it ends:
 
 1. ``mismatch``: one no-grad forward of the first batch with and without replay (k3-KL etc.).
-2. ``mfu``: the same fresh batches through a trainer with megatron's dense masked attention
-   (before) and one with per-sequence attention (after), alternating steps; a profiled step of each.
-3. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
+2. ``mfu``: fresh batches through three trainers (``ARMS``), all with per-sequence attention, in
+   rounds whose order alternates: megatron's ``SequentialMLP`` experts (one MLP call per expert)
+   and megatron's output layer (full logits); ``GroupedMLP`` experts (two grouped GEMMs per layer)
+   with the same head; grouped experts and the chunked vocabulary head (``vocab_head.py``). Each
+   arm's median, spread and MFU, and the per-token step-time ratio of each fix with a 95%
+   t-interval over the rounds. (The attention fix before them was measured the same way, masked
+   attention over packed rows against per-sequence SDPA: ``bench/gpu/NOTES.md``.)
+3. ``profile``: one step of each arm under torch.profiler (GPU busy share, host syncs, top ops).
+4. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
    order (on-off, off-on, ...), each on a fresh batch; the geometric-mean ratio with a 95%
    t-interval over the pairs.
-4. ``mtp``: the MTP loss of every step of the per-sequence trainer, in order.
+5. ``mtp``: the MTP loss of every step of the final trainer (grouped experts, chunked head), in order.
 
 ``--time-limit`` bounds the whole run: the timed loops stop early (the JSON says how many steps
-and pairs ran) so that the results file is complete before an outer timeout would kill the process.
+and pairs ran; the MFU pairs leave time for the profile and all R3 pairs) so that the results file
+is complete before an outer timeout would kill the process.
 
 MFU = FLOPs per step / step time / the card's dense bf16 peak (``H200_SXM_BF16_DENSE_PEAK``, the
 datasheet figure; the bf16 matmul peak measured on the card is reported beside it). FLOPs per step = 6 x active
-parameters x tokens (experts weighted top-k/E, the tied vocabulary head counted once per use:
-main head and MTP head; the embedding lookup not counted) + causal attention 12 x heads x head_dim
-x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
+parameters x tokens (experts weighted top-k/E; the embedding lookup not counted) + 6 x vocab x hidden x
+response tokens per use of the tied vocabulary head (main head and MTP head: the losses need no
+logits at prompt tokens, so computing them there is not counted) + causal attention 12 x heads x
+head_dim x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
 
-    python bench/gpu/megatron_r3_mtp.py --time-limit 150 --samples 128 --max-running 8192 \
+    python bench/gpu/megatron_r3_mtp.py --time-limit 150 --samples 128 --max-running 8192 --mfu-steps 6 \
         --out bench/results/megatron_r3_mtp.json
     python bench/gpu/megatron_r3_mtp.py --tiny --device cpu --out /tmp/megatron_r3_mtp.json
 """
@@ -57,6 +65,15 @@ from miles_envs.trainer import TrainerConfig  # noqa: E402
 H200_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H200 SXM datasheet, dense (no sparsity)
 H100_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet, dense
 PEAKS = {"H200": H200_SXM_BF16_DENSE_PEAK, "H100": H100_SXM_BF16_DENSE_PEAK}
+ARMS = {  # the MFU phase's arms, in the order the fixes came: (experts, vocab_head, what it is)
+    "sequential": ("sequential", "unfused", "before: megatron's SequentialMLP, one MLP call per expert (host-side split by "
+                   "token counts); megatron's output layer, full fp32 logits for the losses"),
+    "grouped": ("grouped", "unfused", "GroupedMLP, all experts in two grouped_mm calls per layer (same weights); "
+                "megatron's output layer"),
+    "fused": ("grouped", "fused", "after: GroupedMLP and the chunked vocabulary head (logprobs, entropy, MTP cross-entropy "
+              "per chunk of tokens, never all logits)"),
+}
+FINAL = "fused"  # the trainer the mismatch, R3 and MTP phases use
 SHAPES = {  # pretrain_moe.py's medium, and a CPU-sized one for trying the script
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                    num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=1024),
@@ -158,11 +175,12 @@ def step_flops(trainer, batch: list) -> float:
         else:
             dense += p.numel()
     depth = cfg.mtp_num_layers or 0
-    active = dense + expert * cfg.moe_router_topk / cfg.num_moe_experts + trainer.hf_config.vocab_size * cfg.hidden_size * (1 + depth)
+    active = dense + expert * cfg.moe_router_topk / cfg.num_moe_experts
+    head = trainer.hf_config.vocab_size * cfg.hidden_size * (1 + depth) * sum(t.num_model_tokens for t in batch)
     lengths = [len(t.tokens) - 1 for t in batch]
     causal_pairs = sum(n * (n + 1) / 2 for n in lengths)
     attention = 12 * cfg.num_attention_heads * cfg.kv_channels * causal_pairs * (cfg.num_layers + depth)
-    return 6.0 * active * sum(lengths) + attention
+    return 6.0 * (active * sum(lengths) + head) + attention
 
 
 def measured_matmul_peak(device: str) -> float | None:
@@ -194,8 +212,12 @@ def timed_step(trainer, batch: list, device: str) -> tuple[float, dict]:
     return time.perf_counter() - start, metrics
 
 
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
 def profiled_step(trainer, batch: list, device: str) -> dict:
-    """One step under torch.profiler: GPU busy share, host syncs, the ops that take the GPU's time."""
+    """One step under torch.profiler: GPU busy share, host syncs, the ops that take the GPU's and the
+    host's time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -211,14 +233,18 @@ def profiled_step(trainer, batch: list, device: str) -> dict:
         return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
     busy_us = sum(device_us(e) for e in averages)
+    def row(event) -> dict:
+        return {"op": event.key, "calls": event.count, "self_device_ms": device_us(event) / 1e3, "self_cpu_ms": event.self_cpu_time_total / 1e3}
+
     top = sorted(averages, key=device_us if device == "cuda" else (lambda e: e.self_cpu_time_total), reverse=True)[:12]
-    syncs = sum(e.count for e in averages if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     return {
         "wall_seconds": wall,
         "gpu_busy_share": busy_us / 1e6 / wall if device == "cuda" else None,
-        "host_syncs": syncs,
-        "top_ops": [{"op": e.key, "calls": e.count, "self_device_ms": device_us(e) / 1e3, "self_cpu_ms": e.self_cpu_time_total / 1e3}
-                    for e in top],
+        "host_syncs": {e.key: e.count for e in averages if e.key in SYNC_EVENTS},
+        "kernel_launches": sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC")),
+        "top_ops": [row(e) for e in top],
+        "top_host_ops": [row(e) for e in host],
     }
 
 
@@ -232,12 +258,13 @@ class Clock:
         return self.end - time.perf_counter()
 
 
-def make_trainer(hf_config, hf_weights, args, attention: str):
+def make_trainer(hf_config, hf_weights, args, arm: str):
     from miles_envs.trainer.megatron.backend import MegatronTrainer
     from miles_envs.trainer.megatron.model import MegatronSettings
 
     cuda = args.device == "cuda"
-    settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, attention=attention,
+    experts, head, _ = ARMS[arm]
+    settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, experts=experts, vocab_head=head,
                                 token_dispatcher="alltoall" if cuda else "allgather", use_cpu_initialization=not cuda)
     config = TrainerConfig(r3=True, mtp_sft=True, dtype="bfloat16" if cuda else "float32", device=args.device, lr=args.lr,
                            max_row_tokens=args.row_tokens, rows_per_micro_batch=args.rows_per_micro_batch)
@@ -262,7 +289,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--samples", type=int, default=64, help="trajectories per step")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per attention path")
+    parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per MFU arm (interleaved rounds)")
     parser.add_argument("--pairs", type=int, default=16, help="R3 on/off pairs")
     parser.add_argument("--row-tokens", type=int, default=8192)
     parser.add_argument("--rows-per-micro-batch", type=int, default=2)
@@ -284,33 +311,36 @@ def tokens(batch: list) -> int:
     return sum(len(t.tokens) - 1 for t in batch)
 
 
-def mfu_phase(report: Report, before, after, fresh, args, clock: Clock, reserve_s) -> list:
-    """Alternating timed steps of the dense (before) and per-sequence (after) trainers; returns the
-    after-trainer's MTP losses. A step pair runs while the time left exceeds ``reserve_s()``."""
-    steps, mtp_loss = {"dense": [], "packed": []}, []
-    trainers = (("dense", before), ("packed", after))
-    for _, trainer in trainers:
-        timed_step(trainer, next(fresh), args.device)  # warm-up
-    for step in range(args.mfu_steps):
-        if step and clock.left() < reserve_s(steps):
+def mfu_phase(report: Report, trainers: dict, fresh, args, clock: Clock, reserve_s) -> list:
+    """Timed steps of the ``ARMS`` trainers in rounds whose order alternates; returns the final
+    trainer's MTP losses. A round runs while the time left exceeds ``reserve_s(steps)``."""
+    steps, mtp_loss = {name: [] for name in ARMS}, []
+    for name in ARMS:
+        timed_step(trainers[name], next(fresh), args.device)  # warm-up
+    for round_ in range(args.mfu_steps):
+        if round_ and clock.left() < reserve_s(steps):
             break
-        for name, trainer in trainers:
+        for name in (list(ARMS) if round_ % 2 == 0 else list(ARMS)[::-1]):
             batch = next(fresh)
-            seconds, metrics = timed_step(trainer, batch, args.device)
-            steps[name].append({"seconds": seconds, "tokens": tokens(batch), "flops": step_flops(trainer, batch)})
-            if name == "packed":
+            seconds, metrics = timed_step(trainers[name], batch, args.device)
+            steps[name].append({"seconds": seconds, "tokens": tokens(batch), "flops": step_flops(trainers[name], batch)})
+            if name == FINAL:
                 mtp_loss.append(metrics.get("mtp/loss"))
     peak, measured = report["peak_bf16_dense_flops"], report["measured_matmul_peak_flops"]
     summary = {}
     for name, timed in steps.items():
-        seconds = sum(s["seconds"] for s in timed)
-        flops_per_s = sum(s["flops"] for s in timed) / seconds
-        summary[name] = {"step_seconds_median": statistics.median(s["seconds"] for s in timed),
-                         "tokens_per_second": sum(s["tokens"] for s in timed) / seconds, "tflops_per_second": flops_per_s / 1e12,
+        seconds = [s["seconds"] for s in timed]
+        flops_per_s = sum(s["flops"] for s in timed) / sum(seconds)
+        summary[name] = {"arm": ARMS[name][2], "step_seconds_median": statistics.median(seconds),
+                         "step_seconds_min": min(seconds), "step_seconds_max": max(seconds),
+                         "tokens_per_second": sum(s["tokens"] for s in timed) / sum(seconds), "tflops_per_second": flops_per_s / 1e12,
                          "mfu_vs_datasheet": flops_per_s / peak if peak else None,
                          "mfu_vs_measured_matmul": flops_per_s / measured if measured else None, "steps": timed}
-    summary["attention"] = {"dense": "before: megatron's masked attention, block-diagonal causal mask over each packed row",
-                            "packed": "after: causal SDPA per sequence (padded [sequences, L_max] batch)"}
+    per_token = {name: [s["seconds"] / s["tokens"] for s in timed] for name, timed in steps.items()}
+    summary["speedup"] = {"sequential_over_grouped": ratio_ci(per_token["sequential"], per_token["grouped"]),
+                          "grouped_over_fused": ratio_ci(per_token["grouped"], per_token["fused"]),
+                          "of": "seconds per token, per round (each step on a fresh batch)",
+                          "ci": "geometric mean of the per-pair ratios, 95% t-interval on their logs"}
     report.phase("mfu", summary)
     return mtp_loss
 
@@ -350,7 +380,7 @@ def main() -> None:
                     peak_bf16_dense_flops=peak, peak_source=f"{peak_name}_SXM_BF16_DENSE_PEAK, the datasheet figure" if peak else None,
                     mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "), time_limit_s=args.time_limit)
     report.phase("measured_matmul_peak_flops", measured_matmul_peak(args.device))
-    batches_needed = 1 + 2 * (1 + args.mfu_steps) + 2 * (1 + args.pairs) + 2  # mismatch, mfu, r3 pairs, profile
+    batches_needed = 1 + len(ARMS) * (2 + args.mfu_steps) + 2 * (1 + args.pairs)  # mismatch, mfu, r3 pairs, profile
     with tempfile.TemporaryDirectory() as tmp, megatron_here(args.device):
         folder = Path(tmp) / "model"
         hf_config, hf_weights = write_checkpoint(folder, args)
@@ -361,27 +391,27 @@ def main() -> None:
                                  "tokens_per_step_mean": statistics.mean(tokens(b) for b in batches)})
         fresh = iter(batches)
 
-        after = make_trainer(hf_config, hf_weights, args, "packed")
+        trainers = {FINAL: make_trainer(hf_config, hf_weights, args, FINAL)}
         first = next(fresh)
-        report.phase("mismatch", {"without_r3": measure(after, first, replay=False), "with_r3": measure(after, first, replay=True)})
-        before = make_trainer(hf_config, hf_weights, args, "dense")
+        report.phase("mismatch", {"without_r3": measure(trainers[FINAL], first, replay=False),
+                                  "with_r3": measure(trainers[FINAL], first, replay=True)})
+        trainers |= {name: make_trainer(hf_config, hf_weights, args, name) for name in ARMS if name != FINAL}
         del hf_weights
 
         def reserve_s(steps: dict) -> float:  # time the R3 pairs and the profiled steps will need, plus a margin
-            dense, packed = (max(s["seconds"] for s in steps[k]) for k in ("dense", "packed"))
-            return 2 * (args.pairs + 1) * packed + 3 * (dense + packed) + 5
+            slowest = {name: max(s["seconds"] for s in steps[name]) for name in ARMS}
+            return 2 * (args.pairs + 1) * slowest[FINAL] + 3 * sum(slowest.values()) + 5
 
-        mtp_loss = mfu_phase(report, before, after, fresh, args, clock, reserve_s)
-        r3_phase(report, after, fresh, args, clock, mtp_loss)
-        if clock.left() > 3 * (report["mfu"]["dense"]["step_seconds_median"] + report["mfu"]["packed"]["step_seconds_median"]):
-            report.phase("profile", {"dense": profiled_step(before, next(fresh), args.device),
-                                     "packed": profiled_step(after, next(fresh), args.device)})
-        report.phase("mtp", {"loss_per_step": mtp_loss, "note": "per-sequence trainer, every step on a batch it had not seen"})
-        packed, mismatch, overhead = report["mfu"]["packed"], report["mismatch"], report["r3_overhead"]
+        mtp_loss = mfu_phase(report, trainers, fresh, args, clock, reserve_s)
+        r3_phase(report, trainers[FINAL], fresh, args, clock, mtp_loss)
+        if clock.left() > 3 * sum(report["mfu"][name]["step_seconds_median"] for name in ARMS):
+            report.phase("profile", {name: profiled_step(trainers[name], next(fresh), args.device) for name in ARMS})
+        report.phase("mtp", {"loss_per_step": mtp_loss, "note": "final trainer (grouped experts, chunked head), every step on a batch it had not seen"})
+        final, mismatch, overhead = report["mfu"][FINAL], report["mismatch"], report["r3_overhead"]
         report.phase("summary", {  # the headline figures under the keys the README's results table reads
             "card": info["card"], "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
-            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": packed["tokens_per_second"],
-            "mfu_r3_on": packed["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
+            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": final["tokens_per_second"],
+            "mfu_r3_on": final["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
             "r3_overhead_ratio": overhead["ratio_on_over_off"]["ratio"],
             "k3_kl_reduction": mismatch["without_r3"]["k3_kl"] / max(mismatch["with_r3"]["k3_kl"], 1e-30),
         })

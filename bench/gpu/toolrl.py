@@ -10,6 +10,12 @@ on held-out env seeds (never trained on) before the warm start, after it (the RL
 RL. Per step: reward per env, tool-call parse-error rate (model turns whose tool call did not
 parse, fed back to the model as an error message), turns per episode, draft accept rate.
 
+The warm start runs in chunks of ``--sft-check-every`` steps, each followed by a greedy check on
+validation seeds (apart from the training and the held-out ones); it stops once that reward reaches
+``--sft-target`` (a policy that has the format and part of the skill, so RL has room to lift it),
+or at ``--sft-steps`` / ``--sft-time-limit``. ``--tool-budget-s`` bounds each seed's run: RL stops when
+one more step and the final eval would not fit.
+
     python bench/gpu/toolrl.py --model /tmp/miles-moe                    # bench/results/gpu_toolrl.json (+ .png)
     python bench/gpu/toolrl.py --plot bench/results/gpu/gpu_toolrl.json   # the PNG from a results file
 """
@@ -38,6 +44,7 @@ from miles_envs.registry import register  # noqa: E402
 
 ENVS = ("miles/ToolCalc-v0", "miles/LookupChain-v0")
 EVAL_SEED = 10**8  # held-out env seeds start here; training seeds stay far below
+VALIDATION_SEED = 5 * 10**7  # the warm start's stopping check: neither trained on nor held out
 
 # The arithmetic each ToolCalc template asks for, over its values (named as in the task id).
 CALC_EXPRESSIONS = {
@@ -116,12 +123,42 @@ async def play(engine, renderer, env_id: str, tasks: int, group_size: int, seed:
     return [t async for t in rollout(env_id, engine, renderer, n=tasks, group_size=group_size, config=config, seed=seed)]
 
 
-async def evaluate(engine, renderer, args) -> dict:
-    """Greedy episodes on the held-out seeds of each env."""
-    results = await asyncio.gather(*[play(engine, renderer, env_id, args.eval_tasks, 1, EVAL_SEED + 1000 * i, 0.0,
+async def evaluate(engine, renderer, args, tasks: int | None = None, first_seed: int = EVAL_SEED) -> dict:
+    """Greedy episodes of each env from ``first_seed`` on (default: ``--eval-tasks`` held-out ones)."""
+    results = await asyncio.gather(*[play(engine, renderer, env_id, tasks or args.eval_tasks, 1, first_seed + 1000 * i, 0.0,
                                           args.tool_max_new_tokens) for i, env_id in enumerate(ENVS)])
     per_env = {env_id: episode_stats(trajectories) for env_id, trajectories in zip(ENVS, results)}
-    return {"reward": sum(s["reward"] for s in per_env.values()) / len(per_env), "per_env": per_env}
+    return {"reward": sum(s["reward"] for s in per_env.values()) / len(per_env),
+            "parse_error_rate": sum(s["parse_error_rate"] for s in per_env.values()) / len(per_env),
+            "turns_per_episode": sum(s["turns_per_episode"] for s in per_env.values()) / len(per_env), "per_env": per_env}
+
+
+async def supervised_warm_start(trainer, engine, renderer, demos: list, args, seed: int, log) -> list[dict]:
+    """SFT on shuffled demonstrations, checked on validation seeds every ``--sft-check-every`` steps;
+    stops at ``--sft-target`` validation reward, ``--sft-steps`` or ``--sft-time-limit``."""
+    import random
+
+    from miles_envs.trainer.sft import SftOptimizer, sft_step
+
+    optimizer, order, curve = SftOptimizer(trainer, args.sft_lr), [], []
+    rng, started = random.Random(seed), time.perf_counter()
+    for step in range(1, args.sft_steps + 1):
+        while len(order) < args.sft_batch:  # an epoch at a time, each in a fresh order
+            order += rng.sample(demos, len(demos))
+        batch, order = order[:args.sft_batch], order[args.sft_batch:]
+        metrics = sft_step(optimizer, batch)
+        out_of_time = time.perf_counter() - started > args.sft_time_limit
+        if step % args.sft_check_every and step < args.sft_steps and not out_of_time:
+            continue
+        await engine.update_weights(trainer.state_dict(), version=f"sft-{step}")
+        check = await evaluate(engine, renderer, args, args.sft_val_tasks, VALIDATION_SEED)
+        curve.append({"step": step, **metrics, "val_reward": check["reward"], "val_parse_error_rate": check["parse_error_rate"],
+                      "val_turns_per_episode": check["turns_per_episode"], "s": round(time.perf_counter() - started, 1)})
+        log(f"SFT step {step} loss {metrics['sft/loss']:.3f} confident {metrics['sft/confident_token_frac']:.3f} "
+            f"validation reward {check['reward']:.3f} parse errors {check['parse_error_rate']:.3f}")
+        if check["reward"] >= args.sft_target or out_of_time:
+            break
+    return curve
 
 
 def seed_run(job: tuple) -> dict:
@@ -142,7 +179,6 @@ async def _seed_run(folder: Path, seed: int, args) -> dict:
     from miles_envs.trainer import Trainer, TrainerConfig
     from miles_envs.pipeline.demonstrations import collect_demonstrations
     from miles_envs.pipeline.records import rollout_metrics
-    from miles_envs.trainer.sft import warm_start
 
     torch.manual_seed(seed)
     config = TrainerConfig(algo="grpo", lr=args.tool_lr, r3=True, mtp_sft=True, mtp_lr=args.mtp_lr, device=args.device,
@@ -160,13 +196,15 @@ async def _seed_run(folder: Path, seed: int, args) -> dict:
         for env_id in ENVS:
             demos += await collect_demonstrations(DEMONSTRATED[env_id], renderer,
                                                   [seed * 100_000 + i for i in range(args.demos)], max_context=4096)
-        sft = warm_start(trainer, demos, args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr)
-        await engine.update_weights(trainer.state_dict(), version="sft")
+        sft = await supervised_warm_start(trainer, engine, renderer, demos, args, seed, log)
+        eval_started = time.perf_counter()
         evals["after_sft"] = await evaluate(engine, renderer, args)
-        log(f"eval after SFT {evals['after_sft']['reward']:.3f}")
-        history, rl_started = [], time.perf_counter()
+        eval_s = time.perf_counter() - eval_started
+        log(f"eval after SFT {evals['after_sft']['reward']:.3f} parse errors {evals['after_sft']['parse_error_rate']:.3f}")
+        history, rl_started, step_s = [], time.perf_counter(), 0.0
         for step in range(args.tool_steps):
-            if time.perf_counter() - rl_started > args.tool_time_limit:
+            now = time.perf_counter()
+            if now - rl_started > args.tool_time_limit or now - started + step_s + 1.5 * eval_s > args.tool_budget_s:
                 break
             batches = await asyncio.gather(*[play(engine, renderer, env_id, args.tool_tasks, args.tool_group,
                                                   (seed * 1000 + step) * 100 + 10 * i, 1.0, args.tool_max_new_tokens)
@@ -181,13 +219,14 @@ async def _seed_run(folder: Path, seed: int, args) -> dict:
             history.append(row)
             if args.partial_dir:  # what a killed run still leaves behind
                 write(Path(args.partial_dir) / f"toolrl_seed{seed}.json", {"seed": seed, "eval": evals, "steps": history})
+            step_s = time.perf_counter() - now
             log(f"step {step} reward {row['reward']:.3f} parse errors {row['parse_error_rate']:.3f} "
                 f"turns {row['turns_per_episode']:.2f} accept {row['accept_rate']:.3f}")
         evals["after_rl"] = await evaluate(engine, renderer, args)
         log(f"eval after RL {evals['after_rl']['reward']:.3f}")
     finally:
         await engine.close()
-    return {"seed": seed, "demonstrations": len(demos), "sft": sft[-1] if sft else None, "eval": evals, "steps": history,
+    return {"seed": seed, "demonstrations": len(demos), "sft": sft, "eval": evals, "steps": history,
             "wall_s": round(time.perf_counter() - started, 1)}
 
 
@@ -195,7 +234,8 @@ def summarize(runs: list[dict]) -> dict:
     done = [r for r in runs if "eval" in r and "after_rl" in r["eval"]]
     if not done:
         return {"seeds_done": 0}
-    summary: dict = {"seeds_done": len(done), "rl_steps": [len(r["steps"]) for r in done]}
+    summary: dict = {"seeds_done": len(done), "rl_steps": [len(r["steps"]) for r in done],
+                     "sft_steps": [r["sft"][-1]["step"] if r.get("sft") else 0 for r in done]}
     for stage in ("pretrained", "after_sft", "after_rl"):
         summary[f"eval_{stage}"] = mean_ci([r["eval"][stage]["reward"] for r in done])
         for env_id in ENVS:
@@ -217,9 +257,10 @@ def toolrl_report(folder: Path, args) -> dict:
         "model": str(folder),
         "envs": list(ENVS),
         "settings": {k: getattr(args, k) for k in ("tool_seeds", "tool_steps", "tool_tasks", "tool_group", "tool_lr", "mtp_lr",
-                                                   "draft_tokens", "demos", "sft_steps", "sft_batch", "sft_lr", "eval_tasks",
-                                                   "tool_max_new_tokens", "tool_time_limit")},
-        "setup": "SFT warm start on scripted-solver demonstrations, then GRPO (R3, online MTP-SFT, MTP speculative "
+                                                   "draft_tokens", "demos", "sft_steps", "sft_batch", "sft_lr", "sft_target",
+                                                   "sft_check_every", "sft_val_tasks", "sft_time_limit", "eval_tasks",
+                                                   "tool_max_new_tokens", "tool_time_limit", "tool_budget_s")},
+        "setup": "SFT warm start on scripted-solver demonstrations (stopped at --sft-target validation reward), then GRPO (R3, online MTP-SFT, MTP speculative "
                  "rollouts); eval: greedy, held-out env seeds",
         "runs": runs,
         "summary": summarize(runs),
@@ -227,27 +268,34 @@ def toolrl_report(folder: Path, args) -> dict:
 
 
 def plot(report: dict, path: Path) -> Path:
-    """Reward, parse-error rate and turns per episode over RL steps, one line per seed, with the evals."""
+    """The warm start's validation checks, then reward, parse-error rate and turns per episode over RL
+    steps, one line per seed, and the held-out evals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 4, figsize=(18, 4))
+    figure, axes = plt.subplots(1, 5, figsize=(22, 4))
     for run in report["runs"]:
+        label = f"seed {run['seed']}"
+        checks = run.get("sft") or []
+        axes[0].plot([c["step"] for c in checks], [c["val_reward"] for c in checks], marker="o", label=f"{label} reward")
+        axes[0].plot([c["step"] for c in checks], [c["val_parse_error_rate"] for c in checks], ls="--", label=f"{label} parse errors")
         steps = [row["step"] for row in run["steps"]]
-        for axis, key in zip(axes[:3], ("reward", "parse_error_rate", "turns_per_episode")):
-            axis.plot(steps, [row[key] for row in run["steps"]], label=f"seed {run['seed']}")
+        for axis, key in zip(axes[1:4], ("reward", "parse_error_rate", "turns_per_episode")):
+            axis.plot(steps, [row[key] for row in run["steps"]], marker=".", label=label)
         if "eval" in run:
             stages = [s for s in ("pretrained", "after_sft", "after_rl") if s in run["eval"]]
-            axes[3].plot(stages, [run["eval"][s]["reward"] for s in stages], marker="o", label=f"seed {run['seed']}")
-    titles = ("training reward (T=1)", "tool-call parse-error rate", "model turns per episode", "held-out greedy eval reward")
+            axes[4].plot(stages, [run["eval"][s]["reward"] for s in stages], marker="o", label=label)
+    titles = ("warm start: validation (greedy)", "training reward (T=1)", "tool-call parse-error rate", "model turns per episode",
+              "held-out greedy eval reward")
     for axis, title in zip(axes, titles):
         axis.set_title(title)
-        axis.legend()
-    for axis in axes[:3]:
+        axis.legend(fontsize=7)
+    axes[0].set_xlabel("SFT step")
+    for axis in axes[1:4]:
         axis.set_xlabel("GRPO step")
-    figure.suptitle("GRPO on ToolCalc-v0 + LookupChain-v0 from the pretrained MoE (R3 + MTP-SFT on)")
+    figure.suptitle("SFT then GRPO on ToolCalc-v0 + LookupChain-v0 from the pretrained MoE (R3 + MTP-SFT on)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
@@ -263,9 +311,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-max-new-tokens", type=int, default=96, help="per turn")
     parser.add_argument("--tool-time-limit", type=float, default=math.inf, help="seconds of RL per seed at most (with trained_moe.py --budget-s: fitted to the budget)")
     parser.add_argument("--demos", type=int, default=64, help="demonstration episodes per env")
-    parser.add_argument("--sft-steps", type=int, default=12)
+    parser.add_argument("--sft-steps", type=int, default=120, help="SFT steps at most")
     parser.add_argument("--sft-batch", type=int, default=16)
-    parser.add_argument("--sft-lr", type=float, default=2e-4)
+    parser.add_argument("--sft-lr", type=float, default=5e-4)
+    parser.add_argument("--sft-target", type=float, default=0.3, help="stop SFT once the validation reward reaches this")
+    parser.add_argument("--sft-check-every", type=int, default=10, help="SFT steps between validation checks")
+    parser.add_argument("--sft-val-tasks", type=int, default=12, help="validation episodes per env per check")
+    parser.add_argument("--sft-time-limit", type=float, default=math.inf, help="seconds of SFT at most")
+    parser.add_argument("--tool-budget-s", type=float, default=math.inf,
+                        help="seconds per seed: RL stops when one more step and the final eval would not fit")
     parser.add_argument("--eval-tasks", type=int, default=32, help="held-out greedy episodes per env")
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def at_least(low: float, kind: type = int):
     return parse
 
 
-def common_arguments(description: str) -> argparse.ArgumentParser:
+def common_arguments(description: str, eval_temperature: float) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--engine", choices=("auto", "embedded", "scripted"), default="auto")
     parser.add_argument("--iterations", type=at_least(1), default=4)
@@ -65,6 +65,8 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--eval-games", type=at_least(1), default=64, help="episodes per evaluation at the start and the end")
     parser.add_argument("--mid-eval-games", type=at_least(1), default=None, help="episodes per evaluation in between (default: --eval-games)")
     parser.add_argument("--eval-every", type=at_least(1), default=5, help="iterations between evaluations")
+    parser.add_argument("--eval-temperature", type=at_least(0, float), default=eval_temperature,
+                        help="the learner's sampling temperature in evaluations (0: greedy)")
     parser.add_argument("--time-budget-s", type=at_least(0, float), default=None, help="stop iterating (then evaluate) once the run is this old")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/coevolve"))
@@ -80,6 +82,10 @@ class Learner:
     renderer: ChatRenderer
     trainer: Any = None
     model_path: Path | None = None
+
+    def evaluated(self, temperature: float) -> AgentPolicy:
+        """The learner's policy as evaluations play it: same engine, sampled at ``temperature``."""
+        return replace(self.policy, sampling=replace(self.policy.sampling, temperature=temperature))
 
     @property
     def version(self) -> str:

@@ -103,9 +103,9 @@ async def play(env, seating, renderer, games: int, seed: int, sampling_seed: int
 
 
 async def held_out_accuracy(learner: Learner, args, problems: int) -> dict:
-    """Greedy solver accuracy on fixed problems (a fixed scripted proposer and sampling seeds), per operator count."""
-    greedy = replace(learner.policy, sampling=replace(learner.policy.sampling, temperature=0.0))
-    seating = {"proposer": problem_writer(learner.renderer, args.max_operators, "held-out"), "solver_0": greedy}
+    """Solver accuracy (greedy by default) on fixed problems (a fixed scripted proposer and sampling seeds), per operator count."""
+    seating = {"proposer": problem_writer(learner.renderer, args.max_operators, "held-out"),
+               "solver_0": learner.evaluated(args.eval_temperature)}
     env = lambda: ProposerSolverEnv(num_solvers=1, max_operators=args.max_operators)  # noqa: E731
     episodes = await play(env, seating, learner.renderer, problems, seed=10**6, sampling_seed=10**7 + args.seed,
                           concurrency=args.concurrency)
@@ -135,7 +135,7 @@ def scripted_learner(args) -> Learner:
 
 
 async def main() -> None:
-    parser = common_arguments(__doc__.split("\n\n")[0])
+    parser = common_arguments(__doc__.split("\n\n")[0], eval_temperature=0.0)
     parser.add_argument("--solvers", type=at_least(1), default=4)
     parser.add_argument("--max-operators", type=at_least(1), default=4)
     args = parser.parse_args()

@@ -9,8 +9,9 @@ baseline, so X's first-move edge is not credited to its moves) and go to the tra
 are not trainable); after each iteration the current weights join the pool. Every
 ``--eval-every`` iterations the learner plays fixed reference opponents on fixed seeds, half the
 games as X: ``random`` (a random legal move) and ``one_ply`` (win if possible, block if needed,
-else random). Its win+draw rate against them, with a 95% Wilson interval, is the curve that shows
-whether self-play made it stronger.
+else random). Its win+draw rate against them (the learner sampled as it plays, or at
+``--eval-temperature``), with a 95% Wilson interval, is the curve that shows whether self-play made
+it stronger; ``--greedy-too`` adds the greedy learner's rates at the start and the end.
 
     python examples/coevolve/selfplay_tictactoe.py --iterations 3 --games 8 --out runs/selfplay
 
@@ -67,12 +68,15 @@ async def play(renderer, seatings: list[dict[str, AgentPolicy]], seed: int, samp
     return sorted(episodes, key=lambda e: int(e.episode_id.split(":")[0]))
 
 
-async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int, concurrency: int = 64) -> dict:
-    """Win+draw rate (95% CI), win rate and forfeit rate against each reference, on fixed seeds."""
+async def evaluate(learner: Learner, references: dict[str, AgentPolicy], games: int, seed: int, temperature: float,
+                   concurrency: int = 64) -> dict:
+    """Win+draw rate (95% CI), win rate and forfeit rate against each reference, on fixed seeds, the
+    learner sampled at ``temperature``."""
     row = {}
     seats = ["x" if g % 2 == 0 else "o" for g in range(games)]
+    player = learner.evaluated(temperature)
     for name, reference in references.items():
-        seatings = [{seat: learner.policy, other(seat): reference} for seat in seats]
+        seatings = [{seat: player, other(seat): reference} for seat in seats]
         episodes = await play(learner.renderer, seatings, seed=10**6 + seed, sampling_seed=10**7 + seed * 10_000, concurrency=concurrency)
         rewards = [e.returns[seat] for e, seat in zip(episodes, seats)]
         forfeits = [e.infos.get(seat, {}).get("forfeit") and r < 0 for e, seat, r in zip(episodes, seats, rewards)]
@@ -99,8 +103,9 @@ def scripted_learner(args) -> Learner:
 
 
 async def main() -> None:
-    parser = common_arguments(__doc__.split("\n\n")[0])
+    parser = common_arguments(__doc__.split("\n\n")[0], eval_temperature=1.0)
     parser.add_argument("--pool-size", type=at_least(1), default=4)
+    parser.add_argument("--greedy-too", action="store_true", help="also evaluate the greedy learner at the start and the end")
     parser.add_argument("--pool-hardness", type=at_least(0, float), default=0.0,
                         help="draw snapshots with weight (1 - learner's recent score)**p; 0: uniform")
     args = parser.parse_args()
@@ -120,10 +125,14 @@ async def main() -> None:
 
     async def eval_point(iteration: int, phase: str) -> None:
         games = eval_games(args, phase)
-        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, games, args.seed, args.concurrency)}
+        row = {"iteration": iteration, "phase": phase, **await evaluate(learner, references, games, args.seed, args.eval_temperature, args.concurrency)}
+        if args.greedy_too and phase in ("start", "end"):
+            row["greedy"] = await evaluate(learner, references, games, args.seed, 0.0, args.concurrency)
         evals.append(row)
-        cells = "  ".join(f"{n}: {row[n]['win_draw']:.3f} {row[n]['win_draw_ci95']}" for n in REFERENCES)
-        console.print(f"[bold]eval[/] iteration={iteration} {phase}  win+draw  {cells}")
+        for label, rates in (("", row), (" greedy", row.get("greedy"))):
+            if rates:
+                cells = "  ".join(f"{n}: {rates[n]['win_draw']:.3f} {rates[n]['win_draw_ci95']}" for n in REFERENCES)
+                console.print(f"[bold]eval[/] iteration={iteration} {phase}{label}  win+draw  {cells}")
         # rewritten at every evaluation, so a run cut short keeps its curves
         payload = {"config": config, "summary": summary(evals), "evals": evals, "warm_start": warm_start, "iterations": log.rows}
         write_curves(args.results, f"selfplay_tictactoe_seed{args.seed}", payload, plot)
@@ -195,14 +204,22 @@ async def main() -> None:
 
 
 def summary(evals: list[dict]) -> dict:
-    """Win+draw rate per reference at the start of self-play (after any warm start) and now."""
+    """Win+draw rate per reference at the start of self-play (after any warm start) and now; under
+    ``greedy`` the same for the greedy learner, where both ends have it."""
     started = [e for e in evals if e["phase"] != "init"]
     if not started:
         return {}
     start, end = started[0], started[-1]
+    result = lifts(start, end, end["phase"])
+    if "greedy" in start and "greedy" in end and end is not start:
+        result["greedy"] = lifts(start["greedy"], end["greedy"], end["phase"])
+    return result
+
+
+def lifts(start: dict, end: dict, end_phase: str) -> dict:
     return {
         name: {"start": start[name]["win_draw"], "start_ci95": start[name]["win_draw_ci95"],
-               "end": end[name]["win_draw"], "end_ci95": end[name]["win_draw_ci95"], "end_phase": end["phase"],
+               "end": end[name]["win_draw"], "end_ci95": end[name]["win_draw_ci95"], "end_phase": end_phase,
                "games": [start[name]["games"], end[name]["games"]],
                "lift_points": round(100 * (end[name]["win_draw"] - start[name]["win_draw"]), 1)}
         for name in REFERENCES
@@ -220,6 +237,10 @@ def plot(figure, payload: dict) -> None:
         init = [e for e in payload["evals"] if e["phase"] == "init"]
         if init:
             left.scatter([0], [init[0][name]["win_draw"]], marker="x", color=line.get_color())
+        greedy = [e for e in points if "greedy" in e]
+        if greedy:
+            left.plot([e["iteration"] for e in greedy], [e["greedy"][name]["win_draw"] for e in greedy], ls="--", marker="s",
+                      color=line.get_color(), label=f"vs {name}, greedy")
     left.set(title="win+draw vs references (x: untrained)", xlabel="self-play iteration", ylim=(0, 1))
     left.legend()
     rows = payload["iterations"]

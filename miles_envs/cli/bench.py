@@ -22,7 +22,8 @@ def format_value(measure: Measure) -> str:
     value = measure.value
     if value is None:
         return "—"
-    digits = ",.0f" if abs(value) >= 100 else ".1f" if abs(value) >= 1 else ".3g"
+    # three significant digits below 100 (a 1.04× ratio must not read as 1.0×)
+    digits = ",.0f" if abs(value) >= 100 else ".1f" if abs(value) >= 10 else ".2f" if abs(value) >= 1 else ".3g"
     text = format(value, digits)
     return f"{text}×" if measure.unit == "×" else f"{text} {measure.unit}".rstrip()
 

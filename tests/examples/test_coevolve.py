@@ -35,7 +35,7 @@ def run(script, tmp_path, *args):
 def test_selfplay_scripted_is_rollout_only(tmp_path):
     stdout, metrics, curves, trajectories = run(
         "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "4", "--eval-games", "40", "--eval-every", "1",
-        "--mid-eval-games", "10", "--pool-hardness", "2",
+        "--mid-eval-games", "10", "--pool-hardness", "2", "--greedy-too",
     )
     assert "rollout-only" in stdout and metrics["config"]["trained"] is False
     rows = metrics["iterations"]
@@ -50,6 +50,9 @@ def test_selfplay_scripted_is_rollout_only(tmp_path):
     assert [e["random"]["games"] for e in curves["evals"]] == [40, 10, 40]
     assert curves["summary"]["random"]["lift_points"] == 0.0 == curves["summary"]["one_ply"]["lift_points"]
     assert curves["summary"]["random"]["games"] == [40, 40] and curves["summary"]["random"]["end_phase"] == "end"
+    # the greedy learner is evaluated where the lift is measured only; a scripted mover ignores the temperature
+    assert ["greedy" in e for e in curves["evals"]] == [True, False, True]
+    assert curves["summary"]["greedy"]["random"] == curves["summary"]["random"]
     start = curves["evals"][0]
     assert start["random"]["forfeit"] == 0.0 and start["random"]["games"] == 40
     low, high = start["random"]["win_draw_ci95"]

@@ -7,10 +7,14 @@ aggregation and the step structure are the torch backend's own code. The model i
 optimizer (gradient clipping happens inside it). ``state_dict()`` returns HF-named weights, so the
 embedded engine's ``update_weights`` and ``save_hf_checkpoint`` take them as they are.
 
-The MTP loss is megatron's own (``MTPLossAutoScaler`` injects its gradient at the hidden states):
-a mean over the micro-batch's labelled tokens. Its backward scale is set per micro-batch to
-``micro-batch tokens / minibatch tokens``, which makes the sum over micro-batches
-``mtp_loss_scale x`` the minibatch mean, as in the torch backend (exact for one MTP depth).
+The head is ``vocab_head``'s chunked one by default: the forward stops at the final hidden states
+of the decoder and the MTP depths, and the logprobs, entropy and MTP cross-entropy come chunk by
+chunk from them and the output weight, never as full logits. The MTP loss is then the torch
+backend's: ``mtp_loss_scale x`` the minibatch's mean cross-entropy, added to each micro-batch's loss.
+With ``vocab_head="unfused"`` (and always at tensor_parallel > 1) megatron's output layer runs and
+the MTP loss is megatron's own (``MTPLossAutoScaler`` injects its gradient at the hidden states): a
+mean over the micro-batch's labelled tokens, its backward scale set per micro-batch to
+``micro-batch tokens / minibatch tokens``, which gives the same sum (exact for one MTP depth).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from miles_envs.trainer.batch import PackedBatch
 from miles_envs.trainer.config import TrainerConfig
 from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
 from miles_envs.trainer.megatron.attention import install_packed_attention
-from miles_envs.trainer.megatron.forward import pad_width, run_forward
+from miles_envs.trainer.megatron.forward import HostBackedBatch, host_of, pad_width, run_forward, run_to_hidden
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
 from miles_envs.trainer.megatron.parallel import MegatronUnavailable, ensure_parallel
 from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
+from miles_envs.trainer.megatron.vocab_head import vocab_head
 from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
 from miles_envs.trainer.mtp_sft import mtp_labels
 from miles_envs.trainer.plugins import resolve
@@ -143,8 +148,11 @@ class MegatronTrainer(Trainer):
         self.advantage_fn = resolve("advantage", cfg.advantage, ADVANTAGES)
         self.policy_loss_fn = resolve("policy loss", cfg.policy_loss, POLICY_LOSSES)
         self.reward_fn = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
+        if self.settings.vocab_head not in ("fused", "unfused"):
+            raise ValueError(f"vocab_head={self.settings.vocab_head!r}: choose 'fused' (chunked) or 'unfused' (full logits)")
+        self.fused_head = self.settings.vocab_head == "fused" and self.settings.tensor_parallel == 1
         self.step = 0
-        self._mtp_logits: list[torch.Tensor] = []
+        self._mtp_outputs: list[torch.Tensor] = []  # per MTP depth: logits, or hidden states with the fused head
 
     @classmethod
     def from_pretrained(cls, path: str, config: TrainerConfig | None = None, settings: MegatronSettings | None = None, **_: Any):
@@ -182,49 +190,98 @@ class MegatronTrainer(Trainer):
             reload()
 
     # -- forward -------------------------------------------------------------------------------
+    def _to_device(self, batch: PackedBatch) -> HostBackedBatch:
+        return HostBackedBatch.of(batch, self.device)
+
     def forward(self, batch: PackedBatch, *, replay: bool, model=None, hidden_states: bool = False) -> ForwardResult:
         width = batch.input_ids.shape[1]
         if self.gpt.config.sequence_parallel:
             batch = pad_width(batch, self.settings.tensor_parallel)
         routing = self.replay.apply(batch.routed_experts, replay=replay) if self.replay else nullcontext(RoutingRecord())
         with routing as record:
-            out = run_forward(self.model, self.gpt, batch, self.device)
-        if self.settings.recompute and self.replay is not None and replay and out.logits.requires_grad:
-            out.logits.register_hook(lambda grad: (self.replay.for_recompute(), grad)[1])
-        self._mtp_logits = [m[:, :width] for m in out.mtp_logits]
-        logits = out.logits[:, :width]
-        logits = logits if self.config.temperature == 1.0 else logits / self.config.temperature
-        logprobs, entropy = token_logprobs_and_entropy(logits, batch.targets[:, :width].to(logits.device))
+            if self.fused_head:
+                out = run_to_hidden(self.model, self.gpt, batch, self.device)
+                main, mtp = out.hidden, out.mtp_hidden
+            else:
+                out = run_forward(self.model, self.gpt, batch, self.device)
+                main, mtp = out.logits, out.mtp_logits
+        if self.settings.recompute and self.replay is not None and replay and main.requires_grad:
+            main.register_hook(lambda grad: (self.replay.for_recompute(), grad)[1])
+        self._mtp_outputs = [m[:, :width] for m in mtp]
+        main, targets = main[:, :width], batch.targets[:, :width].to(main.device)
+        if self.fused_head:
+            logprobs, entropy, _ = self._head(main, targets, host_of(batch).loss_mask[:, :width], temperature=self.config.temperature)
+            return ForwardResult(logprobs, entropy, record)
+        logits = main if self.config.temperature == 1.0 else main / self.config.temperature
+        logprobs, entropy = token_logprobs_and_entropy(logits, targets)
         return ForwardResult(logprobs, entropy, record)
+
+    def _head(self, hidden: torch.Tensor, targets: torch.Tensor, host_mask: torch.Tensor, **kwargs):
+        """``vocab_head`` of ``hidden`` ([rows, T, hidden]) with the model's output weight (tied or
+        not), run only where the host mask ``host_mask`` ([rows, T]) is set: prompts, padding and
+        unlabelled positions cost no head FLOPs. Returns ``(logprobs, entropy, argmax)`` as
+        [rows, T], zero elsewhere."""
+        gpt = self.gpt
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+        index = host_mask.flatten().nonzero().squeeze(1).to(hidden.device, non_blocking=True)
+        out = vocab_head(hidden.flatten(0, 1).index_select(0, index), weight, targets.flatten().index_select(0, index),
+                         chunk_tokens=self.settings.head_chunk_tokens, **kwargs)
+
+        def spread(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values.new_zeros(targets.numel()).index_copy(0, index, values).view_as(targets)
+
+        return spread(out.logprobs), spread(out.entropy), spread(out.argmax)
 
     # -- the step ------------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
         return self.optimizer.step()  # megatron's optimizer clips (``clip_grad``) and reports the norm
 
-    def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats) -> None:
-        """The MTP loss is already in megatron's forward; set its backward scale for this micro-batch
-        (0 without MTP-SFT, which leaves the MTP layers untouched) and report its metrics."""
+    def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats) -> torch.Tensor | None:
+        """With the fused head: the MTP cross-entropy from the depths' hidden states (``None``
+        without MTP-SFT, which leaves the MTP layers untouched). Else the MTP loss is already in
+        megatron's forward: set its backward scale for this micro-batch (0 without MTP-SFT)."""
+        if self.fused_head:
+            return self._fused_mtp_loss(batch, mtp_tokens, stats) if self.config.mtp_sft and mtp_tokens else None
         from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
         train_mtp = self.config.mtp_sft and mtp_tokens > 0
-        share = int(mtp_labels(batch, 0)[3].sum()) / mtp_tokens if train_mtp else 0.0
+        share = int(mtp_labels(host_of(batch), 0)[3].sum()) / mtp_tokens if train_mtp else 0.0
         MTPLossAutoScaler.set_loss_scale(torch.tensor(share))
         if train_mtp:
             self._mtp_stats(batch, stats)
         return None
+
+    def _fused_mtp_loss(self, batch: PackedBatch, mtp_tokens: int, stats) -> torch.Tensor:
+        """``settings.mtp_loss_scale x`` this micro-batch's share of the minibatch's mean MTP cross-entropy
+        (mean over depths), with ``_mtp_stats``'s metrics; metrics stay on the device."""
+        loss_sum, loss_mean = 0.0, 0.0
+        for depth, hidden in enumerate(self._mtp_outputs):
+            _, _, labels, host_mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
+            labelled = int(host_mask.sum())
+            labels, mask = labels.to(hidden.device, non_blocking=True), host_mask.to(hidden.device, non_blocking=True)
+            logprobs, _, argmax = self._head(hidden, labels, host_mask, entropy=False)
+            ce_sum = -(logprobs * mask).sum()
+            loss_sum = loss_sum + ce_sum / len(self._mtp_outputs)
+            loss_mean = loss_mean + ce_sum.detach() / max(1, labelled) / len(self._mtp_outputs)
+            if depth == 0:
+                tokens = labelled
+                hits = ((argmax == labels).float() * mask).sum()
+        stats.add("mtp/loss", loss_mean, tokens)
+        stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
+        return self.settings.mtp_loss_scale * loss_sum / mtp_tokens
 
     @torch.no_grad()
     def _mtp_stats(self, batch: PackedBatch, stats) -> None:
         """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``;
         they stay on the device (``MeanAccumulator`` reads them once per step)."""
         loss = 0.0
-        for depth, logits in enumerate(self._mtp_logits):
-            _, _, labels, mask = mtp_labels(batch, depth)  # host tensors: their counts need no sync
+        for depth, logits in enumerate(self._mtp_outputs):
+            _, _, labels, mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
             labelled = int(mask.sum())
             count = max(1, labelled)
-            labels, mask = labels.to(logits.device), mask.to(logits.device)
+            labels, mask = labels.to(logits.device, non_blocking=True), mask.to(logits.device, non_blocking=True)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            loss = loss + (ce * mask).sum() / count / len(self._mtp_logits)
+            loss = loss + (ce * mask).sum() / count / len(self._mtp_outputs)
             if depth == 0:
                 tokens = labelled
                 hits = ((logits.argmax(-1) == labels).float() * mask).sum()

@@ -9,13 +9,15 @@ positions it had at rollout. The result equals running each sequence alone, as t
 The logits are taken from the output layer's calls (the MTP depths first, the main head last):
 with MTP the model returns its LM loss instead of logits (megatron computes the MTP loss only when
 labels are given), and its vocab-parallel cross-entropy then works in place on the logits, so the
-hook keeps a copy.
+hook keeps a copy. ``run_to_hidden`` stops before the output layer (``GPTModel.post_process``
+off for the call) and returns the final hidden states of the decoder and of every MTP depth, for
+the chunked head (``vocab_head.py``), which never holds those logits.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import torch
@@ -76,19 +78,57 @@ def pad_width(batch: PackedBatch, multiple: int) -> PackedBatch:
     if not extra:
         return batch
     padded = {}
-    for f in fields(batch):
+    for f in fields(PackedBatch):
         value = getattr(batch, f.name)
         if isinstance(value, torch.Tensor):
             tail = value.new_full((value.shape[0], extra, *value.shape[2:]), _PAD.get(f.name, 0))
             value = torch.cat([value, tail], dim=1)
         padded[f.name] = value
+    if isinstance(batch, HostBackedBatch):
+        return HostBackedBatch(**padded, host=pad_width(batch.host, multiple))
     return PackedBatch(**padded)
+
+
+def _moved(batch: PackedBatch, device: torch.device | str) -> dict:
+    """``PackedBatch``'s own fields of ``batch``, tensors on ``device``."""
+    values = {f.name: getattr(batch, f.name) for f in fields(PackedBatch)}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
+
+@dataclass
+class HostBackedBatch(PackedBatch):
+    """A micro-batch on the device that keeps the host batch it was copied from: the forward's
+    layout, masks and token counts are read from ``host``, so they never wait on the GPU."""
+
+    host: PackedBatch | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, batch: PackedBatch, device: torch.device | str) -> HostBackedBatch:
+        return cls(**_moved(batch, device), host=batch)
+
+    def to(self, device: torch.device | str) -> HostBackedBatch:
+        return HostBackedBatch(**_moved(self, device), host=self.host)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.host.loss_mask.sum())
+
+
+def host_of(batch: PackedBatch) -> PackedBatch:
+    """The host copy of ``batch`` when it keeps one (else ``batch`` itself: reads from it may sync)."""
+    return getattr(batch, "host", None) or batch
 
 
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [rows, T, vocab]
     mtp_logits: list[torch.Tensor]  # per depth, [rows, T, vocab]
+
+
+@dataclass
+class HiddenOutput:
+    hidden: torch.Tensor  # [rows, T, hidden]: the decoder's final (normed) hidden states
+    mtp_hidden: list[torch.Tensor]  # per MTP depth, [rows, T, hidden]
 
 
 @contextmanager
@@ -101,32 +141,61 @@ def _capture_output_layer(gpt_model: nn.Module, copy: bool) -> Iterator[list[tor
         handle.remove()
 
 
-def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> ForwardOutput:
-    """Forward ``batch`` (host tensors) through ``model`` (``gpt_model`` is the ``GPTModel`` inside it)."""
+@contextmanager
+def _without_output_layer(gpt_model: nn.Module) -> Iterator[None]:
+    """``GPTModel`` returns the hidden states after its MTP block (main and every depth,
+    concatenated over positions) instead of running its output layer and losses."""
+    gpt_model.post_process = False
+    try:
+        yield
+    finally:
+        gpt_model.post_process = True
+
+
+def _call_packed(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device, **extra):
+    """``model``'s forward on ``batch`` with the packed rotary table and attention layout (or the
+    dense mask) installed; the layout comes from the host copy (``host_of``)."""
     rotary = install_packed_rotary(gpt_model)
     packed = [m for m in gpt_model.modules() if isinstance(m, PackedAttention)]
+    host = host_of(batch)
     if packed:
-        layout = PackedLayout.of(batch.seq_index, batch.position_ids, batch.num_sequences).to(torch.device(device))
+        layout = PackedLayout.of(host.seq_index, host.position_ids, host.num_sequences).to(torch.device(device))
         mask = None
     else:
-        mask = packed_attention_mask(batch.seq_index).to(device)
-    depth = gpt_model.config.mtp_num_layers or 0
-    loss_mask = mtp_loss_mask(batch, depth) if depth else None
-    batch = batch.to(device)
-    extra = {"labels": batch.targets, "loss_mask": loss_mask.to(device)} if depth else {}
+        mask = packed_attention_mask(host.seq_index).to(device)
     rotary.positions = batch.position_ids
     for module in packed:
         module.layout = layout
     try:
-        with _capture_output_layer(gpt_model, copy=bool(depth)) as calls:
-            model(batch.input_ids, batch.position_ids, mask, **extra)
+        return model(batch.input_ids, batch.position_ids, mask, **extra)
     finally:
         rotary.positions = None
         for module in packed:
             module.layout = None
+
+
+def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> ForwardOutput:
+    """Forward ``batch`` through ``model`` (``gpt_model`` is the ``GPTModel`` inside it) to the logits."""
+    depth = gpt_model.config.mtp_num_layers or 0
+    loss_mask = mtp_loss_mask(host_of(batch), depth) if depth else None
+    batch = batch.to(device)
+    extra = {"labels": batch.targets, "loss_mask": loss_mask.to(device, non_blocking=True)} if depth else {}
+    with _capture_output_layer(gpt_model, copy=bool(depth)) as calls:
+        _call_packed(model, gpt_model, batch, device, **extra)
     if gpt_model.config.tensor_model_parallel_size > 1:  # vocab-parallel logits: every rank gets all
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         calls = [gather_from_tensor_model_parallel_region(c) for c in calls]
     logits = [c.transpose(0, 1) for c in calls]  # [T, rows, V] -> [rows, T, V]
     return ForwardOutput(logits=logits[-1], mtp_logits=logits[:-1])
+
+
+def run_to_hidden(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> HiddenOutput:
+    """Forward ``batch`` to the final hidden states of the decoder and of every MTP depth, without
+    the output layer (one tensor-parallel rank: with sequence parallelism they would be split)."""
+    if gpt_model.config.tensor_model_parallel_size > 1:
+        raise ValueError("run_to_hidden needs tensor_parallel=1 (the output layer is vocab-parallel otherwise)")
+    with _without_output_layer(gpt_model):
+        hidden = _call_packed(model, gpt_model, batch.to(device), device)
+    states = [h.transpose(0, 1) for h in hidden.chunk(1 + (gpt_model.config.mtp_num_layers or 0), dim=0)]
+    return HiddenOutput(hidden=states[0], mtp_hidden=states[1:])

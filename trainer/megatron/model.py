@@ -2,7 +2,9 @@
 
 Supported: Qwen3-MoE (and dense Qwen3), optionally with MTP layers in the DeepSeek NextN layout
 (``num_nextn_predict_layers``). The layer spec is transformer-engine's when TE imports, megatron's
-local one otherwise (experts as ``SequentialMLP``, so weight names do not depend on grouped GEMM).
+local one otherwise (experts as ``SequentialMLP``, so weight names do not depend on grouped GEMM); without TE the experts
+run as ``experts.GroupedMLP`` (the same parameters, all experts in two grouped GEMMs) unless
+``experts="sequential"`` asks for megatron's per-expert loop.
 The router keeps megatron's own top-k code path: ``moe_router_fusion`` stays off so that R3's
 ``RouterReplay`` sees every top-k call.
 """
@@ -30,6 +32,11 @@ class MegatronSettings:
     recompute: bool = False  # full activation recompute (REPLAY_BACKWARD replays the routing)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (DP > 1; not checkpointed)
     attention: str = "packed"  # "packed": causal SDPA per sequence; "dense": megatron's masked attention (reference)
+    experts: str = "grouped"  # "grouped": experts.GroupedMLP; "sequential": megatron's per-expert loop (reference)
+    # "fused": logprobs, entropy and MTP cross-entropy chunk by chunk (vocab_head.py; tensor_parallel=1 only,
+    # megatron's vocab-parallel output layer otherwise); "unfused": megatron's output layer, full logits (reference)
+    vocab_head: str = "fused"
+    head_chunk_tokens: int = 4096  # tokens per chunk of the fused head's logits
 
 
 SUPPORTED = ("qwen3_moe", "qwen3")
@@ -142,6 +149,12 @@ def build_gpt_model(hf_config, settings: MegatronSettings):
     config = transformer_config(hf_config, settings)
     use_te = have_transformer_engine()
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    from miles_envs.trainer.megatron.experts import EXPERTS, with_experts
+
+    if settings.experts not in EXPERTS:
+        raise ValueError(f"experts={settings.experts!r}: choose one of {', '.join(EXPERTS)}")
+    if not use_te:
+        block_spec = with_experts(block_spec, EXPERTS[settings.experts])
     mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te) if config.mtp_num_layers else None
     rope = getattr(hf_config, "rope_parameters", None) or {}
     model = GPTModel(

@@ -18,11 +18,15 @@ def test_megatron_bench_runs_every_phase_at_tiny_size(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["rollout"]["batches"] == 1 + 2 * 2 + 2 + 2 * 3  # every step trains on a batch of its own
-    for path in ("dense", "packed"):
-        steps = report["mfu"][path]["steps"]
+    assert report["rollout"]["batches"] == 1 + 3 * 3 + 2 * 3  # every step trains on a batch of its own
+    for arm in ("sequential", "grouped", "fused"):
+        steps = report["mfu"][arm]["steps"]
         assert len(steps) == 1 and steps[0]["flops"] > 6 * steps[0]["tokens"]  # at least 6 FLOPs per parameter-token
-        assert report["profile"][path]["top_ops"]
+        assert report["mfu"][arm]["step_seconds_min"] <= report["mfu"][arm]["step_seconds_median"] <= report["mfu"][arm]["step_seconds_max"]
+        assert report["profile"][arm]["top_ops"] and report["profile"][arm]["top_host_ops"]
+    for fix in ("sequential_over_grouped", "grouped_over_fused"):
+        speedup = report["mfu"]["speedup"][fix]
+        assert speedup["n"] == 1 and speedup["ratio"] > 0
     overhead = report["r3_overhead"]
     assert overhead["ratio_on_over_off"]["n"] == 2 and len(overhead["seconds_on"]) == 2
     low, high = overhead["ratio_on_over_off"]["ci95"]
@@ -40,6 +44,6 @@ def test_megatron_bench_time_limit_cuts_loops_short_and_still_writes_every_figur
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [len(report["mfu"][path]["steps"]) for path in ("dense", "packed")] == [1, 1]
+    assert [len(report["mfu"][arm]["steps"]) for arm in ("sequential", "grouped", "fused")] == [1, 1, 1]
     assert report["r3_overhead"]["ratio_on_over_off"]["n"] == 1 and report["r3_overhead"]["pairs_planned"] == 3
     assert "profile" not in report and report["r3_overhead_ratio"] > 0

@@ -98,8 +98,10 @@ def test_megatron_step_matches_torch_backend_step():
         weights = megatron.state_dict()
     for key in ("pg_loss", "loss", "entropy", "mismatch/k3_kl", "mismatch/router_disagreement", "grad_norm"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-    for key, value in reference.state_dict().items():  # Adam steps of lr=1e-3; float noise only
-        torch.testing.assert_close(weights[key], value, atol=1e-5, rtol=0, msg=key)
+    # Adam steps of lr=1e-3; float noise only (Adam normalises each gradient: where one is near zero,
+    # noise moves its step by up to a few percent of lr)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(weights[key], value, atol=2e-5, rtol=0, msg=key)
 
 
 def test_mtp_sft_loss_equals_torch_backend_and_trains_the_mtp_layer():
