@@ -34,7 +34,7 @@ from pathlib import Path
 ENV_ID = "miles/GuessNumber7-v0"
 # The README's `miles-envs train` command, less --model/--out/--seed.
 MAIN_JOB_FLAGS = (
-    "--sft-warmup", "300", "--sft-lr", "5e-3", "--steps", "30", "--lr", "1e-3", "--tasks-per-step", "8",
+    "--sft-warmup", "300", "--sft-lr", "5e-3", "--steps", "40", "--lr", "1e-3", "--tasks-per-step", "8",
     "--group-size", "8", "--max-new-tokens", "4", "--eval-every", "10", "--eval-tasks", "64", "--deterministic",
 )
 KEEP_ALL_CHECKPOINTS = ("--keep-checkpoints", "1000")  # bench only: the warm start's checkpoint stays for the eval

@@ -133,8 +133,10 @@ async def run_episode(
             if budget <= 0:
                 status, error = Status.TRUNCATED, f"context limit {config.max_context} reached"
                 break
-            sampling = episode_sampling  # the reply may not run past the context
-            if budget < sampling.max_new_tokens:
+            request_seed = turn_seed(episode_sampling.seed, turns)
+            sampling = (episode_sampling if request_seed == episode_sampling.seed
+                        else replace(episode_sampling, seed=request_seed))
+            if budget < sampling.max_new_tokens:  # the reply may not run past the context
                 sampling = replace(sampling, max_new_tokens=budget)
             started = time.perf_counter()
             try:  # no admission slot is held across the engine call: the engine bounds its own requests
@@ -258,6 +260,19 @@ async def with_timeout(awaitable, timeout: float | None, what: str):
 
 def _env_timeout(what: str, timeout: float) -> str:
     return f"env {what}() did not finish within {timeout}s (LoopConfig.env_timeout)"
+
+
+def turn_seed(episode_seed: int | None, turn: int) -> int | None:
+    """The sampling seed of an episode's ``turn``.
+
+    An engine restarts a request's random stream from its seed, so one seed for every turn would
+    draw each turn's first tokens from the same numbers. Turn 0 keeps the episode's seed (a
+    one-turn rollout is unchanged); later turns get an independent one from numpy's
+    ``SeedSequence`` of (episode seed, turn), 63 bits as torch and SGLang take it.
+    """
+    if episode_seed is None or turn == 0:
+        return episode_seed
+    return int(np.random.SeedSequence((episode_seed, turn)).generate_state(1, np.uint64)[0]) >> 1
 
 
 def episode_key(task_index: int, member: int) -> str:

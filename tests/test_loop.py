@@ -218,3 +218,29 @@ def test_groups_come_out_whole_and_lost_groups_are_dropped_and_counted(qwen3, re
     assert (counts.complete, counts.dropped) == (2, 1)
     assert sorted(sorted(t.episode_id for t in g) for g in groups) == [["0:0", "0:1"], ["2:0", "2:1"]]
     assert all(len({t.group_id for t in g}) == 1 for g in groups)
+
+
+class SeedRecorder:
+    """Passes every request on and keeps the sampling seed it carried."""
+
+    def __init__(self, inner):
+        self.inner, self.seeds = inner, []
+
+    async def generate(self, input_ids, sampling, **kw):
+        self.seeds.append(sampling.seed)
+        return await self.inner.generate(input_ids, sampling, **kw)
+
+
+def test_each_turn_samples_from_its_own_seed_and_the_first_keeps_the_episodes(qwen3, renderer):
+    def seeds_of(episode_seed):
+        engine = SeedRecorder(ScriptedEngine(qwen3, ["50", "25", "12"]))
+        config = LoopConfig(max_turns=3, sampling=SamplingParams(temperature=1.0, seed=episode_seed))
+        asyncio.run(run_episode(make("miles/GuessNumber-v0"), engine, renderer, get_parser("hermes"), config, seed=2))
+        return engine.seeds
+
+    seeds = seeds_of(7)
+    assert len(seeds) == 3 and seeds[0] == 7
+    assert len(set(seeds)) == 3 and all(0 <= s < 2**63 for s in seeds)
+    assert seeds_of(7) == seeds  # a seeded run repeats
+    assert set(seeds_of(8)[1:]).isdisjoint(seeds[1:])  # the next episode's later turns draw other numbers
+    assert seeds_of(None) == [None, None, None]
