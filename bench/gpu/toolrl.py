@@ -340,8 +340,16 @@ def main() -> None:
         return
     if not args.model:
         parser.error("--model (a checkpoint folder) or --plot (a results file) is required")
-    out = write(args.out, toolrl_report(Path(args.model), args))
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such folder (one written by bench/gpu/pretrain_moe.py)")
+    for name in ("tool_seeds", "tool_tasks", "tool_group", "demos", "sft_batch", "sft_check_every", "sft_val_tasks", "eval_tasks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    report = toolrl_report(Path(args.model), args)
+    out = write(args.out, report)
     print(f"wrote {out}, {plot(json.loads(out.read_text()), out.with_suffix('.png'))}")
+    if not report["summary"]["seeds_done"]:
+        raise SystemExit(f"no seed finished: see the errors in {out}")
 
 
 if __name__ == "__main__":
