@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=sorted(RUNS))
     parser.add_argument("--tiny", action="store_true", help="smoke-test size (CPU)")
     args = parser.parse_args()
+    if not args.time_budget_s > 0:
+        parser.error(f"--time-budget-s {args.time_budget_s}: must be above 0 (seconds per run)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "OMP_NUM_THREADS": "4", "HF_HUB_OFFLINE": "1"}
     log = (args.out_dir / "coevolve_run.log").open("w", buffering=1)
