@@ -254,39 +254,42 @@ class MegatronTrainer(Trainer):
     def _fused_mtp_loss(self, batch: PackedBatch, mtp_tokens: int, stats) -> torch.Tensor:
         """``settings.mtp_loss_scale x`` this micro-batch's share of the minibatch's mean MTP cross-entropy
         (mean over depths), with ``_mtp_stats``'s metrics; metrics stay on the device."""
-        loss_sum, loss_mean = 0.0, 0.0
-        for depth, hidden in enumerate(self._mtp_outputs):
-            _, _, labels, host_mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
-            labelled = int(host_mask.sum())
-            labels, mask = labels.to(hidden.device, non_blocking=True), host_mask.to(hidden.device, non_blocking=True)
+
+        def token_ce(hidden, labels, host_mask):
             logprobs, _, argmax = self._head(hidden, labels, host_mask, entropy=False)
-            ce_sum = -(logprobs * mask).sum()
-            loss_sum = loss_sum + ce_sum / len(self._mtp_outputs)
-            loss_mean = loss_mean + ce_sum.detach() / max(1, labelled) / len(self._mtp_outputs)
-            if depth == 0:
-                tokens = labelled
-                hits = ((argmax == labels).float() * mask).sum()
-        stats.add("mtp/loss", loss_mean, tokens)
-        stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
-        return self.settings.mtp_loss_scale * loss_sum / mtp_tokens
+            return logprobs.neg(), argmax
+
+        return self.settings.mtp_loss_scale * self._mtp_depths(batch, token_ce, stats) / mtp_tokens
 
     @torch.no_grad()
     def _mtp_stats(self, batch: PackedBatch, stats) -> None:
-        """``mtp/loss`` (mean over depths, as in the torch backend) and depth-0 ``mtp/accuracy``;
-        they stay on the device (``MeanAccumulator`` reads them once per step)."""
-        loss = 0.0
-        for depth, logits in enumerate(self._mtp_outputs):
-            _, _, labels, mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
-            labelled = int(mask.sum())
-            count = max(1, labelled)
-            labels, mask = labels.to(logits.device, non_blocking=True), mask.to(logits.device, non_blocking=True)
+        """``mtp/loss`` and ``mtp/accuracy`` from megatron's MTP logits (its forward holds the loss)."""
+
+        def token_ce(logits, labels, _host_mask):
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            loss = loss + (ce * mask).sum() / count / len(self._mtp_outputs)
+            return ce, logits.argmax(-1)
+
+        self._mtp_depths(batch, token_ce, stats)
+
+    def _mtp_depths(self, batch: PackedBatch, token_ce, stats) -> torch.Tensor:
+        """Sum over labelled tokens of the MTP cross-entropy, mean over depths; reports ``mtp/loss`` (the
+        per-token mean, as in the torch backend) and depth-0 ``mtp/accuracy``, both left on the device
+        (``MeanAccumulator`` reads them once per step). ``token_ce(output, labels, host_mask)`` gives a
+        depth's per-token cross-entropy and argmax."""
+        depths, ce_total, loss_mean = len(self._mtp_outputs), 0.0, 0.0
+        for depth, output in enumerate(self._mtp_outputs):
+            _, _, labels, host_mask = mtp_labels(host_of(batch), depth)  # host tensors: their counts need no sync
+            labelled = int(host_mask.sum())
+            labels, mask = labels.to(output.device, non_blocking=True), host_mask.to(output.device, non_blocking=True)
+            ce, argmax = token_ce(output, labels, host_mask)
+            ce_sum = (ce * mask).sum()
+            ce_total = ce_total + ce_sum / depths
+            loss_mean = loss_mean + ce_sum.detach() / max(1, labelled) / depths
             if depth == 0:
-                tokens = labelled
-                hits = ((logits.argmax(-1) == labels).float() * mask).sum()
-        stats.add("mtp/loss", loss, tokens)
+                tokens, hits = labelled, ((argmax == labels).float() * mask).sum()
+        stats.add("mtp/loss", loss_mean, tokens)
         stats.add("mtp/accuracy", hits / max(1, tokens), tokens)
+        return ce_total
 
 
 def hf_state_of(model: torch.nn.Module, mtp: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
