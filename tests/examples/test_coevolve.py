@@ -61,6 +61,23 @@ def test_selfplay_scripted_is_rollout_only(tmp_path):
     assert start["one_ply"]["win_draw"] < start["random"]["win_draw"]
 
 
+def test_selfplay_random_share_trains_against_the_random_player_not_the_pool(tmp_path):
+    _, metrics, _, trajectories = run(
+        "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "4", "--eval-games", "2", "--random-share", "1",
+    )
+    opponents = {t.metadata["policy"] for t in trajectories} - {"learner"}
+    assert opponents == {"random"}
+    rows = metrics["iterations"]
+    assert all(r["win_rate_random"] == r["win_rate"] and r["pool_win_rates"] == {} for r in rows)
+
+
+def test_selfplay_random_share_above_one_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "selfplay_tictactoe.py"), "--random-share", "1.5", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "argument --random-share: 1.5: must be <= 1" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_proposer_solver_scripted_scores_split_problems(tmp_path):
     _, metrics, curves, trajectories = run(
         "proposer_solver.py", tmp_path, "--engine", "scripted", "--games", "6", "--eval-games", "12"
