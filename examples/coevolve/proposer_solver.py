@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import random
+import statistics
 from collections import defaultdict
 from dataclasses import replace
 from statistics import mean
@@ -33,7 +34,6 @@ from harness import (
 )
 
 from miles_envs.chat import ChatRenderer
-from miles_envs.engine import SamplingParams
 from miles_envs.envs.proposer_solver import ProposerSolverEnv, count_operators, evaluate, random_problem
 from miles_envs.multi_loop import AgentPolicy, MultiLoopConfig, rollout_multi
 from miles_envs.multiagent import group_by_role
@@ -158,7 +158,7 @@ async def main() -> None:
         console.print(f"[bold]eval[/] iteration={iteration} {phase}  held-out solver accuracy {row['accuracy']:.3f} "
                       f"{row['accuracy_ci95']}  by operators {row['by_operators']}")
         # rewritten at every evaluation, so a run cut short keeps its curves
-        payload = {"config": config, "summary": summary(evals), "evals": evals, "warm_start": warm_start, "iterations": log.rows}
+        payload = {"config": config, "summary": summary(evals, log.rows), "evals": evals, "warm_start": warm_start, "iterations": log.rows}
         write_curves(args.results, f"proposer_solver_seed{args.seed}", payload, plot)
 
     if learner.trainer is not None and args.warmup_steps:
@@ -197,12 +197,13 @@ async def main() -> None:
         if (iteration + 1) % args.eval_every == 0:
             await eval_point(iteration + 1, "co_evolution")
     log.close()
-    console.print(f"held-out solver accuracy from the warm start to the end: {summary(evals)}")
+    console.print(f"held-out solver accuracy from the warm start to the end: {summary(evals, log.rows)}")
     await learner.policy.engine.close()
 
 
-def summary(evals: list[dict]) -> dict:
-    """Held-out solver accuracy at the start of co-evolution (after any warm start) and now."""
+def summary(evals: list[dict], rows: list[dict]) -> dict:
+    """Held-out solver accuracy at the start of co-evolution (after any warm start) and now, and how
+    the proposer's difficulty followed the solvers' success (``tracking``)."""
     started = [e for e in evals if e["phase"] != "init"]
     if not started:
         return {}
@@ -210,7 +211,24 @@ def summary(evals: list[dict]) -> dict:
     return {"held_out_start": start["accuracy"], "held_out_start_ci95": start["accuracy_ci95"],
             "held_out_end": end["accuracy"], "held_out_end_ci95": end["accuracy_ci95"], "end_phase": end["phase"],
             "problems": [start["problems"], end["problems"]],
-            "lift_points": round(100 * (end["accuracy"] - start["accuracy"]), 1)}
+            "lift_points": round(100 * (end["accuracy"] - start["accuracy"]), 1), "tracking": tracking(rows)}
+
+
+def tracking(rows: list[dict], window: int = 5) -> dict:
+    """Operators per problem and solver success over the first and the last ``window`` iterations,
+    and the Pearson correlation of the two over all iterations (None below 3 points or without spread)."""
+    points = [(r["operators"], r["solver_success"]) for r in rows if r["operators"] is not None and r["solver_success"] is not None]
+    if not points:
+        return {}
+    operators, success = zip(*points)
+    try:
+        correlation = round(statistics.correlation(operators, success), 3) if len(points) >= 3 else None
+    except statistics.StatisticsError:  # one of the two never moved
+        correlation = None
+    first, last = points[:window], points[-window:]
+    return {"operators": [round(mean(o for o, _ in first), 3), round(mean(o for o, _ in last), 3)],
+            "solver_success": [round(mean(s for _, s in first), 3), round(mean(s for _, s in last), 3)],
+            "correlation": correlation, "iterations": len(points)}
 
 
 def plot(figure, payload: dict) -> None:

@@ -90,6 +90,9 @@ def test_proposer_solver_scripted_scores_split_problems(tmp_path):
     held_out = curves["evals"][-1]
     assert held_out["problems"] == 12 and set(held_out["by_operators"]) <= {"1", "2", "3", "4"}
     assert curves["summary"]["held_out_start"] == curves["evals"][0]["accuracy"]
+    tracking = curves["summary"]["tracking"]
+    assert tracking["iterations"] == 2 and tracking["correlation"] is None  # two points: no correlation claimed
+    assert tracking["operators"] == [round(sum(r["operators"] for r in rows) / 2, 3)] * 2
 
 
 @needs_embedded
@@ -135,3 +138,17 @@ def test_out_of_range_options_are_refused_before_any_work(tmp_path, script, flag
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and f"argument {flag}: {value}: must be >=" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_proposer_tracking_correlates_difficulty_with_success():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from proposer_solver import tracking
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    rows = [{"operators": 1.0 + i / 10, "solver_success": 0.2 + i / 20} for i in range(8)]
+    rows.insert(3, {"operators": None, "solver_success": None})  # an iteration without a valid problem
+    result = tracking(rows, window=2)
+    assert result == {"operators": [1.05, 1.65], "solver_success": [0.225, 0.525], "correlation": 1.0, "iterations": 8}
+    flat = [{"operators": 1.0, "solver_success": s} for s in (0.1, 0.3, 0.5)]
+    assert tracking(flat)["correlation"] is None
