@@ -53,6 +53,7 @@ ENVS = ("miles/ToolCalc-v0", "miles/LookupChain-v0")
 TURN_CAPS = {"miles/ToolCalc-v0": 4, "miles/LookupChain-v0": 8}
 EVAL_SEED = 10**8  # held-out env seeds start here; training seeds stay far below
 VALIDATION_SEED = 5 * 10**7  # the warm start's stopping check: neither trained on nor held out
+RL_SEED = 10**7  # GRPO's tasks start here, above the demonstrations' (seed * 100_000 + i)
 
 # The arithmetic each ToolCalc template asks for, over its values (named as in the task id).
 CALC_EXPRESSIONS = {
@@ -272,7 +273,7 @@ async def _seed_run(folder: Path, seed: int, args, start: dict | None) -> dict:
             if now - started > args.tool_time_limit or time.time() + step_s + 2.5 * record["eval_s"] > args.deadline:
                 break
             batches = await asyncio.gather(*[play(engine, renderer, env_id, args.tool_tasks, args.tool_group,
-                                                  (seed * 1000 + step) * 100 + 10 * i, 1.0, args.tool_max_new_tokens)
+                                                  RL_SEED + (seed * 1000 + step) * 100 + 10 * i, 1.0, args.tool_max_new_tokens)
                                              for i, env_id in enumerate(ENVS)])
             trajectories = [t for batch in batches for t in batch]
             rollout_s = time.perf_counter() - now
