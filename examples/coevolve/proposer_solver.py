@@ -2,7 +2,8 @@
 
 One policy plays both roles: as the proposer it writes a problem, as each of ``--solvers`` solvers
 it answers it without seeing the other answers. The proposer is paid for problems about half of the
-solvers get right (neither trivial nor impossible), the solvers for right answers. Solver
+solvers get right (neither trivial nor impossible), the solvers for right answers; with
+``--difficulty-weighted``, that pay is scaled by the problem's share of ``--max-operators``. Solver
 trajectories of one problem form a GRPO group (same prompt); proposer trajectories share a
 per-role baseline over the batch.
 
@@ -138,6 +139,8 @@ async def main() -> None:
     parser = common_arguments(__doc__.split("\n\n")[0], eval_temperature=0.0)
     parser.add_argument("--solvers", type=at_least(1), default=4)
     parser.add_argument("--max-operators", type=at_least(1), default=4)
+    parser.add_argument("--difficulty-weighted", action="store_true",
+                        help="pay the proposer learnability x operators / max operators (harder problems pay more)")
     args = parser.parse_args()
     if use_embedded(args):
         learner = embedded_learner(args)
@@ -170,7 +173,8 @@ async def main() -> None:
     await eval_point(0, "start")
 
     seating = {"proposer": learner.policy, **{f"solver_{i}": learner.policy for i in range(args.solvers)}}
-    env = lambda: ProposerSolverEnv(num_solvers=args.solvers, max_operators=args.max_operators)  # noqa: E731
+    env = lambda: ProposerSolverEnv(num_solvers=args.solvers, max_operators=args.max_operators,  # noqa: E731
+                                    difficulty_weighted=args.difficulty_weighted)
     for iteration in range(args.iterations):
         episodes = await play(env, seating, learner.renderer, args.games, seed=args.seed + iteration * args.games,
                               sampling_seed=(args.seed + iteration) * 10_000, concurrency=args.concurrency)

@@ -140,6 +140,20 @@ def test_out_of_range_options_are_refused_before_any_work(tmp_path, script, flag
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_proposer_solver_difficulty_weighted_pays_by_operators(tmp_path):
+    _, metrics, _, trajectories = run(
+        "proposer_solver.py", tmp_path, "--engine", "scripted", "--games", "6", "--eval-games", "4", "--difficulty-weighted",
+        "--max-operators", "3",
+    )
+    assert metrics["config"]["difficulty_weighted"] == "True"
+    proposers = [t for t in trajectories if t.metadata["role"] == "proposer"]
+    assert len(proposers) == 12
+    for t in proposers:
+        parts = t.reward_components
+        assert t.reward == pytest.approx(parts["learnability"] * parts["difficulty"])
+        assert parts["difficulty"] in (1 / 3, 2 / 3, 1.0)
+
+
 def test_proposer_tracking_correlates_difficulty_with_success():
     sys.path.insert(0, str(SCRIPTS))
     try:
