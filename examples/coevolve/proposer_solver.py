@@ -240,13 +240,13 @@ def plot(figure, payload: dict) -> None:
     rows = payload["iterations"]
     xs = [r["iteration"] + 1 for r in rows]
     left.plot(xs, [r["operators"] for r in rows], color="tab:red", label="proposer: operators per problem")
-    left.set(title="difficulty tracks success", xlabel="iteration", ylabel="operators per valid problem")
+    left.set(title="proposer's difficulty and solvers' success", xlabel="iteration", ylabel="operators per valid problem")
     twin = left.twinx()
     twin.plot(xs, [r["solver_success"] for r in rows], color="tab:blue", label="solver success on proposed problems")
     twin.plot(xs, [r["valid_rate"] for r in rows], color="tab:gray", linestyle=":", label="valid-problem rate")
     twin.set(ylim=(0, 1), ylabel="rate")
-    left.legend(loc="upper left", fontsize=7)
-    twin.legend(loc="upper right", fontsize=7)
+    left.legend(loc="lower left", fontsize=7)
+    twin.legend(loc="lower right", fontsize=7)
     points = [e for e in payload["evals"] if e["phase"] != "init"]
     ex = [e["iteration"] for e in points]
     middle.plot(ex, [e["accuracy"] for e in points], marker="o", label="held-out (greedy)")
