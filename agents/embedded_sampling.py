@@ -55,8 +55,10 @@ def distributions(samplers: list[RowSampler], logits: torch.Tensor) -> tuple[tor
     """
     logits = logits.float()
     shape = (len(samplers),) + (1,) * (logits.dim() - 1)
-    temperature = torch.tensor([s.temperature if not s.greedy else 1.0 for s in samplers], device=logits.device)
-    scaled = logits / temperature.view(shape)
+    row_temperature = [s.temperature if not s.greedy else 1.0 for s in samplers]
+    scaled = logits  # x / 1.0 == x: a batch at temperature 1 skips a pass over the vocabulary
+    if any(t != 1.0 for t in row_temperature):
+        scaled = logits / torch.tensor(row_temperature, device=logits.device).view(shape)
     vocab = logits.shape[-1]
     row_top_k = [s.top_k if 0 < s.top_k < vocab and not s.greedy else vocab for s in samplers]
     if min(row_top_k) < vocab:
@@ -97,12 +99,12 @@ def uniforms(samplers: list[RowSampler], count: int, device: torch.device) -> to
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs [B, V]`` (unnormalised) for ``uniform [B]``: a device tensor."""
     cdf = torch.cumsum(probs, dim=-1)
-    targets = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-    # Rounding at the top of the cdf can land past the last non-zero token: take that token then.
-    stray = probs.gather(-1, tokens[:, None]).squeeze(-1) <= 0
-    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
-    return torch.where(stray, last_nonzero, tokens)
+    total = cdf[:, -1:].contiguous()
+    tokens = torch.searchsorted(cdf, uniform.to(cdf.dtype)[:, None] * total, right=True)
+    # Rounding can put the target at the top of the cdf, past every token: take the token that
+    # completes the cdf then (a binary search per row, not another pass over the vocabulary).
+    completing = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(tokens, completing).squeeze(-1)
 
 
 def sample_tensor(samplers: list[RowSampler], probs: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from miles_envs.agents.embedded import EmbeddedEngine
-from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, accept_rows
+from miles_envs.agents.embedded_sampling import RowSampler, accept_drafts, accept_rows, distributions, inverse_cdf
 from miles_envs.engine import SamplingParams
 from miles_envs.models.loading import load_checkpoint
 from miles_envs.models.toy import make_draftable
@@ -149,3 +149,34 @@ async def test_greedy_output_is_identical_while_rows_join_and_leave_the_speculat
         assert b.output_ids == a.output_ids
         assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
     assert 0 < sum(g.spec.accepted_tokens for g in got) < sum(g.spec.draft_tokens for g in got)
+
+
+def test_inverse_cdf_picks_the_first_token_whose_cdf_passes_the_draw():
+    """Dyadic probabilities keep every cdf exact, so each draw has one right answer, zeros included."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 4, (64, 9), generator=generator).float() / 64
+    probs[:, 0] = 0  # a leading zero-probability token is never picked, even for a draw of 0
+    probs[:, -2:] = 0  # nor trailing ones, even for a draw at the top of the cdf
+    probs[:, 3] += 1 / 64  # every row has mass
+    uniform = torch.rand(64, generator=generator)
+    uniform[:3] = torch.tensor([0.0, 1.0, 1 - 2**-24])
+    tokens = inverse_cdf(probs, uniform)
+    cdf = probs.double().cumsum(-1)
+    for row in range(64):
+        target = uniform[row].double() * cdf[row, -1]
+        passed = (cdf[row] > target).nonzero().flatten()
+        want = int(passed[0]) if len(passed) else int(probs[row].nonzero().max())
+        assert tokens[row].item() == want
+        assert probs[row, tokens[row]] > 0
+
+
+def test_distributions_at_temperature_one_are_the_model_distribution():
+    logits = torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0), SamplingParams(temperature=1.0)]
+    probs, logprobs = distributions([RowSampler.from_params(p, torch.device("cpu")) for p in params], logits)
+    assert torch.equal(logprobs, torch.log_softmax(logits, dim=-1))
+    assert torch.equal(probs[[0, 2]], torch.log_softmax(logits[[0, 2]], dim=-1).exp())
+    assert probs[1].argmax(-1).tolist() == logits[1].argmax(-1).tolist() and probs[1].sum().item() == 2
+    hot = RowSampler.from_params(SamplingParams(temperature=0.5), torch.device("cpu"))
+    _, scaled = distributions([hot, hot], logits[:2])
+    assert torch.equal(scaled, torch.log_softmax(logits[:2] / 0.5, dim=-1))
