@@ -130,7 +130,7 @@ class RolloutSession:
             )
             aborted_by_update = self._take_update_abort(request_rid)
             if not (gen.finish_reason == "abort" and aborted_by_update):
-                return merge_generations([*pieces, gen])
+                return merge_generations([*pieces, gen]) if pieces else gen
             self.stats.aborted_generations += 1
             if self.config.keep_partial and gen.output_ids:
                 pieces.append(gen)
