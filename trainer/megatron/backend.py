@@ -32,11 +32,12 @@ from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
 from miles_envs.trainer.megatron.attention import install_packed_attention
 from miles_envs.trainer.megatron.forward import HostBackedBatch, host_of, pad_width, run_forward, run_to_hidden
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
+from miles_envs.trainer.megatron.multi_tensor import install_device_multi_tensor_ops
 from miles_envs.trainer.megatron.parallel import MegatronUnavailable, ensure_parallel
 from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
 from miles_envs.trainer.megatron.vocab_head import vocab_head
 from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
-from miles_envs.trainer.mtp_sft import mtp_labels
+from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_labels
 from miles_envs.trainer.plugins import resolve
 from miles_envs.trainer.r3 import RoutingRecord
 from miles_envs.trainer.torch_backend import ForwardResult, Trainer, pick_device
@@ -54,12 +55,13 @@ class _MegatronStep:
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
+        """The norm stays a device tensor where megatron keeps it there (read with the step's metrics)."""
         self.ddp_model.finish_grad_sync()
         succeeded, grad_norm, _ = self.optimizer.step()
         if not succeeded:
             raise FloatingPointError("megatron optimizer skipped the step (non-finite gradients)")
-        return float(grad_norm)
+        return grad_norm
 
     def state_dict(self) -> dict:
         if self.ddp_model.ddp_config.use_distributed_optimizer:
@@ -78,6 +80,7 @@ def _wrap_for_training(gpt_model, cfg: TrainerConfig, settings: MegatronSettings
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
+    install_device_multi_tensor_ops()
     model = Float16Module(gpt_model.config, gpt_model) if settings.bf16 else gpt_model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.distributed_optimizer
@@ -233,8 +236,11 @@ class MegatronTrainer(Trainer):
         return spread(out.logprobs), spread(out.entropy), spread(out.argmax)
 
     # -- the step ------------------------------------------------------------------------------
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor | float:
         return self.optimizer.step()  # megatron's optimizer clips (``clip_grad``) and reports the norm
+
+    def _count_mtp_tokens(self, micro_batches) -> int:
+        return count_mtp_tokens([host_of(b) for b in micro_batches])  # host copies: no read of the device
 
     def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats) -> torch.Tensor | None:
         """With the fused head: the MTP cross-entropy from the depths' hidden states (``None``

@@ -7,6 +7,12 @@ one chunk of tokens by the output weight (in the weight's dtype, as the output l
 it in fp32 to the target's logprob, the entropy and the argmax, and drops it; the backward
 recomputes each chunk's logits and accumulates the gradients of the hidden states and the weight.
 Values and gradients equal ``token_logprobs_and_entropy`` on the full logits.
+
+The logits' row stride is the vocabulary size; an odd one (Qwen3's tokenizer has 151,669 tokens)
+leaves cuBLAS only its unaligned GEMM kernels, several times slower on a Hopper card than the
+aligned ones. The weight is therefore padded with zero rows to a multiple of ``VOCAB_ALIGN`` for
+the matmuls, and the padding columns are dropped before any reduction (forward) or set to zero
+(backward), so they change no value.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_CHUNK_TOKENS = 4096
+VOCAB_ALIGN = 64  # vocabulary rows of the matmuls: 128 bytes of bf16, what cuBLAS's fast kernels want
 
 
 @dataclass
@@ -25,10 +32,16 @@ class HeadOutput:
     argmax: torch.Tensor  # [tokens] long, the most likely token (no gradient)
 
 
-def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 log-softmax of one chunk's logits (computed in the weight's dtype, as the output layer
-    does); writes the logits' argmax into ``argmax`` when given."""
-    logits = hidden @ weight.t()
+def _padded(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ([vocab, hidden]) with zero rows up to a multiple of ``VOCAB_ALIGN``."""
+    extra = -weight.shape[0] % VOCAB_ALIGN
+    return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
+
+
+def _chunk_log_probs(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-softmax of one chunk's logits over the first ``vocab`` columns (computed in the
+    weight's dtype, as the output layer does); writes the logits' argmax into ``argmax`` when given."""
+    logits = (hidden @ padded.t())[:, :vocab]
     if argmax is not None:
         argmax.copy_(logits.argmax(-1))
     logits = logits.float()
@@ -40,13 +53,14 @@ def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, scale: float, a
 class _ChunkedVocabHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, scale: float, with_entropy: bool):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        padded = _padded(weight)
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            log_p = _chunk_log_probs(hidden[rows], weight, scale, argmax[rows])
+            log_p = _chunk_log_probs(hidden[rows], padded, vocab, scale, argmax[rows])
             logprobs[rows] = log_p.gather(-1, targets[rows, None]).squeeze(-1)
             if with_entropy:  # -sum(p * log p) per row, without a [chunk, vocab] product
                 entropy[rows] = -torch.bmm(log_p.exp().unsqueeze(1), log_p.unsqueeze(2)).view(-1)
@@ -59,13 +73,15 @@ class _ChunkedVocabHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_argmax):
         hidden, weight, targets, entropy = ctx.saved_tensors
+        vocab, padded = weight.shape[0], _padded(weight)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros(padded.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         if grad_logprobs is None:
             grad_logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        grad_logits = None  # [chunk, padded vocab] in the weight's dtype; the padding columns stay 0
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            log_p = _chunk_log_probs(hidden[rows], weight, ctx.scale)
+            log_p = _chunk_log_probs(hidden[rows], padded, vocab, ctx.scale)
             # d logprob/dz = onehot - p;  d entropy/dz = -p * (log p + entropy)
             neg_coef = grad_logprobs[rows, None].neg()
             if grad_entropy is not None:
@@ -74,13 +90,15 @@ class _ChunkedVocabHead(torch.autograd.Function):
             grad_z.scatter_add_(-1, targets[rows, None], grad_logprobs[rows, None])
             if ctx.scale != 1.0:
                 grad_z.mul_(ctx.scale)
-            grad_z = grad_z.to(weight.dtype)
+            if grad_logits is None or grad_logits.shape[0] != grad_z.shape[0]:
+                grad_logits = padded.new_zeros(grad_z.shape[0], padded.shape[0])
+            grad_logits[:, :vocab] = grad_z
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_z @ weight
+                grad_hidden[rows] = grad_logits @ padded
             if grad_weight is not None:
-                grad_weight += (grad_z.t() @ hidden[rows]).float()
+                grad_weight += (grad_logits.t() @ hidden[rows]).float()
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight[:vocab].to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -5,7 +5,7 @@ import torch
 VOCAB = 300
 
 
-def tiny_qwen3_moe(mtp: int = 1, seed: int = 0, tie: bool = False):
+def tiny_qwen3_moe(mtp: int = 1, seed: int = 0, tie: bool = False, layers: int | None = None):
     """``(hf_config, model, mtp_stack or None)`` with random weights (MTP layers not zero)."""
     from transformers import AutoModelForCausalLM
 
@@ -14,6 +14,8 @@ def tiny_qwen3_moe(mtp: int = 1, seed: int = 0, tie: bool = False):
 
     config = build_config("qwen3-moe", "tiny", VOCAB, mtp=mtp)
     config.moe_intermediate_size = 24
+    if layers is not None:
+        config.num_hidden_layers = layers
     config.tie_word_embeddings = tie
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
