@@ -71,19 +71,21 @@ from miles_envs.trainer import TrainerConfig  # noqa: E402
 H200_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H200 SXM datasheet, dense (no sparsity)
 H100_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet, dense
 PEAKS = {"H200": H200_SXM_BF16_DENSE_PEAK, "H100": H100_SXM_BF16_DENSE_PEAK}
-ARMS = {  # the MFU phase's arms, in the order the fixes came: (experts, vocab head, token dispatcher, multi-tensor ops)
-    "sequential": (("sequential", "unfused", "alltoall", "megatron"),
+ARMS = {  # the MFU phase's arms, in the order the fixes came:
+    # (experts, vocab head, token dispatcher, multi-tensor ops, the head's vocabulary padding), what it is
+    "sequential": (("sequential", "unfused", "alltoall", "megatron", 1),
                    "megatron's SequentialMLP, one MLP call per expert (host-side split by token counts); megatron's output "
                    "layer, full fp32 logits for the losses; megatron's alltoall dispatcher and multi-tensor fallbacks"),
-    "grouped": (("grouped", "unfused", "alltoall", "megatron"),
+    "grouped": (("grouped", "unfused", "alltoall", "megatron", 1),
                 "GroupedMLP, all experts in two grouped_mm calls per layer (same weights); megatron's output layer"),
-    "fused": (("grouped", "fused", "alltoall", "megatron"),
+    "fused": (("grouped", "fused", "alltoall", "megatron", 1),
               "GroupedMLP and the chunked vocabulary head (logprobs, entropy, MTP cross-entropy per chunk of tokens, "
-              "never all logits); megatron's alltoall dispatcher (host-side token counts in every MoE layer) and its "
-              "multi-tensor fallbacks (one host read per parameter for the gradient norm)"),
-    "lean": (("grouped", "fused", "device", "device"),
-             "the fused arm with the device token dispatcher (sort-based permutation, no host read per MoE layer) and "
-             "device-side multi-tensor ops (gradient norm, clipping and the fp32 -> bf16 parameter copy as foreach ops)"),
+              "never all logits) at the unpadded vocabulary; megatron's alltoall dispatcher (host-side token counts in "
+              "every MoE layer) and its multi-tensor fallbacks (one host read per parameter for the gradient norm)"),
+    "lean": (("grouped", "fused", "device", "device", 64),
+             "the fused arm with the head's vocabulary padded to a multiple of 64 (aligned GEMMs), the device token "
+             "dispatcher (sort-based permutation, no host read per MoE layer) and device-side multi-tensor ops "
+             "(gradient norm, clipping and the fp32 -> bf16 weight copy as foreach ops)"),
 }
 DEFAULT_ARMS = ("fused", "lean")
 SHAPES = {  # pretrain_moe.py's medium, and a CPU-sized one for trying the script
@@ -312,9 +314,9 @@ def make_trainer(hf_config, hf_weights, args, arm: str):
     from miles_envs.trainer.megatron.model import MegatronSettings
 
     cuda = args.device == "cuda"
-    experts, head, dispatcher, _ = ARMS[arm][0]
+    experts, head, dispatcher, _, align = ARMS[arm][0]
     settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, experts=experts, vocab_head=head,
-                                token_dispatcher=dispatcher, use_cpu_initialization=not cuda)
+                                token_dispatcher=dispatcher, head_vocab_align=align, use_cpu_initialization=not cuda)
     config = TrainerConfig(r3=True, mtp_sft=True, dtype="bfloat16" if cuda else "float32", device=args.device, lr=args.lr,
                            max_row_tokens=args.row_tokens, rows_per_micro_batch=args.rows_per_micro_batch)
     trainer = MegatronTrainer(hf_config, hf_weights, config, settings)

@@ -228,7 +228,7 @@ class MegatronTrainer(Trainer):
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
         index = host_mask.flatten().nonzero().squeeze(1).to(hidden.device, non_blocking=True)
         out = vocab_head(hidden.flatten(0, 1).index_select(0, index), weight, targets.flatten().index_select(0, index),
-                         chunk_tokens=self.settings.head_chunk_tokens, **kwargs)
+                         chunk_tokens=self.settings.head_chunk_tokens, vocab_align=self.settings.head_vocab_align, **kwargs)
 
         def spread(values: torch.Tensor | None) -> torch.Tensor | None:
             return None if values is None else values.new_zeros(targets.numel()).index_copy(0, index, values).view_as(targets)

@@ -39,6 +39,7 @@ class MegatronSettings:
     # megatron's vocab-parallel output layer otherwise); "unfused": megatron's output layer, full logits (reference)
     vocab_head: str = "fused"
     head_chunk_tokens: int = 4096  # tokens per chunk of the fused head's logits
+    head_vocab_align: int = 64  # the fused head's matmuls pad the vocabulary to a multiple of this (1: none)
 
 
 SUPPORTED = ("qwen3_moe", "qwen3")

@@ -32,9 +32,9 @@ class HeadOutput:
     argmax: torch.Tensor  # [tokens] long, the most likely token (no gradient)
 
 
-def _padded(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ([vocab, hidden]) with zero rows up to a multiple of ``VOCAB_ALIGN``."""
-    extra = -weight.shape[0] % VOCAB_ALIGN
+def _padded(weight: torch.Tensor, align: int) -> torch.Tensor:
+    """``weight`` ([vocab, hidden]) with zero rows up to a multiple of ``align``."""
+    extra = -weight.shape[0] % align
     return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
 
 
@@ -52,9 +52,9 @@ def _chunk_log_probs(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, sca
 
 class _ChunkedVocabHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, scale: float, with_entropy: bool):
+    def forward(ctx, hidden, weight, targets, chunk: int, scale: float, with_entropy: bool, align: int):
         n, vocab = hidden.shape[0], weight.shape[0]
-        padded = _padded(weight)
+        padded = _padded(weight, align)
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
@@ -65,7 +65,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
             if with_entropy:  # -sum(p * log p) per row, without a [chunk, vocab] product
                 entropy[rows] = -torch.bmm(log_p.exp().unsqueeze(1), log_p.unsqueeze(2)).view(-1)
         ctx.save_for_backward(hidden, weight, targets, entropy)
-        ctx.chunk, ctx.scale = chunk, scale
+        ctx.chunk, ctx.scale, ctx.align = chunk, scale, align
         ctx.mark_non_differentiable(argmax)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return logprobs, entropy, argmax
@@ -73,7 +73,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_argmax):
         hidden, weight, targets, entropy = ctx.saved_tensors
-        vocab, padded = weight.shape[0], _padded(weight)
+        vocab, padded = weight.shape[0], _padded(weight, ctx.align)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(padded.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         if grad_logprobs is None:
@@ -99,7 +99,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
                 grad_weight += (grad_logits.t() @ hidden[rows]).float()
         if grad_weight is not None:
             grad_weight = grad_weight[:vocab].to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def vocab_head(
@@ -110,15 +110,17 @@ def vocab_head(
     entropy: bool = True,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    vocab_align: int = VOCAB_ALIGN,
 ) -> HeadOutput:
     """Per-token results of the head ``weight`` ([vocab, hidden]) on ``hidden`` ([tokens, hidden],
     cast to the weight's dtype) for ``targets`` ([tokens], valid token ids; mask the results, not
-    the ids); logits are divided by ``temperature``. ``chunk_tokens`` bounds the logits held."""
+    the ids); logits are divided by ``temperature``. ``chunk_tokens`` bounds the logits held;
+    ``vocab_align`` pads the matmuls' vocabulary (1: no padding)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"vocab_head wants hidden [tokens, hidden] and targets [tokens]: got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens={chunk_tokens}: must be at least 1")
+    if chunk_tokens < 1 or vocab_align < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}, vocab_align={vocab_align}: both must be at least 1")
     logprobs, ent, argmax = _ChunkedVocabHead.apply(
-        hidden.to(weight.dtype), weight, targets, chunk_tokens, 1.0 / temperature, entropy
+        hidden.to(weight.dtype), weight, targets, chunk_tokens, 1.0 / temperature, entropy, vocab_align
     )
     return HeadOutput(logprobs, ent if entropy else None, argmax)
