@@ -11,7 +11,9 @@ The head is ``vocab_head``'s chunked one by default: the forward stops at the fi
 of the decoder and the MTP depths, and the logprobs, entropy and MTP cross-entropy come chunk by
 chunk from them and the output weight, never as full logits. The MTP loss is then the torch
 backend's: ``mtp_loss_scale x`` the minibatch's mean cross-entropy, added to each micro-batch's loss.
-With ``vocab_head="unfused"`` (and always at tensor_parallel > 1) megatron's output layer runs and
+Under tensor parallelism each rank runs the head on its vocabulary shard and the per-token
+statistics are all-reduced (``vocab_head``'s ``group``). With ``vocab_head="unfused"`` (and always
+under sequence parallelism) megatron's output layer runs and
 the MTP loss is megatron's own (``MTPLossAutoScaler`` injects its gradient at the hidden states): a
 mean over the micro-batch's labelled tokens, its backward scale set per micro-batch to
 ``micro-batch tokens / minibatch tokens``, which gives the same sum (exact for one MTP depth).
@@ -153,7 +155,8 @@ class MegatronTrainer(Trainer):
         self.reward_fn = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
         if self.settings.vocab_head not in ("fused", "unfused"):
             raise ValueError(f"vocab_head={self.settings.vocab_head!r}: choose 'fused' (chunked) or 'unfused' (full logits)")
-        self.fused_head = self.settings.vocab_head == "fused" and self.settings.tensor_parallel == 1
+        # under sequence parallelism (transformer-engine's norms) the hidden states are split by position: megatron's head
+        self.fused_head = self.settings.vocab_head == "fused" and not self.gpt.config.sequence_parallel
         self.step = 0
         self._mtp_outputs: list[torch.Tensor] = []  # per MTP depth: logits, or hidden states with the fused head
 
@@ -228,12 +231,21 @@ class MegatronTrainer(Trainer):
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
         index = host_mask.flatten().nonzero().squeeze(1).to(hidden.device, non_blocking=True)
         out = vocab_head(hidden.flatten(0, 1).index_select(0, index), weight, targets.flatten().index_select(0, index),
-                         chunk_tokens=self.settings.head_chunk_tokens, vocab_align=self.settings.head_vocab_align, **kwargs)
+                         chunk_tokens=self.settings.head_chunk_tokens, vocab_align=self.settings.head_vocab_align,
+                         group=self._vocab_group(), **kwargs)
 
         def spread(values: torch.Tensor | None) -> torch.Tensor | None:
             return None if values is None else values.new_zeros(targets.numel()).index_copy(0, index, values).view_as(targets)
 
         return spread(out.logprobs), spread(out.entropy), spread(out.argmax)
+
+    def _vocab_group(self):
+        """The tensor-parallel group the output weight's vocabulary is split over (None on one rank)."""
+        if self.settings.tensor_parallel == 1:
+            return None
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
 
     # -- the step ------------------------------------------------------------------------------
     def _optimizer_step(self) -> torch.Tensor | float:
