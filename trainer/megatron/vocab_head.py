@@ -55,14 +55,29 @@ def _chunk_logits(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale:
     return logits.mul_(scale) if scale != 1.0 else logits
 
 
+def _chunk_log_softmax(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-softmax of ``_chunk_logits``; at ``scale`` 1 straight from the weight-dtype logits
+    (the cast happens as the kernel reads them: one pass over the chunk less)."""
+    if scale != 1.0:
+        return torch.log_softmax(_chunk_logits(hidden, padded, vocab, scale, argmax), dim=-1)
+    logits = (hidden @ padded.t())[:, :vocab]
+    if argmax is not None:
+        argmax.copy_(logits.argmax(-1))
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def _logit_grad(log_p, grad_logprobs, entropy, grad_entropy, target_index, target_grad, scale: float) -> torch.Tensor:
     """The loss gradient at one chunk's logits, in place of ``log_p`` ([chunk, vocab] fp32):
-    d logprob/dz = onehot - p and d entropy/dz = -p * (log p + entropy), times ``scale``;
-    ``target_grad`` is added at ``target_index`` (zero where the target is not in these columns)."""
-    neg_coef = grad_logprobs[:, None].neg()
-    if grad_entropy is not None:
-        neg_coef = (log_p + entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logprobs[:, None]).neg_()
-    grad_z = log_p.exp_().mul_(neg_coef)
+    g_lp (onehot - p) - g_ent p (log p + entropy) = p (coef - g_ent log p) + g_lp onehot with
+    coef = -(g_lp + g_ent entropy), times ``scale`` (three passes over the chunk with entropy, two
+    without); ``target_grad`` is added at ``target_index`` (zero where the target is not in these
+    columns)."""
+    if grad_entropy is None:
+        grad_z = log_p.exp_().mul_(grad_logprobs[:, None].neg())
+    else:
+        coef = (grad_logprobs + grad_entropy * entropy).neg_()
+        grad_z = torch.addcmul(coef[:, None], log_p, grad_entropy[:, None], value=-1.0)
+        grad_z.mul_(log_p.exp_())
     grad_z.scatter_add_(-1, target_index[:, None], target_grad[:, None])
     return grad_z.mul_(scale) if scale != 1.0 else grad_z
 
@@ -85,7 +100,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            log_p = torch.log_softmax(_chunk_logits(hidden[rows], padded, vocab, scale, argmax[rows]), dim=-1)
+            log_p = _chunk_log_softmax(hidden[rows], padded, vocab, scale, argmax[rows])
             logprobs[rows] = log_p.gather(-1, targets[rows, None]).squeeze(-1)
             if with_entropy:  # -sum(p * log p) per row, without a [chunk, vocab] product
                 entropy[rows] = -torch.bmm(log_p.exp().unsqueeze(1), log_p.unsqueeze(2)).view(-1)
@@ -106,7 +121,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
         grad_logits = None  # [chunk, padded vocab] in the weight's dtype; the padding columns stay 0
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            log_p = torch.log_softmax(_chunk_logits(hidden[rows], padded, vocab, ctx.scale), dim=-1)
+            log_p = _chunk_log_softmax(hidden[rows], padded, vocab, ctx.scale)
             grad_z = _logit_grad(log_p, grad_logprobs[rows], entropy[rows] if grad_entropy is not None else None,
                                  None if grad_entropy is None else grad_entropy[rows], targets[rows], grad_logprobs[rows], ctx.scale)
             grad_logits = _into_padded(grad_z, padded, grad_logits)
