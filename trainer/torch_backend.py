@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from miles_envs.trainer.losses import (
 from miles_envs.trainer.metrics import MeanAccumulator
 from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_sft_loss
 from miles_envs.trainer.plugins import resolve
-from miles_envs.trainer.r3 import RoutingRecord, RoutingReplay, find_routers
+from miles_envs.trainer.r3 import RoutingRecord, RoutingReplay, find_routers, mismatch_sums
 from miles_envs.trajectory import Trajectory
 
 
@@ -342,10 +341,7 @@ class _MismatchCollector:
         self.stats = stats
 
     def add(self, result: ForwardResult, batch: PackedBatch) -> None:
-        mask = batch.loss_mask.bool()
-        delta = torch.where(mask, result.logprobs.detach().double() - batch.rollout_logprobs.double(), 0.0)
-        tokens = mask.sum()
-        self.stats.add_sum("mismatch/k3_kl", (torch.exp(delta) - 1.0 - delta).sum(), tokens)
-        self.stats.add_sum("mismatch/extreme_frac", (delta.abs() > math.log(2.0)).sum(), tokens)
-        self.stats.add_sum("mismatch/mean_abs_delta", delta.abs().sum(), tokens)
+        sums, tokens = mismatch_sums(result.logprobs, batch.rollout_logprobs, batch.loss_mask)
+        for name, total in sums.items():
+            self.stats.add_sum(f"mismatch/{name}", total, tokens)
         self.stats.add_sum("mismatch/router_disagreement", result.routing.disagreements, result.routing.pairs)

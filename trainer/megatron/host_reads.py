@@ -1,13 +1,15 @@
 """Count the host's reads of device values: each one makes the host wait for the GPU's queue to drain.
 
 A read is an op whose result the host needs before it can go on: a scalar read (``.item()``,
-``float(t)``, ``int(t)``, ``bool(t)``; ``torch.tensor`` of device scalars), an op whose output size
-depends on the data (``nonzero``, ``masked_select``, boolean indexing, ``unique``), a comparison
-returning a Python bool (``torch.equal``) or a copy to host memory (``.cpu()``, ``.tolist()``,
-``.numpy()``). ``count_host_reads`` sees every op dispatched while it is active, backward included,
-through a ``TorchDispatchMode``: slow, for one counted step beside the timed ones. Compiled regions
+``float(t)``, ``int(t)``, ``bool(t)``), an op whose output size depends on the data (``nonzero``,
+``masked_select``, boolean indexing, ``unique``), a comparison returning a Python bool
+(``torch.equal``) or a copy to host memory (``.cpu()``, ``.tolist()``, ``.numpy()``).
+``count_host_reads`` sees every op dispatched while it is active, backward included, through a
+``TorchDispatchMode``: slow, for one counted step beside the timed ones. Compiled regions
 (megatron-core compiles some router helpers) run eagerly while counting: a dispatch mode cannot see
-inside a compiled graph.
+inside a compiled graph. Blind spot: ``torch.tensor([...])`` of device scalars reads each one with
+the dispatch mode excluded (megatron's fallback gradient norm does that once per parameter); a
+profiler's count of stream synchronisations sees those.
 
 On a GPU only reads of device tensors count. On a CPU every tensor lives on the host, so nothing
 syncs; ``include_host_tensors=True`` counts the reads that would sync if those tensors lived on a
