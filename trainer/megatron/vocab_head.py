@@ -45,25 +45,28 @@ def _padded(weight: torch.Tensor, align: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
 
 
-def _chunk_logits(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
-    """One chunk's fp32 logits over the first ``vocab`` rows of ``padded``, times ``scale`` (the
-    matmul in the weight's dtype, as the output layer does); writes their argmax into ``argmax``."""
+def _chunk_matmul(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """One chunk's logits over the first ``vocab`` rows of ``padded``, in the weight's dtype as the
+    output layer computes them; writes their argmax into ``argmax`` when given."""
     logits = (hidden @ padded.t())[:, :vocab]
     if argmax is not None:
         argmax.copy_(logits.argmax(-1))
-    logits = logits.float()
+    return logits
+
+
+def _chunk_logits(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float) -> torch.Tensor:
+    """``_chunk_matmul``'s logits in fp32, times ``scale``."""
+    logits = _chunk_matmul(hidden, padded, vocab).float()
     return logits.mul_(scale) if scale != 1.0 else logits
 
 
 def _chunk_log_softmax(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 log-softmax of ``_chunk_logits``; at ``scale`` 1 straight from the weight-dtype logits
-    (the cast happens as the kernel reads them: one pass over the chunk less)."""
-    if scale != 1.0:
-        return torch.log_softmax(_chunk_logits(hidden, padded, vocab, scale, argmax), dim=-1)
-    logits = (hidden @ padded.t())[:, :vocab]
-    if argmax is not None:
-        argmax.copy_(logits.argmax(-1))
-    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    """fp32 log-softmax of the chunk's logits times ``scale``; at ``scale`` 1 straight from the
+    weight-dtype logits (the cast happens as the kernel reads them: one pass over the chunk less)."""
+    logits = _chunk_matmul(hidden, padded, vocab, argmax)
+    if scale == 1.0:
+        return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    return torch.log_softmax(logits.float().mul_(scale), dim=-1)
 
 
 def _logit_grad(log_p, grad_logprobs, entropy, grad_entropy, target_index, target_grad, scale: float) -> torch.Tensor:
