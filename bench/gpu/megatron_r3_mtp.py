@@ -283,6 +283,8 @@ def profiled_step(trainer, batch: list, device: str, arm: str) -> dict:
         "wall_seconds": wall,
         "gpu_busy_share": busy_us / 1e6 / wall if device == "cuda" else None,
         "host_syncs": {e.key: e.count for e in averages if e.key in SYNC_EVENTS},
+        "host_syncs_note": "aten::_local_scalar_dense counts scalar reads of host tensors too (torch AdamW's per-parameter "
+                           "step counters live on the host); the waits for the GPU are the cuda*Synchronize counts",
         "kernel_launches": sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")),
         "top_ops": [row(e) for e in top],
         "top_host_ops": [row(e) for e in host],
