@@ -54,19 +54,10 @@ def _chunk_matmul(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, argmax
     return logits
 
 
-def _chunk_logits(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float) -> torch.Tensor:
-    """``_chunk_matmul``'s logits in fp32, times ``scale``."""
-    logits = _chunk_matmul(hidden, padded, vocab).float()
+def _chunk_logits(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """``_chunk_matmul``'s logits in fp32, times ``scale``; their argmax into ``argmax`` when given."""
+    logits = _chunk_matmul(hidden, padded, vocab, argmax).float()
     return logits.mul_(scale) if scale != 1.0 else logits
-
-
-def _chunk_log_softmax(hidden: torch.Tensor, padded: torch.Tensor, vocab: int, scale: float, argmax: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 log-softmax of the chunk's logits times ``scale``; at ``scale`` 1 straight from the
-    weight-dtype logits (the cast happens as the kernel reads them: one pass over the chunk less)."""
-    logits = _chunk_matmul(hidden, padded, vocab, argmax)
-    if scale == 1.0:
-        return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    return torch.log_softmax(logits.float().mul_(scale), dim=-1)
 
 
 def _logit_grad(log_p, grad_logprobs, entropy, grad_entropy, target_index, target_grad, scale: float) -> torch.Tensor:
@@ -103,7 +94,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            log_p = _chunk_log_softmax(hidden[rows], padded, vocab, scale, argmax[rows])
+            log_p = torch.log_softmax(_chunk_logits(hidden[rows], padded, vocab, scale, argmax[rows]), dim=-1)
             logprobs[rows] = log_p.gather(-1, targets[rows, None]).squeeze(-1)
             if with_entropy:  # -sum(p * log p) per row, without a [chunk, vocab] product
                 entropy[rows] = -torch.bmm(log_p.exp().unsqueeze(1), log_p.unsqueeze(2)).view(-1)
@@ -124,7 +115,7 @@ class _ChunkedVocabHead(torch.autograd.Function):
         grad_logits = None  # [chunk, padded vocab] in the weight's dtype; the padding columns stay 0
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            log_p = _chunk_log_softmax(hidden[rows], padded, vocab, ctx.scale)
+            log_p = torch.log_softmax(_chunk_logits(hidden[rows], padded, vocab, ctx.scale), dim=-1)
             grad_z = _logit_grad(log_p, grad_logprobs[rows], entropy[rows] if grad_entropy is not None else None,
                                  None if grad_entropy is None else grad_entropy[rows], targets[rows], grad_logprobs[rows], ctx.scale)
             grad_logits = _into_padded(grad_z, padded, grad_logits)
