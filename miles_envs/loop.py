@@ -19,9 +19,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from miles_envs.deadlines import DeadlineExceeded, within
 from miles_envs.engine import Engine, Generation, SamplingParams
 from miles_envs.env import Env, Message
 from miles_envs.pacing import LagWindow, quiet_collector
+from miles_envs.parsers import ToolParseError
 from miles_envs.session import as_session
 from miles_envs.token_ids import TokenIds
 from miles_envs.trajectory import Status, Trajectory, Turn, expert_dtype
@@ -205,8 +207,6 @@ def parse_turn(parser: Any, text: str) -> tuple[Message, Message, bool]:
 
     A malformed tool call keeps the raw text and tells the env through ``parse_error``.
     """
-    from miles_envs.parsers import ToolParseError
-
     try:
         parsed = parser.parse(text)
     except ToolParseError as exc:
@@ -226,7 +226,7 @@ def append_generation(episode: TokenStream, gen: Generation) -> None:
     spec = gen.spec
     start = len(episode.trajectory.response_ids)
     episode.append(
-        list(gen.output_ids), "model", list(gen.logprobs),
+        gen.output_ids, "model", gen.logprobs,  # copied by the stream's extends
         finish_reason=gen.finish_reason, weight_version=gen.weight_version,
         version_spans=[(start + index, version) for index, version in gen.version_spans],
         spec_verify_ct=spec.verify_ct if spec else 0,
@@ -235,27 +235,12 @@ def append_generation(episode: TokenStream, gen: Generation) -> None:
     )
 
 
-_deadline = getattr(asyncio, "timeout", None)  # Python 3.11+
-
-
 async def with_timeout(awaitable, timeout: float | None, what: str):
-    """``awaitable`` under a deadline, awaited in the calling task (``asyncio.timeout``: no task per
-    call, unlike ``wait_for`` before Python 3.12); a TimeoutError the env raises itself passes as is."""
-    if timeout is None:
-        return await awaitable
-    if _deadline is None:  # Python 3.10
-        try:
-            return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(_env_timeout(what, timeout)) from None
-    deadline = _deadline(timeout)
+    """``awaitable`` under the env deadline, in the calling task; a TimeoutError the env raises itself passes as is."""
     try:
-        async with deadline:
-            return await awaitable
-    except TimeoutError:
-        if deadline.expired():
-            raise TimeoutError(_env_timeout(what, timeout)) from None
-        raise
+        return await within(awaitable, timeout)
+    except DeadlineExceeded:
+        raise TimeoutError(_env_timeout(what, timeout)) from None
 
 
 def _env_timeout(what: str, timeout: float) -> str:

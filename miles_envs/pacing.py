@@ -100,11 +100,12 @@ class QuietCollector:
     modules included) and stalls the loop for 0.1–0.9 s, and young collections take a third of the
     client's CPU (measured in ``bench/loop_overhead.py``). While a rollout runs, the heap that existed
     before it is frozen out of every pass (``gc.freeze``), young collections run an order of magnitude less often,
-    and full ones become rare (episodes make almost no cyclic garbage: it dies in young collections).
+    and middle and full ones become rare (episodes make almost no cyclic garbage: it dies in young
+    collections); a middle pass walks every live episode's token lists, 0.2–0.4 s at 10⁴ episodes.
     Process-wide and reentrant: the last rollout to leave restores the thresholds and unfreezes.
     """
 
-    def __init__(self, young: int = 10_000, middle: int = 20, full: int = 100) -> None:
+    def __init__(self, young: int = 10_000, middle: int = 100, full: int = 100) -> None:
         self.thresholds = (young, middle, full)
         self._depth = 0
         self._saved: tuple[int, int, int] | None = None

@@ -130,7 +130,7 @@ class RolloutSession:
             )
             aborted_by_update = self._take_update_abort(request_rid)
             if not (gen.finish_reason == "abort" and aborted_by_update):
-                return merge_generations([*pieces, gen])
+                return merge_generations([*pieces, gen]) if pieces else gen
             self.stats.aborted_generations += 1
             if self.config.keep_partial and gen.output_ids:
                 pieces.append(gen)
@@ -200,9 +200,11 @@ class RolloutSession:
         return list(self._running)
 
     async def _submit(self, input_ids: list[int], sampling: SamplingParams, *, rid: str, **options: Any) -> Generation:
-        await self._ensure_slots()
+        if not self._capacity_known:
+            await self._ensure_slots()
         async with self._slots if self._slots is not None else contextlib.nullcontext():
-            await self._open.wait()  # checked with the slot in hand: nothing starts while an update is held
+            if not self._open.is_set():  # checked with the slot in hand: nothing starts while an update is held
+                await self._open.wait()
             self._running.add(rid)
             self._idle.clear()
             self.stats.peak_running = max(self.stats.peak_running, len(self._running))

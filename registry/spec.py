@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -135,11 +136,20 @@ def _returns_env(factory: Callable[..., Any]) -> bool:
     return inspect.isclass(returned) and issubclass(returned, Env)
 
 
-def _parameters(factory: Callable[..., Any]) -> set[str]:
+def _parameters(factory: Callable[..., Any]) -> frozenset[str]:
+    """The factory's parameter names; read once per factory (``make`` runs once per episode)."""
     try:
-        return set(inspect.signature(factory).parameters)
+        return _signature_names(factory)
+    except TypeError:  # an unhashable factory: read every time
+        return _signature_names.__wrapped__(factory)
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_names(factory: Callable[..., Any]) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(factory).parameters)
     except (TypeError, ValueError):
-        return set()
+        return frozenset()
 
 
 def load_entry_point(entry_point: str, env_id: str = "?") -> Callable[..., Env]:

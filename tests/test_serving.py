@@ -103,3 +103,31 @@ async def test_servers_sharing_a_port_with_reuse_port_both_take_connections():
             assert answers == {b"first", b"second"}
         with pytest.raises(OSError):  # without the option the port stays taken
             await HTTPServer(named(b"third"), port=first.port).start()
+
+
+SERVE_AND_REPORT_COLLECTOR = """
+import gc, os, signal, sys
+from miles_envs.serving import HTTPServer, run_forever
+
+async def app(scope, receive, send):
+    pass
+
+def ready(server):
+    print("serving", gc.get_freeze_count() > 0, gc.get_threshold()[0], flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+before = gc.get_threshold()
+run_forever(HTTPServer(app), ready)
+print("stopped", gc.get_freeze_count(), gc.get_threshold() == before, flush=True)
+"""
+
+
+def test_a_serving_process_keeps_its_startup_heap_out_of_the_collector_and_restores_it_on_exit():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SERVE_AND_REPORT_COLLECTOR], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    serving, stopped = out.stdout.split("\n")[:2]
+    assert serving == "serving True 10000"  # frozen startup heap, young passes an order of magnitude rarer
+    assert stopped == "stopped 0 True"

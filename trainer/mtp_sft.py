@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_envs.models.mtp import mtp_step
+from miles_envs.models.mtp import mtp_hidden
 from miles_envs.trainer.batch import PackedBatch
 
 
@@ -76,10 +76,14 @@ def mtp_sft_loss(mtp: nn.Module, hidden: torch.Tensor, batch: PackedBatch, *, de
         for depth in range(len(mtp.layers)):
             inputs, positions, labels, label_mask = mtp_labels(batch, depth)
             mask = create_causal_mask(config=mtp.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
-            hidden, logits = mtp_step(mtp, depth, inputs, hidden, positions, mask)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            loss_sum = loss_sum + (ce * label_mask).sum() / len(mtp.layers)
+            hidden = mtp_hidden(mtp, depth, inputs, hidden, positions, mask)
+            # the vocabulary projection only where a label is trained (prompt and env tokens carry none)
+            weight = label_mask[label_mask > 0]
+            logits = mtp._project_to_logits(hidden[label_mask > 0])
+            picked = labels[label_mask > 0]
+            ce = F.cross_entropy(logits.float(), picked, reduction="none")
+            loss_sum = loss_sum + (ce * weight).sum() / len(mtp.layers)
             if depth == 0:
                 tokens = int(label_mask.sum())
-                correct = int(((logits.argmax(-1) == labels).float() * label_mask).sum())
+                correct = int(((logits.argmax(-1) == picked).float() * weight).sum())
     return MtpOutput(loss_sum, tokens, correct)

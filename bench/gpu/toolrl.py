@@ -1,9 +1,11 @@
 """Multi-turn tool-use GRPO on the pretrained MoE: ToolCalc-v0 and LookupChain-v0, R3 and MTP-SFT on.
 
-Per seed (one process each on the one GPU): a supervised warm start on demonstration episodes of
-both envs (a scripted solver that reads the task: the calculator call, then the answer; the chain
-of directory lookups, then the answer), played through the real env loop so the tokens are what
-a rollout of that conversation gives; then GRPO steps on fresh rollouts of both envs (embedded
+A supervised warm start on demonstration episodes of both envs (a scripted solver that reads the
+task: the calculator call, then the answer; the chain of directory lookups, then the answer),
+played through the real env loop so the tokens are what a rollout of that conversation gives; by
+default one warm start in a process of its own, whose checkpoint every seed starts from
+(``--no-shared-warm-start``: one per seed). Then, per seed (one process each on the one GPU, all at
+once), GRPO steps on fresh rollouts of both envs (embedded
 engine in bf16 with MTP speculative decoding, routing traces on; fp32 trainer with R3 and online
 MTP-SFT; weights, MTP layer included, synced to the engine after every step). Greedy eval reward
 on held-out env seeds (never trained on) before the warm start, after it (the RL start) and after
@@ -13,8 +15,8 @@ parse, fed back to the model as an error message), turns per episode, draft acce
 The warm start runs in chunks of ``--sft-check-every`` steps, each followed by a greedy check on
 validation seeds (apart from the training and the held-out ones); it stops once that reward reaches
 ``--sft-target`` (a policy that has the format and part of the skill, so RL has room to lift it),
-or at ``--sft-steps`` / ``--sft-time-limit``. ``--tool-budget-s`` bounds each seed's run: RL stops when
-one more step and the final eval would not fit.
+or at ``--sft-steps`` / ``--sft-time-limit``. ``--tool-budget-s`` bounds the whole run: each seed's
+RL stops when one more step and the final eval would not fit.
 
     python bench/gpu/toolrl.py --model /tmp/miles-moe                    # bench/results/gpu_toolrl.json (+ .png)
     python bench/gpu/toolrl.py --plot bench/results/gpu/gpu_toolrl.json   # the PNG from a results file
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -43,8 +47,13 @@ from miles_envs.envs.tool_calc import ToolCalcEnv  # noqa: E402
 from miles_envs.registry import register  # noqa: E402
 
 ENVS = ("miles/ToolCalc-v0", "miles/LookupChain-v0")
+# Turns per episode at most: the scripted solver needs 2 (ToolCalc) and 4 or 6 (LookupChain); the
+# cap leaves room to recover from a parse error, while a policy that never answers no longer holds
+# a whole batch (every rollout and check waits for its longest episode) for the envs' 6 and 10 turns.
+TURN_CAPS = {"miles/ToolCalc-v0": 4, "miles/LookupChain-v0": 8}
 EVAL_SEED = 10**8  # held-out env seeds start here; training seeds stay far below
 VALIDATION_SEED = 5 * 10**7  # the warm start's stopping check: neither trained on nor held out
+RL_SEED = 10**7  # GRPO's tasks start here, above the demonstrations' (seed * 100_000 + i)
 
 # The arithmetic each ToolCalc template asks for, over its values (named as in the task id).
 CALC_EXPRESSIONS = {
@@ -119,7 +128,7 @@ async def play(engine, renderer, env_id: str, tasks: int, group_size: int, seed:
     from miles_envs.loop import LoopConfig, rollout
 
     config = LoopConfig(sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed * 4096),
-                        return_routed_experts=True, max_context=4096, max_loop_lag=None)
+                        return_routed_experts=True, max_context=4096, max_loop_lag=None, max_turns=TURN_CAPS[env_id])
     return [t async for t in rollout(env_id, engine, renderer, n=tasks, group_size=group_size, config=config, seed=seed)]
 
 
@@ -133,9 +142,10 @@ async def evaluate(engine, renderer, args, tasks: int | None = None, first_seed:
             "turns_per_episode": sum(s["turns_per_episode"] for s in per_env.values()) / len(per_env), "per_env": per_env}
 
 
-async def supervised_warm_start(trainer, engine, renderer, demos: list, args, seed: int, log) -> list[dict]:
-    """SFT on shuffled demonstrations, checked on validation seeds every ``--sft-check-every`` steps;
-    stops at ``--sft-target`` validation reward, ``--sft-steps`` or ``--sft-time-limit``."""
+async def supervised_warm_start(trainer, engine, renderer, demos: list, args, seed: int, log, on_check=None) -> list[dict]:
+    """SFT on shuffled demonstrations, checked on validation seeds every ``--sft-check-every`` steps
+    (``on_check(curve)`` after each); stops at ``--sft-target`` validation reward, ``--sft-steps``
+    or ``--sft-time-limit``."""
     import random
 
     from miles_envs.trainer.sft import SftOptimizer, sft_step
@@ -156,29 +166,32 @@ async def supervised_warm_start(trainer, engine, renderer, demos: list, args, se
                       "val_turns_per_episode": check["turns_per_episode"], "s": round(time.perf_counter() - started, 1)})
         log(f"SFT step {step} loss {metrics['sft/loss']:.3f} confident {metrics['sft/confident_token_frac']:.3f} "
             f"validation reward {check['reward']:.3f} parse errors {check['parse_error_rate']:.3f}")
+        if on_check is not None:
+            on_check(curve)
         if check["reward"] >= args.sft_target or out_of_time:
             break
     return curve
 
 
-def seed_run(job: tuple) -> dict:
-    """One seed's warm start + GRPO run, or its error (a failed seed must not cost the others)."""
-    folder, seed, args = job
+def run_job(job: tuple) -> dict:
+    """A process's share: the shared warm start, or one seed's run; or its error (a failed seed must
+    not cost the others)."""
+    kind, folder, seed, args, start = job
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     torch.set_num_threads(2)  # seeds share the host's cores with each other (and other RL processes)
     try:
-        return asyncio.run(_seed_run(Path(folder), seed, args))
+        work = _shared_warm_start(Path(folder), args) if kind == "warm_start" else _seed_run(Path(folder), seed, args, start)
+        return asyncio.run(work)
     except Exception:
         return {"seed": seed, "steps": [], "error": traceback.format_exc(limit=4)}
 
 
-async def _seed_run(folder: Path, seed: int, args) -> dict:
+def _load(folder: Path, seed: int, args):
+    """The fp32 trainer (R3, MTP-SFT) and the bf16 embedded engine on the pretrained checkpoint."""
     import r3_trained
 
     from miles_envs.agents.embedded import EmbeddedEngine
     from miles_envs.trainer import Trainer, TrainerConfig
-    from miles_envs.pipeline.demonstrations import collect_demonstrations
-    from miles_envs.pipeline.records import rollout_metrics
 
     torch.manual_seed(seed)
     config = TrainerConfig(algo="grpo", lr=args.tool_lr, r3=True, mtp_sft=True, mtp_lr=args.mtp_lr, device=args.device,
@@ -186,48 +199,101 @@ async def _seed_run(folder: Path, seed: int, args) -> dict:
     trainer = Trainer.from_pretrained(str(folder), config, experts_implementation="eager")
     engine = EmbeddedEngine.from_path(folder, device=args.device, dtype=torch.bfloat16, draft_tokens=args.draft_tokens,
                                       max_running=2 * args.tool_tasks * args.tool_group)
-    renderer = r3_trained.renderer_for(engine)
+    return trainer, engine, r3_trained.renderer_for(engine)
+
+
+def _logger(name: str):
     started = time.perf_counter()
-    log = lambda text: print(f"toolrl seed {seed}: {text} ({time.perf_counter() - started:.0f}s)", flush=True)  # noqa: E731
+    return lambda text: print(f"toolrl {name}: {text} ({time.perf_counter() - started:.0f}s)", flush=True)
+
+
+async def warm_start_phase(trainer, engine, renderer, args, seed: int, log, record: dict, save_partial) -> None:
+    """Eval of the pretrained model, demonstrations, SFT with its checks, eval of the RL start: into ``record``."""
+    from miles_envs.pipeline.demonstrations import collect_demonstrations
+
+    record["eval"]["pretrained"] = await evaluate(engine, renderer, args)
+    log(f"eval pretrained {record['eval']['pretrained']['reward']:.3f}")
+    demos = []
+    for env_id in ENVS:
+        demos += await collect_demonstrations(DEMONSTRATED[env_id], renderer,
+                                              [seed * 100_000 + i for i in range(args.demos)], max_context=4096)
+    record["demonstrations"] = len(demos)
+    record["sft"] = await supervised_warm_start(trainer, engine, renderer, demos, args, seed, log,
+                                                on_check=lambda curve: save_partial(record | {"sft": curve}))
+    eval_started = time.perf_counter()
+    record["eval"]["after_sft"] = await evaluate(engine, renderer, args)
+    record["eval_s"] = round(time.perf_counter() - eval_started, 1)
+    log(f"eval after SFT {record['eval']['after_sft']['reward']:.3f} "
+        f"parse errors {record['eval']['after_sft']['parse_error_rate']:.3f} ({record['eval_s']:.0f}s)")
+    save_partial(record)
+
+
+def partial_writer(args, name: str):
+    """``save(record)``: rewrite ``--partial-dir``/``name``.json, what a killed run still leaves behind."""
+    return lambda record: write(Path(args.partial_dir) / f"{name}.json", record) if args.partial_dir else None
+
+
+async def _shared_warm_start(folder: Path, args) -> dict:
+    """One warm start for every seed (one process on the card, so it runs faster than one per
+    seed, and all seeds' RL starts from the same checkpoint): its record and checkpoint folder."""
+    from miles_envs.trainer.checkpoint import save_checkpoint
+
+    trainer, engine, renderer = _load(folder, 0, args)
+    started, record = time.perf_counter(), {"seed": "warm_start", "sft": [], "eval": {}}
     try:
-        evals = {"pretrained": await evaluate(engine, renderer, args)}
-        log(f"eval pretrained {evals['pretrained']['reward']:.3f}")
-        demos = []
-        for env_id in ENVS:
-            demos += await collect_demonstrations(DEMONSTRATED[env_id], renderer,
-                                                  [seed * 100_000 + i for i in range(args.demos)], max_context=4096)
-        sft = await supervised_warm_start(trainer, engine, renderer, demos, args, seed, log)
-        eval_started = time.perf_counter()
-        evals["after_sft"] = await evaluate(engine, renderer, args)
-        eval_s = time.perf_counter() - eval_started
-        log(f"eval after SFT {evals['after_sft']['reward']:.3f} parse errors {evals['after_sft']['parse_error_rate']:.3f}")
-        history, rl_started, step_s = [], time.perf_counter(), 0.0
+        await warm_start_phase(trainer, engine, renderer, args, 0, _logger("warm start"), record,
+                               partial_writer(args, "toolrl_warm_start"))
+    finally:
+        await engine.close()
+    record["checkpoint"] = str(save_checkpoint(trainer, Path(args.work_dir) / "warm_start"))
+    return record | {"wall_s": round(time.perf_counter() - started, 1)}
+
+
+async def _seed_run(folder: Path, seed: int, args, start: dict | None) -> dict:
+    """One seed: its own warm start (or ``start``'s checkpoint and record), GRPO until the deadline, the final eval."""
+    from miles_envs.pipeline.records import rollout_metrics
+    from miles_envs.trainer.checkpoint import load_checkpoint
+
+    trainer, engine, renderer = _load(folder, seed, args)
+    started, log, save_partial = time.perf_counter(), _logger(f"seed {seed}"), partial_writer(args, f"toolrl_seed{seed}")
+    history: list[dict] = []
+    record = {"seed": seed, "sft": [], "eval": {}, "steps": history}
+    try:
+        if start is None:
+            await warm_start_phase(trainer, engine, renderer, args, seed, log, record, save_partial)
+        else:
+            load_checkpoint(trainer, start["checkpoint"])
+            torch.manual_seed(seed)  # the checkpoint restored the warm start's generator
+            await engine.update_weights(trainer.state_dict(), version="sft")
+            record.update(copy.deepcopy({k: start[k] for k in ("demonstrations", "sft", "eval", "eval_s")}))
+            log(f"RL from the shared warm start (held-out reward {record['eval']['after_sft']['reward']:.3f})")
+        step_s = 0.0
         for step in range(args.tool_steps):
             now = time.perf_counter()
-            if now - rl_started > args.tool_time_limit or now - started + step_s + 1.5 * eval_s > args.tool_budget_s:
+            if now - started > args.tool_time_limit or time.time() + step_s + 2.5 * record["eval_s"] > args.deadline:
                 break
             batches = await asyncio.gather(*[play(engine, renderer, env_id, args.tool_tasks, args.tool_group,
-                                                  (seed * 1000 + step) * 100 + 10 * i, 1.0, args.tool_max_new_tokens)
+                                                  RL_SEED + (seed * 1000 + step) * 100 + 10 * i, 1.0, args.tool_max_new_tokens)
                                              for i, env_id in enumerate(ENVS)])
             trajectories = [t for batch in batches for t in batch]
+            rollout_s = time.perf_counter() - now
             metrics = trainer.train_step(trajectories)
             await engine.update_weights(trainer.state_dict(), version=trainer.weight_version)
             row = {"step": step, **episode_stats(trajectories),
                    "per_env": {env_id: episode_stats(batch) for env_id, batch in zip(ENVS, batches)},
                    "accept_rate": rollout_metrics(trajectories).get("rollout/spec_accept_rate", 0.0),
-                   **{k: metrics[k] for k in ("mtp/accuracy", "mismatch/k3_kl", "entropy", "grad_norm") if k in metrics}}
+                   **{k: metrics[k] for k in ("mtp/accuracy", "mismatch/k3_kl", "entropy", "grad_norm") if k in metrics},
+                   "rollout_s": round(rollout_s, 1), "step_s": round(time.perf_counter() - now, 1)}
             history.append(row)
-            if args.partial_dir:  # what a killed run still leaves behind
-                write(Path(args.partial_dir) / f"toolrl_seed{seed}.json", {"seed": seed, "eval": evals, "steps": history})
-            step_s = time.perf_counter() - now
+            save_partial(record)
+            step_s = row["step_s"]
             log(f"step {step} reward {row['reward']:.3f} parse errors {row['parse_error_rate']:.3f} "
-                f"turns {row['turns_per_episode']:.2f} accept {row['accept_rate']:.3f}")
-        evals["after_rl"] = await evaluate(engine, renderer, args)
-        log(f"eval after RL {evals['after_rl']['reward']:.3f}")
+                f"turns {row['turns_per_episode']:.2f} accept {row['accept_rate']:.3f} rollout {rollout_s:.0f}s of {step_s:.0f}s")
+        record["eval"]["after_rl"] = await evaluate(engine, renderer, args)
+        log(f"eval after RL {record['eval']['after_rl']['reward']:.3f}")
     finally:
         await engine.close()
-    return {"seed": seed, "demonstrations": len(demos), "sft": sft, "eval": evals, "steps": history,
-            "wall_s": round(time.perf_counter() - started, 1)}
+    return record | {"wall_s": round(time.perf_counter() - started, 1)}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -244,13 +310,23 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
+def run_jobs(jobs: list[tuple], parallel: bool) -> list[dict]:
+    """Each job in a process of its own (all at once; the CUDA memory goes back as each ends), or here in turn."""
+    if not parallel:
+        return [run_job(job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        return pool.map(run_job, jobs)
+
+
 def toolrl_report(folder: Path, args) -> dict:
-    jobs = [(str(folder), seed, args) for seed in range(args.tool_seeds)]
-    if args.parallel and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-            runs = pool.map(seed_run, jobs)
-    else:
-        runs = [seed_run(job) for job in jobs]
+    args.deadline = time.time() + args.tool_budget_s
+    warm_start = None
+    with tempfile.TemporaryDirectory(prefix="toolrl-") as work:
+        args.work_dir = work
+        if args.shared_warm_start:
+            warm_start, = run_jobs([("warm_start", str(folder), 0, args, None)], args.parallel)
+        jobs = [("seed", str(folder), seed, args, warm_start) for seed in range(args.tool_seeds)]
+        runs = [] if warm_start and "error" in warm_start else run_jobs(jobs, args.parallel and len(jobs) > 1)
     return {
         "machine": machine(),
         "command": " ".join(["python", *sys.argv]),
@@ -259,9 +335,12 @@ def toolrl_report(folder: Path, args) -> dict:
         "settings": {k: getattr(args, k) for k in ("tool_seeds", "tool_steps", "tool_tasks", "tool_group", "tool_lr", "mtp_lr",
                                                    "draft_tokens", "demos", "sft_steps", "sft_batch", "sft_lr", "sft_target",
                                                    "sft_check_every", "sft_val_tasks", "sft_time_limit", "eval_tasks",
-                                                   "tool_max_new_tokens", "tool_time_limit", "tool_budget_s")},
-        "setup": "SFT warm start on scripted-solver demonstrations (stopped at --sft-target validation reward), then GRPO (R3, online MTP-SFT, MTP speculative "
-                 "rollouts); eval: greedy, held-out env seeds",
+                                                   "tool_max_new_tokens", "tool_row_tokens", "tool_time_limit", "tool_budget_s",
+                                                   "shared_warm_start")},
+        "turn_caps": TURN_CAPS,
+        "setup": "SFT warm start on scripted-solver demonstrations (stopped at --sft-target validation reward; shared by the seeds unless "
+                 "--no-shared-warm-start), then GRPO (R3, online MTP-SFT, MTP speculative rollouts); eval: greedy, held-out env seeds",
+        "warm_start": warm_start,
         "runs": runs,
         "summary": summarize(runs),
     }
@@ -276,11 +355,14 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 5, figsize=(22, 4))
-    for run in report["runs"]:
-        label = f"seed {run['seed']}"
+    shared = report.get("warm_start")
+    for run in [shared] if shared else report["runs"]:
+        label = "shared" if run is shared else f"seed {run['seed']}"
         checks = run.get("sft") or []
         axes[0].plot([c["step"] for c in checks], [c["val_reward"] for c in checks], marker="o", label=f"{label} reward")
         axes[0].plot([c["step"] for c in checks], [c["val_parse_error_rate"] for c in checks], ls="--", label=f"{label} parse errors")
+    for run in report["runs"]:
+        label = f"seed {run['seed']}"
         steps = [row["step"] for row in run["steps"]]
         for axis, key in zip(axes[1:4], ("reward", "parse_error_rate", "turns_per_episode")):
             axis.plot(steps, [row[key] for row in run["steps"]], marker=".", label=label)
@@ -306,21 +388,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-steps", type=int, default=40)
     parser.add_argument("--tool-tasks", type=int, default=8, help="tasks per env per step")
     parser.add_argument("--tool-group", type=int, default=4)
-    parser.add_argument("--tool-lr", type=float, default=1e-4)
-    parser.add_argument("--tool-row-tokens", type=int, default=2048)
-    parser.add_argument("--tool-max-new-tokens", type=int, default=96, help="per turn")
+    parser.add_argument("--tool-lr", type=float, default=2e-4)
+    parser.add_argument("--tool-row-tokens", type=int, default=8192,
+                        help="tokens per packed trainer row: the fp32 trainer loops over experts once per row, so few long rows")
+    parser.add_argument("--tool-max-new-tokens", type=int, default=48, help="per turn (the longest demonstrated turn is 39 tokens)")
     parser.add_argument("--tool-time-limit", type=float, default=math.inf, help="seconds of RL per seed at most (with trained_moe.py --budget-s: fitted to the budget)")
-    parser.add_argument("--demos", type=int, default=64, help="demonstration episodes per env")
-    parser.add_argument("--sft-steps", type=int, default=120, help="SFT steps at most")
-    parser.add_argument("--sft-batch", type=int, default=16)
-    parser.add_argument("--sft-lr", type=float, default=5e-4)
+    parser.add_argument("--demos", type=int, default=1024, help="demonstration episodes per env")
+    parser.add_argument("--sft-steps", type=int, default=200, help="SFT steps at most")
+    parser.add_argument("--sft-batch", type=int, default=32)
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
     parser.add_argument("--sft-target", type=float, default=0.3, help="stop SFT once the validation reward reaches this")
-    parser.add_argument("--sft-check-every", type=int, default=10, help="SFT steps between validation checks")
-    parser.add_argument("--sft-val-tasks", type=int, default=12, help="validation episodes per env per check")
+    parser.add_argument("--sft-check-every", type=int, default=20, help="SFT steps between validation checks")
+    parser.add_argument("--sft-val-tasks", type=int, default=8, help="validation episodes per env per check")
     parser.add_argument("--sft-time-limit", type=float, default=math.inf, help="seconds of SFT at most")
+    parser.add_argument("--shared-warm-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="one warm start (seed 0's demonstrations), every seed's GRPO from its checkpoint; "
+                             "--no-shared-warm-start: a warm start per seed")
     parser.add_argument("--tool-budget-s", type=float, default=math.inf,
-                        help="seconds per seed: RL stops when one more step and the final eval would not fit")
-    parser.add_argument("--eval-tasks", type=int, default=32, help="held-out greedy episodes per env")
+                        help="seconds for the whole run (warm start included): RL stops when one more step and the final eval would not fit")
+    parser.add_argument("--eval-tasks", type=int, default=24, help="held-out greedy episodes per env")
 
 
 def main() -> None:

@@ -56,6 +56,8 @@ def common_arguments(description: str, eval_temperature: float) -> argparse.Argu
     parser.add_argument("--size", default="tiny", help="model size (tiny, small, medium)")
     parser.add_argument("--device", default="cpu", help="where the model runs and trains (cpu, cuda)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--entropy-coef", type=at_least(0, float), default=0.0,
+                        help="entropy bonus in the RL loss (keeps a sampled policy from collapsing onto one line of play)")
     parser.add_argument("--minibatches", type=at_least(1), default=1, help="optimizer steps per rollout batch (PPO-style clipping past the first)")
     parser.add_argument("--concurrency", type=at_least(1), default=64, help="episodes in flight, and requests the engine decodes together")
     parser.add_argument("--warmup-games", type=at_least(1), default=128, help="scripted demonstration episodes for the warm start")
@@ -135,7 +137,7 @@ def embedded_learner(args: argparse.Namespace) -> Learner:
 
     path = init_model(args.out / "model", arch=args.arch, size=args.size, tokenizer="qwen3", seed=args.seed)
     engine = EmbeddedEngine.from_path(path, device=args.device, weight_version="step-0", max_running=args.concurrency)
-    config = TrainerConfig(lr=args.lr, minibatches=args.minibatches, device=args.device, seed=args.seed)
+    config = TrainerConfig(lr=args.lr, minibatches=args.minibatches, entropy_coef=args.entropy_coef, device=args.device, seed=args.seed)
     trainer = Trainer.from_pretrained(str(path), config)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
     policy = AgentPolicy(engine, sampling, name="learner")

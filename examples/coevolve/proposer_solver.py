@@ -2,7 +2,8 @@
 
 One policy plays both roles: as the proposer it writes a problem, as each of ``--solvers`` solvers
 it answers it without seeing the other answers. The proposer is paid for problems about half of the
-solvers get right (neither trivial nor impossible), the solvers for right answers. Solver
+solvers get right (neither trivial nor impossible), the solvers for right answers; with
+``--difficulty-weighted``, that pay is scaled by the problem's share of ``--max-operators``. Solver
 trajectories of one problem form a GRPO group (same prompt); proposer trajectories share a
 per-role baseline over the batch.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import random
+import statistics
 from collections import defaultdict
 from dataclasses import replace
 from statistics import mean
@@ -33,7 +35,6 @@ from harness import (
 )
 
 from miles_envs.chat import ChatRenderer
-from miles_envs.engine import SamplingParams
 from miles_envs.envs.proposer_solver import ProposerSolverEnv, count_operators, evaluate, random_problem
 from miles_envs.multi_loop import AgentPolicy, MultiLoopConfig, rollout_multi
 from miles_envs.multiagent import group_by_role
@@ -138,6 +139,8 @@ async def main() -> None:
     parser = common_arguments(__doc__.split("\n\n")[0], eval_temperature=0.0)
     parser.add_argument("--solvers", type=at_least(1), default=4)
     parser.add_argument("--max-operators", type=at_least(1), default=4)
+    parser.add_argument("--difficulty-weighted", action="store_true",
+                        help="pay the proposer learnability x operators / max operators (harder problems pay more)")
     args = parser.parse_args()
     if use_embedded(args):
         learner = embedded_learner(args)
@@ -158,7 +161,7 @@ async def main() -> None:
         console.print(f"[bold]eval[/] iteration={iteration} {phase}  held-out solver accuracy {row['accuracy']:.3f} "
                       f"{row['accuracy_ci95']}  by operators {row['by_operators']}")
         # rewritten at every evaluation, so a run cut short keeps its curves
-        payload = {"config": config, "summary": summary(evals), "evals": evals, "warm_start": warm_start, "iterations": log.rows}
+        payload = {"config": config, "summary": summary(evals, log.rows), "evals": evals, "warm_start": warm_start, "iterations": log.rows}
         write_curves(args.results, f"proposer_solver_seed{args.seed}", payload, plot)
 
     if learner.trainer is not None and args.warmup_steps:
@@ -170,7 +173,8 @@ async def main() -> None:
     await eval_point(0, "start")
 
     seating = {"proposer": learner.policy, **{f"solver_{i}": learner.policy for i in range(args.solvers)}}
-    env = lambda: ProposerSolverEnv(num_solvers=args.solvers, max_operators=args.max_operators)  # noqa: E731
+    env = lambda: ProposerSolverEnv(num_solvers=args.solvers, max_operators=args.max_operators,  # noqa: E731
+                                    difficulty_weighted=args.difficulty_weighted)
     for iteration in range(args.iterations):
         episodes = await play(env, seating, learner.renderer, args.games, seed=args.seed + iteration * args.games,
                               sampling_seed=(args.seed + iteration) * 10_000, concurrency=args.concurrency)
@@ -197,12 +201,13 @@ async def main() -> None:
         if (iteration + 1) % args.eval_every == 0:
             await eval_point(iteration + 1, "co_evolution")
     log.close()
-    console.print(f"held-out solver accuracy from the warm start to the end: {summary(evals)}")
+    console.print(f"held-out solver accuracy from the warm start to the end: {summary(evals, log.rows)}")
     await learner.policy.engine.close()
 
 
-def summary(evals: list[dict]) -> dict:
-    """Held-out solver accuracy at the start of co-evolution (after any warm start) and now."""
+def summary(evals: list[dict], rows: list[dict]) -> dict:
+    """Held-out solver accuracy at the start of co-evolution (after any warm start) and now, and how
+    the proposer's difficulty followed the solvers' success (``tracking``)."""
     started = [e for e in evals if e["phase"] != "init"]
     if not started:
         return {}
@@ -210,7 +215,24 @@ def summary(evals: list[dict]) -> dict:
     return {"held_out_start": start["accuracy"], "held_out_start_ci95": start["accuracy_ci95"],
             "held_out_end": end["accuracy"], "held_out_end_ci95": end["accuracy_ci95"], "end_phase": end["phase"],
             "problems": [start["problems"], end["problems"]],
-            "lift_points": round(100 * (end["accuracy"] - start["accuracy"]), 1)}
+            "lift_points": round(100 * (end["accuracy"] - start["accuracy"]), 1), "tracking": tracking(rows)}
+
+
+def tracking(rows: list[dict], window: int = 5) -> dict:
+    """Operators per problem and solver success over the first and the last ``window`` iterations,
+    and the Pearson correlation of the two over all iterations (None below 3 points or without spread)."""
+    points = [(r["operators"], r["solver_success"]) for r in rows if r["operators"] is not None and r["solver_success"] is not None]
+    if not points:
+        return {}
+    operators, success = zip(*points)
+    try:
+        correlation = round(statistics.correlation(operators, success), 3) if len(points) >= 3 else None
+    except statistics.StatisticsError:  # one of the two never moved
+        correlation = None
+    first, last = points[:window], points[-window:]
+    return {"operators": [round(mean(o for o, _ in first), 3), round(mean(o for o, _ in last), 3)],
+            "solver_success": [round(mean(s for _, s in first), 3), round(mean(s for _, s in last), 3)],
+            "correlation": correlation, "iterations": len(points)}
 
 
 def plot(figure, payload: dict) -> None:
@@ -218,13 +240,13 @@ def plot(figure, payload: dict) -> None:
     rows = payload["iterations"]
     xs = [r["iteration"] + 1 for r in rows]
     left.plot(xs, [r["operators"] for r in rows], color="tab:red", label="proposer: operators per problem")
-    left.set(title="difficulty tracks success", xlabel="iteration", ylabel="operators per valid problem")
+    left.set(title="proposer's difficulty and solvers' success", xlabel="iteration", ylabel="operators per valid problem")
     twin = left.twinx()
     twin.plot(xs, [r["solver_success"] for r in rows], color="tab:blue", label="solver success on proposed problems")
     twin.plot(xs, [r["valid_rate"] for r in rows], color="tab:gray", linestyle=":", label="valid-problem rate")
     twin.set(ylim=(0, 1), ylabel="rate")
-    left.legend(loc="upper left", fontsize=7)
-    twin.legend(loc="upper right", fontsize=7)
+    left.legend(loc="lower left", fontsize=7)
+    twin.legend(loc="lower right", fontsize=7)
     points = [e for e in payload["evals"] if e["phase"] != "init"]
     ex = [e["iteration"] for e in points]
     middle.plot(ex, [e["accuracy"] for e in points], marker="o", label="held-out (greedy)")

@@ -4,7 +4,9 @@ A random-init model first learns the format from demonstrations: games between t
 players, tokenised by the same loop and chat template RL uses, so it makes legal moves but plays
 no better than chance. Then each iteration the learner plays ``--games`` games, alternating X and
 O, each against a snapshot drawn from the pool (with ``--pool-hardness`` > 0, the snapshots it
-still loses to are drawn more often); its trajectories get per-role group ids (a per-seat
+still loses to are drawn more often) or, for a ``--random-share`` of the games, against the
+random-legal player (a fixed league member, so the learner cannot drift into lines only its own
+past versions fall for); its trajectories get per-role group ids (a per-seat
 baseline, so X's first-move edge is not credited to its moves) and go to the trainer (pool seats
 are not trainable); after each iteration the current weights join the pool. Every
 ``--eval-every`` iterations the learner plays fixed reference opponents on fixed seeds, half the
@@ -106,9 +108,13 @@ async def main() -> None:
     parser = common_arguments(__doc__.split("\n\n")[0], eval_temperature=1.0)
     parser.add_argument("--pool-size", type=at_least(1), default=4)
     parser.add_argument("--greedy-too", action="store_true", help="also evaluate the greedy learner at the start and the end")
+    parser.add_argument("--random-share", type=at_least(0, float), default=0.0,
+                        help="share of training games against the random-legal player instead of a snapshot (a fixed member of the league)")
     parser.add_argument("--pool-hardness", type=at_least(0, float), default=0.0,
                         help="draw snapshots with weight (1 - learner's recent score)**p; 0: uniform")
     args = parser.parse_args()
+    if args.random_share > 1:
+        parser.error(f"argument --random-share: {args.random_share}: must be <= 1 (a share of the games)")
     if use_embedded(args):
         learner = embedded_learner(args)
     else:
@@ -118,7 +124,7 @@ async def main() -> None:
     config = {**{k: str(v) for k, v in vars(args).items()}, "trained": learner.trainer is not None}
     log = RunLog(
         args.out, "tic-tac-toe self-play",
-        ["iteration", "version", "pool", "win_rate", "win_rate_x", "win_rate_o", "illegal_rate", "train/loss"], config,
+        ["iteration", "version", "pool", "win_rate", "win_rate_x", "win_rate_o", "win_rate_random", "illegal_rate", "train/entropy"], config,
     )
     evals: list[dict] = []
     warm_start: list[dict] = []
@@ -162,15 +168,19 @@ async def main() -> None:
     for iteration in range(args.iterations):
         rng = random.Random(args.seed * 1_000_003 + iteration)
         seats = ["x" if g % 2 == 0 else "o" for g in range(args.games)]
-        opponents = [pool.sample(rng, hardness=args.pool_hardness) for _ in range(args.games)]
+        opponents = [("random", references["random"]) if rng.random() < args.random_share else pool.sample(rng, hardness=args.pool_hardness)
+                     for _ in range(args.games)]
         seatings = [{seat: learner.policy, other(seat): opponent} for seat, (_, opponent) in zip(seats, opponents)]
         episodes = await play(learner.renderer, seatings, seed=args.seed + iteration * args.games,
                               sampling_seed=(args.seed + iteration) * 10_000, concurrency=args.concurrency)
         results: dict[str, list[float]] = {"x": [], "o": []}
-        illegal = []
+        illegal, anchor = [], []
         for episode, seat, (version, _) in zip(episodes, seats, opponents):
             results[seat].append(score(episode.returns[seat]))
-            pool.record(version, results[seat][-1])
+            if version == "random":
+                anchor.append(results[seat][-1])
+            else:
+                pool.record(version, results[seat][-1])
             mine = episode.trajectories.get(seat)
             if mine is not None:  # the learner moved at all (an opponent's first-move forfeit ends the game)
                 illegal.append(mine.reward_components.get("illegal", 0.0) / mine.num_turns)
@@ -184,6 +194,7 @@ async def main() -> None:
             "win_rate": mean(results["x"] + results["o"]),
             "win_rate_x": mean(results["x"]) if results["x"] else None,
             "win_rate_o": mean(results["o"]) if results["o"] else None,
+            "win_rate_random": mean(anchor) if anchor else None,
             "illegal_rate": mean(illegal) if illegal else None,
             "episodes": len(episodes),
             "trajectories": sum(len(e.trajectories) for e in episodes),
@@ -245,6 +256,8 @@ def plot(figure, payload: dict) -> None:
     left.legend()
     rows = payload["iterations"]
     middle.plot([r["iteration"] + 1 for r in rows], [r["win_rate"] for r in rows], label="score vs pool")
+    if any(r.get("win_rate_random") is not None for r in rows):
+        middle.plot([r["iteration"] + 1 for r in rows], [r.get("win_rate_random") for r in rows], label="score vs random (training)")
     middle.plot([r["iteration"] + 1 for r in rows], [r["illegal_rate"] or 0.0 for r in rows], label="illegal-move rate")
     middle.set(title="self-play", xlabel="self-play iteration", ylim=(0, 1))
     middle.legend()

@@ -5,8 +5,8 @@ Rust calls (argument normalisation, ``BatchEncoding``, batch-of-one encoding) co
 the work itself. ``TokenizerCalls`` calls the backend directly, but only after checking on probe
 texts (special tokens, tool markup, whitespace runs, non-ASCII) that it gives exactly what the
 transformers calls give; any difference, or a tokenizer without a Rust backend, keeps the
-transformers calls. Plain ASCII text goes through ``PieceEncoder`` (per-word reuse, same ids) where
-the tokenizer's layout allows it.
+transformers calls. Plain ASCII text goes through ``PieceEncoder`` (per-word reuse, same ids) and
+replies decode through ``ByteDecoder`` (tokens' bytes joined) where the tokenizer's layout allows it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from miles_envs.chat.byte_decoder import ByteDecoder
 from miles_envs.chat.pieces import PieceEncoder
 
 _PROBES = (
@@ -31,6 +32,7 @@ class TokenizerCalls:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend = backend if backend is not None and self._same_as_transformers(backend) else None
         self.pieces = PieceEncoder.for_backend(self.backend) if self.backend is not None else None
+        self.bytes = ByteDecoder.for_backend(self.backend) if self.backend is not None else None
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without added special tokens (the chat template writes its own)."""
@@ -42,6 +44,8 @@ class TokenizerCalls:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens kept, no clean-up of spaces."""
+        if self.bytes is not None and (text := self.bytes.decode(ids)) is not None:
+            return text
         if self.backend is not None:
             return self.backend.decode(list(ids), skip_special_tokens=False)
         return self.reference_decode(ids)

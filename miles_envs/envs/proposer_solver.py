@@ -6,6 +6,10 @@ The ``proposer`` writes ``PROBLEM: <expression>`` (integers, ``+ - *``, parenthe
 answers with an integer. Solver reward: 1 when right, else 0. Proposer reward, the learnability
 signal: ``1 - |2·solve_rate - 1|`` — 0 for problems every solver gets (trivial) or none gets
 (impossible), 1 when half do; an invalid problem costs ``invalid_penalty`` and ends the episode.
+With ``difficulty_weighted=True`` that signal is scaled by ``operators / max_operators``: between
+problems the solvers find equally learnable the harder pays more, so the proposer moves to harder
+problems as soon as the solvers start getting them right, instead of only once they solve more
+than half of the easy ones.
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ def extract_problem(text: str) -> str:
 class ProposerSolverEnv(TurnBasedEnv):
     max_turns = 5
 
-    def __init__(self, num_solvers: int = 4, max_operators: int = 4, invalid_penalty: float = -1.0) -> None:
+    def __init__(self, num_solvers: int = 4, max_operators: int = 4, invalid_penalty: float = -1.0,
+                 difficulty_weighted: bool = False) -> None:
         if num_solvers < 1:
             raise ValueError(f"num_solvers={num_solvers}: at least one solver is needed to judge a problem")
         self.solvers = [f"solver_{i}" for i in range(num_solvers)]
@@ -98,6 +103,7 @@ class ProposerSolverEnv(TurnBasedEnv):
         self.agent_roles = {"proposer": "proposer", **{s: "solver" for s in self.solvers}}
         self.max_turns = 1 + num_solvers
         self.max_operators, self.invalid_penalty = max_operators, invalid_penalty
+        self.difficulty_weighted = difficulty_weighted
         self.problem: str | None = None
         self.answer: int | None = None
         self.correct: dict[str, bool] = {}
@@ -143,10 +149,12 @@ class ProposerSolverEnv(TurnBasedEnv):
     def _score(self) -> AgentStep:
         solve_rate = sum(self.correct.values()) / len(self.solvers)
         learnability = 1.0 - abs(2.0 * solve_rate - 1.0)
-        rewards = {"proposer": learnability, **{s: float(ok) for s, ok in self.correct.items()}}
+        difficulty = count_operators(self.problem) / self.max_operators
+        proposer = learnability * difficulty if self.difficulty_weighted else learnability
+        rewards = {"proposer": proposer, **{s: float(ok) for s, ok in self.correct.items()}}
         shared = {"valid": True, "problem": self.problem, "answer": self.answer, "solve_rate": solve_rate}
         infos = {a: dict(shared) for a in self.possible_agents}
-        infos["proposer"]["reward_components"] = {"valid": 1.0, "learnability": learnability}
+        infos["proposer"]["reward_components"] = {"valid": 1.0, "learnability": learnability, "difficulty": difficulty}
         for solver, ok in self.correct.items():
             infos[solver]["reward_components"] = {"correct": float(ok)}
         return AgentStep(rewards=rewards, terminated=True, infos=infos)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,16 @@ def load_questions(path: str | Path) -> list[Task]:
             extra = {key: value for key, value in row.items() if key not in ("id", "question", "answers")}
             tasks.append(Task(str(row.get("id", number)), row["question"], list(answers), extra))
     return tasks
+
+
+@functools.lru_cache(maxsize=4)
+def _questions(path: str, mtime_ns: int, size: int) -> tuple[Task, ...]:
+    """The questions file parsed once per version of it (an env is built per episode); each env gets copies."""
+    return tuple(load_questions(path))
+
+
+def _copy(task: Task) -> Task:
+    return Task(task.id, task.prompt, list(task.answer), dict(task.metadata))
 
 
 def make_retriever(
@@ -104,7 +115,9 @@ class SearchEnv(ToolEnv):
         **kwargs: Any,
     ) -> None:
         """``retriever`` (an object) or one of ``corpus`` / ``index_dir`` / ``retriever_url`` / ``web``."""
-        super().__init__(tasks=load_questions(questions or BUILTIN_QUESTIONS), **kwargs)
+        path = str(questions or BUILTIN_QUESTIONS)
+        stat = os.stat(path)
+        super().__init__(tasks=[_copy(task) for task in _questions(path, stat.st_mtime_ns, stat.st_size)], **kwargs)
         backend = dict(corpus=corpus, index_dir=index_dir, retriever_url=retriever_url, web=web)
         if retriever is not None and any(value is not None for value in backend.values()):
             raise ValueError("pass either retriever= or a backend option, not both")

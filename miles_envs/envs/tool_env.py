@@ -9,6 +9,7 @@ back (``on_parse_error="observe"``) or ends the episode with ``parse_error_penal
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import re
@@ -95,8 +96,7 @@ class ToolEnv(Env):
         self._rng: random.Random | None = None
 
     def _method_tools(self) -> list[Tool]:
-        names = {name for cls in type(self).__mro__ for name, value in vars(cls).items() if isinstance(value, Tool)}
-        return [getattr(self, name) for name in sorted(names)]
+        return [getattr(self, name) for name in _tool_names(type(self))]
 
     # -- what a subclass provides -------------------------------------------------------------
     def make_task(self, rng: random.Random, options: dict[str, Any]) -> Task:
@@ -153,3 +153,9 @@ class ToolEnv(Env):
         truncated = self.max_turns is not None and self.turns >= self.max_turns
         self.done = truncated
         return observation, 0.0, False, truncated, {}
+
+
+@functools.lru_cache(maxsize=None)
+def _tool_names(cls: type) -> tuple[str, ...]:
+    """Names of the ``@tool`` methods of ``cls`` and its bases, sorted (read once per class, not per episode)."""
+    return tuple(sorted({name for klass in cls.__mro__ for name, value in vars(klass).items() if isinstance(value, Tool)}))

@@ -80,10 +80,13 @@ def loads_json(raw: str) -> Any:
         raise ValueError("JSON nested too deeply") from exc
 
 
+_ARGUMENTS_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) without a new encoder per call
+
+
 def tool_call(name: str, arguments: Any, index: int, source: str) -> dict[str, Any]:
     """An OpenAI-format tool call; the id is derived from the turn's text so reruns reproduce it."""
     if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+        arguments = _ARGUMENTS_JSON(arguments)
     digest = hashlib.blake2b(f"{index}\0{source}".encode(errors="surrogatepass"), digest_size=6).hexdigest()
     return {"id": f"call_{digest}", "type": "function", "function": {"name": name, "arguments": arguments}}
 

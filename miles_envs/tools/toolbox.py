@@ -13,6 +13,7 @@ from typing import Any
 
 import pydantic_core
 
+from miles_envs.deadlines import DeadlineExceeded, within
 from miles_envs.env import Message
 from miles_envs.tools.tool import Tool, ToolArgumentError
 
@@ -62,7 +63,10 @@ class Toolbox:
 
     async def run(self, tool_calls: Iterable[Mapping[str, Any]]) -> list[Message]:
         """Execute OpenAI-format tool calls concurrently; one tool message per call, in call order."""
-        return list(await asyncio.gather(*(self.run_one(call) for call in tool_calls)))
+        calls = list(tool_calls)
+        if len(calls) == 1:  # nothing to overlap: no task for it
+            return [await self.run_one(calls[0])]
+        return list(await asyncio.gather(*map(self.run_one, calls)))
 
     async def run_one(self, call: Mapping[str, Any]) -> Message:
         function = call.get("function") or {}
@@ -80,13 +84,11 @@ class Toolbox:
         except ToolArgumentError as error:
             return f"Error: invalid arguments for {name}: {error}"
         timeout = selected.timeout if selected.timeout is not None else self.timeout
-        task = asyncio.ensure_future(selected.invoke(kwargs))
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
+        try:
+            result = await within(selected.invoke(kwargs), timeout)
+        except DeadlineExceeded:
             # A sync tool's worker thread cannot be stopped; its late result is discarded.
-            task.cancel()
             return f"Error: {name} timed out after {timeout:g} s."
-        error = task.exception()
-        if error is not None:
+        except Exception as error:
             return f"Error: {name} raised {type(error).__name__}: {error}"
-        return render_result(task.result())
+        return render_result(result)

@@ -50,6 +50,18 @@ def test_trivial_and_impossible_problems_earn_nothing(answers, proposer_reward):
     assert rewards["proposer"] == proposer_reward
 
 
+@pytest.mark.parametrize("problem, proposer_reward", [("12*3+4", 0.5), ("(12*3+4)*2-1", 1.0)])
+def test_difficulty_weighted_reward_pays_harder_problems_more(problem, proposer_reward):
+    env = ProposerSolverEnv(num_solvers=2, max_operators=4, difficulty_weighted=True)
+    env.reset(seed=0)
+    env.step(assistant(f"PROBLEM: {problem}"))
+    right = str(evaluate(problem, max_operators=4))
+    for answer in (right, "-1"):  # half the solvers right: learnability 1
+        _, rewards, _, _, infos = env.step(assistant(answer))
+    assert rewards["proposer"] == proposer_reward
+    assert infos["proposer"]["reward_components"] == {"valid": 1.0, "learnability": 1.0, "difficulty": proposer_reward}
+
+
 def test_invalid_problem_is_penalised_and_ends_the_episode():
     env = ProposerSolverEnv(num_solvers=2, invalid_penalty=-0.5)
     env.reset(seed=0)

@@ -61,6 +61,23 @@ def test_selfplay_scripted_is_rollout_only(tmp_path):
     assert start["one_ply"]["win_draw"] < start["random"]["win_draw"]
 
 
+def test_selfplay_random_share_trains_against_the_random_player_not_the_pool(tmp_path):
+    _, metrics, _, trajectories = run(
+        "selfplay_tictactoe.py", tmp_path, "--engine", "scripted", "--games", "4", "--eval-games", "2", "--random-share", "1",
+    )
+    opponents = {t.metadata["policy"] for t in trajectories} - {"learner"}
+    assert opponents == {"random"}
+    rows = metrics["iterations"]
+    assert all(r["win_rate_random"] == r["win_rate"] and r["pool_win_rates"] == {} for r in rows)
+
+
+def test_selfplay_random_share_above_one_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "selfplay_tictactoe.py"), "--random-share", "1.5", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "argument --random-share: 1.5: must be <= 1" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_proposer_solver_scripted_scores_split_problems(tmp_path):
     _, metrics, curves, trajectories = run(
         "proposer_solver.py", tmp_path, "--engine", "scripted", "--games", "6", "--eval-games", "12"
@@ -73,6 +90,9 @@ def test_proposer_solver_scripted_scores_split_problems(tmp_path):
     held_out = curves["evals"][-1]
     assert held_out["problems"] == 12 and set(held_out["by_operators"]) <= {"1", "2", "3", "4"}
     assert curves["summary"]["held_out_start"] == curves["evals"][0]["accuracy"]
+    tracking = curves["summary"]["tracking"]
+    assert tracking["iterations"] == 2 and tracking["correlation"] is None  # two points: no correlation claimed
+    assert tracking["operators"] == [round(sum(r["operators"] for r in rows) / 2, 3)] * 2
 
 
 @needs_embedded
@@ -118,3 +138,31 @@ def test_out_of_range_options_are_refused_before_any_work(tmp_path, script, flag
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and f"argument {flag}: {value}: must be >=" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_proposer_solver_difficulty_weighted_pays_by_operators(tmp_path):
+    _, metrics, _, trajectories = run(
+        "proposer_solver.py", tmp_path, "--engine", "scripted", "--games", "6", "--eval-games", "4", "--difficulty-weighted",
+        "--max-operators", "3",
+    )
+    assert metrics["config"]["difficulty_weighted"] == "True"
+    proposers = [t for t in trajectories if t.metadata["role"] == "proposer"]
+    assert len(proposers) == 12
+    for t in proposers:
+        parts = t.reward_components
+        assert t.reward == pytest.approx(parts["learnability"] * parts["difficulty"])
+        assert parts["difficulty"] in (1 / 3, 2 / 3, 1.0)
+
+
+def test_proposer_tracking_correlates_difficulty_with_success():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from proposer_solver import tracking
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    rows = [{"operators": 1.0 + i / 10, "solver_success": 0.2 + i / 20} for i in range(8)]
+    rows.insert(3, {"operators": None, "solver_success": None})  # an iteration without a valid problem
+    result = tracking(rows, window=2)
+    assert result == {"operators": [1.05, 1.65], "solver_success": [0.225, 0.525], "correlation": 1.0, "iterations": 8}
+    flat = [{"operators": 1.0, "solver_success": s} for s in (0.1, 0.3, 0.5)]
+    assert tracking(flat)["correlation"] is None

@@ -115,7 +115,7 @@ def test_proposer_and_solvers_each_get_a_trajectory_grouped_by_role(tokenizer, r
         # each solver sees the problem and its own answer only, never another solver's
         expected = template_ids([solver_system, question, {"role": "assistant", "content": reply}])
         assert episode.trajectories[f"solver_{i}"].tokens == expected
-    assert episode.trajectories["proposer"].reward_components == {"valid": 1.0, "learnability": 1.0}
+    assert episode.trajectories["proposer"].reward_components == {"valid": 1.0, "learnability": 1.0, "difficulty": 0.5}
 
 
 def test_an_agent_that_never_moves_gets_no_trajectory(tokenizer, renderer):

@@ -77,6 +77,29 @@ async def test_timeouts_come_back_as_messages_and_per_tool_timeouts_win():
     assert message["content"] == "Error: hang timed out after 0.05 s."
 
 
+async def test_a_sync_tool_past_its_timeout_times_out_and_its_own_timeout_error_is_not_relabelled():
+    release = threading.Event()
+
+    @tool(timeout=0.05)
+    def block() -> str:
+        """Blocks its worker thread until released."""
+        release.wait(30)
+        return "late"
+
+    @tool
+    async def gives_up() -> str:
+        """Raises TimeoutError itself, well within the toolbox's timeout."""
+        raise TimeoutError("upstream did not answer")
+
+    try:
+        [late] = await Toolbox([block]).run([call("s", "block", {})])
+    finally:
+        release.set()
+    [own] = await Toolbox([gives_up], timeout=60).run([call("g", "gives_up", {})])
+    assert late["content"] == "Error: block timed out after 0.05 s."
+    assert own["content"] == "Error: gives_up raised TimeoutError: upstream did not answer"
+
+
 async def test_output_is_truncated_at_the_limit():
     @tool
     def dump(n: int) -> str:

@@ -44,6 +44,25 @@ def test_packed_mtp_loss_equals_the_per_sequence_losses():
     assert float(together.loss_sum) == pytest.approx(sum(float(a.loss_sum) for a in alone), rel=1e-5)
 
 
+def test_mtp_loss_projects_only_labelled_positions_and_matches_the_full_projection():
+    from transformers.masking_utils import create_causal_mask
+
+    from miles_envs.models.mtp import mtp_step
+
+    trainer = with_mtp()
+    [packed] = pack(sft_data(), [0.0, 0.0], [1.0, 1.0])
+    with torch.no_grad():
+        hidden = trainer.forward(packed, replay=False, hidden_states=True).hidden_states
+        loss = mtp_sft_loss(trainer.mtp, hidden, packed)
+        # reference: logits at every position of the row, cross-entropy masked afterwards
+        inputs, positions, labels, label_mask = mtp_labels(packed, 0)
+        mask = create_causal_mask(config=trainer.mtp.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
+        _, logits = mtp_step(trainer.mtp, 0, inputs, hidden, positions, mask)
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    assert float(loss.loss_sum) == pytest.approx(float((ce * label_mask).sum()), rel=1e-5)
+    assert loss.correct == int(((logits.argmax(-1) == labels).float() * label_mask).sum())
+
+
 def test_mtp_sft_trains_only_the_mtp_layers_and_lowers_their_loss():
     trainer = with_mtp(lr=1e-2)
     trunk = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
