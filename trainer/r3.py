@@ -151,14 +151,20 @@ class RoutingReplay:
         return hook
 
 
+def mismatch_sums(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``mismatch_metrics``' sums over the masked tokens and their count, left on the tensors'
+    device (a trainer adds them up over micro-batches and reads them once)."""
+    mask = loss_mask.bool()
+    delta = torch.where(mask, trainer_logprobs.detach().double() - rollout_logprobs.double(), 0.0)
+    sums = {
+        "k3_kl": (torch.exp(delta) - 1.0 - delta).sum(),
+        "extreme_frac": (delta.abs() > math.log(2.0)).sum(),
+        "mean_abs_delta": delta.abs().sum(),
+    }
+    return sums, mask.sum()
+
+
 def mismatch_metrics(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, float]:
     """Rollout/trainer mismatch over model tokens, Δ = trainer logprob − rollout logprob."""
-    mask = loss_mask.bool()
-    delta = (trainer_logprobs.detach().double() - rollout_logprobs.double())[mask]
-    if delta.numel() == 0:
-        return {"k3_kl": 0.0, "extreme_frac": 0.0, "mean_abs_delta": 0.0}
-    return {
-        "k3_kl": float((torch.exp(delta) - 1.0 - delta).mean()),
-        "extreme_frac": float((delta.abs() > math.log(2.0)).double().mean()),
-        "mean_abs_delta": float(delta.abs().mean()),
-    }
+    sums, tokens = mismatch_sums(trainer_logprobs, rollout_logprobs, loss_mask)
+    return {name: float(total) / max(1, int(tokens)) for name, total in sums.items()}

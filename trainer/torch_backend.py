@@ -32,7 +32,7 @@ from miles_envs.trainer.losses import (
 from miles_envs.trainer.metrics import MeanAccumulator
 from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_sft_loss
 from miles_envs.trainer.plugins import resolve
-from miles_envs.trainer.r3 import RoutingRecord, RoutingReplay, find_routers, mismatch_metrics
+from miles_envs.trainer.r3 import RoutingRecord, RoutingReplay, find_routers, mismatch_sums
 from miles_envs.trajectory import Trajectory
 
 
@@ -213,14 +213,14 @@ class Trainer:
         chunks = [c.tolist() for c in torch.arange(len(trajectories)).tensor_split(cfg.minibatches) if len(c)]
         plan = [self._pack_minibatch([trajectories[i] for i in c], [advantages[i] for i in c]) for c in chunks]
         stats = MeanAccumulator()
-        mismatch = _MismatchCollector()
+        mismatch = _MismatchCollector(stats)
         fixed_old = len(plan) * cfg.epochs > 1
         old_logprobs = {id(b): self._first_pass(b, mismatch) for mb in plan for b in mb} if fixed_old else {}
         ref_logprobs = {id(b): self._reference_logprobs(b) for mb in plan for b in mb} if cfg.kl_coef > 0 else {}
         for _ in range(cfg.epochs):
             for micro_batches in plan:
                 self.optimizer.zero_grad(set_to_none=True)
-                mtp_tokens = count_mtp_tokens(micro_batches) if cfg.mtp_sft else 0
+                mtp_tokens = self._count_mtp_tokens(micro_batches) if cfg.mtp_sft else 0
                 step_loss = 0.0  # a device tensor after the first micro-batch: read once per step, in stats.means()
                 for batch in micro_batches:
                     loss = self._micro_batch_loss(
@@ -239,7 +239,6 @@ class Trainer:
         rewards = torch.tensor([self._reward(t) for t in trajectories])
         return {
             **stats.means(),
-            **mismatch.metrics(),
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "advantage_abs_mean": float(torch.tensor(advantages).abs().mean()),
@@ -304,6 +303,10 @@ class Trainer:
         mtp_loss = self._mtp_loss(batch, result, mtp_tokens, stats)
         return loss if mtp_loss is None else loss + mtp_loss
 
+    def _count_mtp_tokens(self, micro_batches: Sequence[PackedBatch]) -> int:
+        """Labelled MTP tokens of a minibatch (a backend that keeps host copies counts on them)."""
+        return count_mtp_tokens(micro_batches)
+
     def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats: MeanAccumulator) -> torch.Tensor | None:
         """MTP-SFT's share of the micro-batch loss, or ``None`` when there is none to add.
 
@@ -320,32 +323,25 @@ class Trainer:
         stats.add("mtp/accuracy", mtp.correct / max(1, mtp.tokens), mtp.tokens)
         return cfg.mtp_loss_scale * mtp.loss_sum / mtp_tokens
 
-    def _optimizer_step(self) -> float:
-        """Clip the gradients to ``max_grad_norm``, step, and return the norm before clipping."""
+    def _optimizer_step(self) -> torch.Tensor | float:
+        """Clip the gradients to ``max_grad_norm``, step, and return the norm before clipping (a device
+        tensor: ``MeanAccumulator`` reads it with the step's other metrics)."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
-        return float(grad_norm)
+        return grad_norm
 
 
 class _MismatchCollector:
-    """Rollout-vs-trainer logprob deltas and router disagreement, from the first forward of a step."""
+    """Rollout-vs-trainer logprob deltas and router disagreement, from the first forward of a step,
+    summed on the device into the step's ``stats`` as ``mismatch/*`` (read with the other metrics;
+    masking or reading here would make the host wait for the forward before it queues the backward).
+    The means are ``mismatch_metrics``' over the step's loss tokens."""
 
-    def __init__(self) -> None:
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (trainer, rollout, mask) per micro-batch
-        self.routing = RoutingRecord()
+    def __init__(self, stats: MeanAccumulator) -> None:
+        self.stats = stats
 
     def add(self, result: ForwardResult, batch: PackedBatch) -> None:
-        # kept on the device and masked in ``metrics``: masking here would make the host wait for the
-        # forward before it could queue the backward
-        self.pairs.append((result.logprobs.detach(), batch.rollout_logprobs, batch.loss_mask.bool()))
-        self.routing.merge(result.routing)
-
-    def metrics(self) -> dict[str, float]:
-        if not self.pairs:
-            return {}
-        trainer = torch.cat([t[mask] for t, _, mask in self.pairs]).cpu()
-        rollout = torch.cat([r[mask] for _, r, mask in self.pairs]).cpu()
-        out = {f"mismatch/{k}": v for k, v in mismatch_metrics(trainer, rollout, torch.ones_like(trainer)).items()}
-        if int(self.routing.pairs):
-            out["mismatch/router_disagreement"] = self.routing.disagreement
-        return out
+        sums, tokens = mismatch_sums(result.logprobs, batch.rollout_logprobs, batch.loss_mask)
+        for name, total in sums.items():
+            self.stats.add_sum(f"mismatch/{name}", total, tokens)
+        self.stats.add_sum("mismatch/router_disagreement", result.routing.disagreements, result.routing.pairs)

@@ -10,22 +10,26 @@ trains on data it already fitted). The trainer is the megatron backend in bf16 (
 megatron DDP + optimizer), R3 and MTP-SFT on. Phases, each written to the JSON as it ends:
 
 1. ``mismatch``: one no-grad forward of the first batch with and without replay (k3-KL etc.).
-2. ``mfu``: fresh batches through three trainers (``ARMS``), all with per-sequence attention, in
-   rounds whose order alternates: megatron's ``SequentialMLP`` experts (one MLP call per expert)
-   and megatron's output layer (full logits); ``GroupedMLP`` experts (two grouped GEMMs per layer)
-   with the same head; grouped experts and the chunked vocabulary head (``vocab_head.py``). Each
-   arm's median, spread and MFU, and the per-token step-time ratio of each fix with a 95%
-   t-interval over the rounds. (The attention fix before them was measured the same way, masked
-   attention over packed rows against per-sequence SDPA: ``bench/gpu/NOTES.md``.)
-3. ``profile``: one step of each arm under torch.profiler (GPU busy share, host syncs, top ops).
-4. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
+2. ``mfu``: fresh batches through one trainer per ``--arms`` entry (``ARMS``: the fixes in the order
+   they came), all with per-sequence attention, in rounds whose order alternates. Each arm's median,
+   spread and MFU, and the per-token step-time ratio of each arm over the next with a 95% t-interval
+   over the rounds. (The attention fix before them was measured the same way, masked attention over
+   packed rows against per-sequence SDPA: ``bench/gpu/NOTES.md``.)
+3. ``micro_batch_sweep``: the final arm at ``--mfu-micro-tokens`` tokens per micro-batch (each step
+   joins as many fresh batches as that takes, packed into one micro-batch), MFU and peak memory
+   per size: how MFU grows when every kernel gets more work.
+4. ``profile``: one step of each arm under torch.profiler (GPU busy share, host syncs, kernel
+   launches, top ops), and one more counting the host's reads of device values
+   (``trainer/megatron/host_reads.py``).
+5. ``r3_overhead``: ``--pairs`` pairs of steps with and without routing traces, in alternating
    order (on-off, off-on, ...), each on a fresh batch; the geometric-mean ratio with a 95%
    t-interval over the pairs.
-5. ``mtp``: the MTP loss of every step of the final trainer (grouped experts, chunked head), in order.
+6. ``mtp``: the MTP loss of every step of the final trainer, in order.
 
-``--time-limit`` bounds the whole run: the timed loops stop early (the JSON says how many steps
-and pairs ran; the MFU pairs leave time for the profile and all R3 pairs) so that the results file
-is complete before an outer timeout would kill the process.
+An arm that fails (out of memory, say) is recorded with its error under ``failed`` and the run goes
+on without it. ``--time-limit`` bounds the whole run: the timed loops stop early (the JSON says how
+many steps and pairs ran; the MFU rounds leave time for the sweep, the profile and the R3 pairs) so
+that the results file is complete before an outer timeout would kill the process.
 
 MFU = FLOPs per step / step time / the card's dense bf16 peak (``H200_SXM_BF16_DENSE_PEAK``, the
 datasheet figure; the bf16 matmul peak measured on the card is reported beside it). FLOPs per step = 6 x active
@@ -35,7 +39,7 @@ logits at prompt tokens, so computing them there is not counted) + causal attent
 head_dim x sum over sequences of L(L+1)/2 per layer (decoder and MTP layers).
 
     python bench/gpu/megatron_r3_mtp.py --time-limit 150 --samples 128 --max-running 8192 --mfu-steps 6 \
-        --out bench/results/megatron_r3_mtp.json
+        --mfu-micro-tokens 18k 37k 74k --out bench/results/megatron_r3_mtp.json
     python bench/gpu/megatron_r3_mtp.py --tiny --device cpu --out /tmp/megatron_r3_mtp.json
 """
 
@@ -45,7 +49,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -65,15 +71,23 @@ from miles_envs.trainer import TrainerConfig  # noqa: E402
 H200_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H200 SXM datasheet, dense (no sparsity)
 H100_SXM_BF16_DENSE_PEAK = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet, dense
 PEAKS = {"H200": H200_SXM_BF16_DENSE_PEAK, "H100": H100_SXM_BF16_DENSE_PEAK}
-ARMS = {  # the MFU phase's arms, in the order the fixes came: (experts, vocab_head, what it is)
-    "sequential": ("sequential", "unfused", "before: megatron's SequentialMLP, one MLP call per expert (host-side split by "
-                   "token counts); megatron's output layer, full fp32 logits for the losses"),
-    "grouped": ("grouped", "unfused", "GroupedMLP, all experts in two grouped_mm calls per layer (same weights); "
-                "megatron's output layer"),
-    "fused": ("grouped", "fused", "after: GroupedMLP and the chunked vocabulary head (logprobs, entropy, MTP cross-entropy "
-              "per chunk of tokens, never all logits)"),
+ARMS = {  # the MFU phase's arms, in the order the fixes came:
+    # (experts, vocab head, token dispatcher, multi-tensor ops, the head's vocabulary padding), what it is
+    "sequential": (("sequential", "unfused", "alltoall", "megatron", 1),
+                   "megatron's SequentialMLP, one MLP call per expert (host-side split by token counts); megatron's output "
+                   "layer, full fp32 logits for the losses; megatron's alltoall dispatcher and multi-tensor fallbacks"),
+    "grouped": (("grouped", "unfused", "alltoall", "megatron", 1),
+                "GroupedMLP, all experts in two grouped_mm calls per layer (same weights); megatron's output layer"),
+    "fused": (("grouped", "fused", "alltoall", "megatron", 1),
+              "GroupedMLP and the chunked vocabulary head (logprobs, entropy, MTP cross-entropy per chunk of tokens, "
+              "never all logits) at the unpadded vocabulary; megatron's alltoall dispatcher (host-side token counts in "
+              "every MoE layer) and its multi-tensor fallbacks (one host read per parameter for the gradient norm)"),
+    "lean": (("grouped", "fused", "device", "device", 64),
+             "the fused arm with the head's vocabulary padded to a multiple of 64 (aligned GEMMs), the device token "
+             "dispatcher (sort-based permutation, no host read per MoE layer) and device-side multi-tensor ops "
+             "(gradient norm, clipping and the fp32 -> bf16 weight copy as foreach ops)"),
 }
-FINAL = "fused"  # the trainer the mismatch, R3 and MTP phases use
+DEFAULT_ARMS = ("fused", "lean")
 SHAPES = {  # pretrain_moe.py's medium, and a CPU-sized one for trying the script
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                    num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=1024),
@@ -204,35 +218,62 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_step(trainer, batch: list, device: str) -> tuple[float, dict]:
-    sync(device)
-    start = time.perf_counter()
-    metrics = trainer.train_step(batch)
-    sync(device)
-    return time.perf_counter() - start, metrics
+@contextlib.contextmanager
+def multi_tensor_ops(kind: str):
+    """Within: the optimizer's multi-tensor ops of an arm. The trainer installs the device-side ones
+    (``trainer/megatron/multi_tensor.py``); ``"megatron"`` puts megatron's own local fallbacks (what
+    megatron runs without transformer-engine and apex) back for the arms before that fix."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    names = [n for n in ("l2_norm_impl", "multi_tensor_scale_impl", "multi_tensor_scale_tensor_impl") if hasattr(clip_grads, n)]
+    saved, saved_copy = {n: getattr(clip_grads, n) for n in names}, optimizer.multi_tensor_scale_impl
+    if kind == "megatron":
+        fallbacks = {"l2_norm_impl": utils.local_multi_tensor_l2_norm, "multi_tensor_scale_impl": utils.local_multi_tensor_scale,
+                     "multi_tensor_scale_tensor_impl": None}
+        for name in names:
+            setattr(clip_grads, name, fallbacks[name])
+        optimizer.multi_tensor_scale_impl = utils.local_multi_tensor_scale
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(clip_grads, name, value)
+        optimizer.multi_tensor_scale_impl = saved_copy
+
+
+def timed_step(trainer, batch: list, device: str, arm: str) -> tuple[float, dict]:
+    with multi_tensor_ops(ARMS[arm][0][3]):
+        sync(device)
+        start = time.perf_counter()
+        metrics = trainer.train_step(batch)
+        sync(device)
+        return time.perf_counter() - start, metrics
 
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def profiled_step(trainer, batch: list, device: str) -> dict:
+def profiled_step(trainer, batch: list, device: str, arm: str) -> dict:
     """One step under torch.profiler: GPU busy share, host syncs, the ops that take the GPU's and the
     host's time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sync(device)
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        trainer.train_step(batch)
+    with multi_tensor_ops(ARMS[arm][0][3]):
         sync(device)
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            trainer.train_step(batch)
+            sync(device)
+        wall = time.perf_counter() - start
     averages = prof.key_averages()
 
     def device_us(event) -> float:
         return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
     busy_us = sum(device_us(e) for e in averages)
+
     def row(event) -> dict:
         return {"op": event.key, "calls": event.count, "self_device_ms": device_us(event) / 1e3, "self_cpu_ms": event.self_cpu_time_total / 1e3}
 
@@ -242,10 +283,22 @@ def profiled_step(trainer, batch: list, device: str) -> dict:
         "wall_seconds": wall,
         "gpu_busy_share": busy_us / 1e6 / wall if device == "cuda" else None,
         "host_syncs": {e.key: e.count for e in averages if e.key in SYNC_EVENTS},
-        "kernel_launches": sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC")),
+        "host_syncs_note": "aten::_local_scalar_dense counts scalar reads of host tensors too (torch AdamW's per-parameter "
+                           "step counters live on the host); the waits for the GPU are the cuda*Synchronize counts",
+        "kernel_launches": sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")),
         "top_ops": [row(e) for e in top],
         "top_host_ops": [row(e) for e in host],
     }
+
+
+def host_read_step(trainer, batch: list, device: str, arm: str) -> dict:
+    """One step counting the host's reads of device values (``host_reads.count_host_reads``)."""
+    from miles_envs.trainer.megatron.host_reads import count_host_reads
+
+    with multi_tensor_ops(ARMS[arm][0][3]), count_host_reads(include_host_tensors=device == "cpu") as counter:
+        trainer.train_step(batch)
+    return {"total": counter.total, "by_op": dict(counter.counts),
+            "counted": "reads of host tensors too (CPU run: what would sync on a GPU)" if device == "cpu" else "reads of device tensors"}
 
 
 class Clock:
@@ -263,24 +316,39 @@ def make_trainer(hf_config, hf_weights, args, arm: str):
     from miles_envs.trainer.megatron.model import MegatronSettings
 
     cuda = args.device == "cuda"
-    experts, head, _ = ARMS[arm]
+    experts, head, dispatcher, _, align = ARMS[arm][0]
     settings = MegatronSettings(bf16=cuda, routing_replay=True, mtp_loss_scale=0.2, experts=experts, vocab_head=head,
-                                token_dispatcher="alltoall" if cuda else "allgather", use_cpu_initialization=not cuda)
+                                token_dispatcher=dispatcher, head_vocab_align=align, use_cpu_initialization=not cuda)
     config = TrainerConfig(r3=True, mtp_sft=True, dtype="bfloat16" if cuda else "float32", device=args.device, lr=args.lr,
                            max_row_tokens=args.row_tokens, rows_per_micro_batch=args.rows_per_micro_batch)
-    return MegatronTrainer(hf_config, hf_weights, config, settings)
+    trainer = MegatronTrainer(hf_config, hf_weights, config, settings)
+    if arm in args.fail_arm:
+        def out_of_memory(_batch):
+            raise torch.OutOfMemoryError(f"injected by --fail-arm {arm}")
+
+        trainer.train_step = out_of_memory
+    return trainer
 
 
 @contextlib.contextmanager
 def megatron_here(device: str):
-    """GPU: nothing (the trainer sets up its parallel state). CPU: the test shim's gloo group."""
+    """GPU: nothing (the trainer sets up its parallel state). CPU: the test shim's gloo group, with
+    megatron's alltoall dispatcher made to run on host tensors."""
     if device == "cuda":
         yield
         return
-    from tests.trainer.megatron.shim import cpu_megatron, cpu_optimizer
+    from tests.trainer.megatron.shim import cpu_alltoall, cpu_megatron, cpu_optimizer
 
-    with cpu_megatron(), cpu_optimizer():
+    with cpu_megatron(), cpu_optimizer(), cpu_alltoall():
         yield
+
+
+def token_count(text: str) -> int:
+    """``18k`` -> 18000 (tokens per micro-batch of the sweep)."""
+    value = float(text[:-1]) * 1000 if text.lower().endswith("k") else float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a token count of at least 1, e.g. 18k or 37000")
+    return int(value)
 
 
 def parse_args() -> argparse.Namespace:
@@ -289,7 +357,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--samples", type=int, default=64, help="trajectories per step")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS),
+                        help="MFU arms, before to after; the last one is the trainer of the sweep, mismatch, R3 and MTP phases")
     parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per MFU arm (interleaved rounds)")
+    parser.add_argument("--mfu-micro-tokens", nargs="*", type=token_count, default=[],
+                        help="micro-batch sizes of the sweep (e.g. 18k 37k 74k); none: no sweep")
+    parser.add_argument("--sweep-steps", type=int, default=2, help="timed steps per sweep size (after one warm-up)")
+    parser.add_argument("--fail-arm", nargs="*", choices=list(ARMS), default=[],
+                        help="make these arms' steps raise an out-of-memory error: checks the failure path without a card")
     parser.add_argument("--pairs", type=int, default=16, help="R3 on/off pairs")
     parser.add_argument("--row-tokens", type=int, default=8192)
     parser.add_argument("--rows-per-micro-batch", type=int, default=2)
@@ -301,6 +376,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=1e9, help="seconds for the whole run; loops stop early to fit")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "megatron_r3_mtp.json"))
     args = parser.parse_args()
+    if len(set(args.arms)) != len(args.arms):
+        parser.error(f"--arms {' '.join(args.arms)}: name each arm once")
     args.shape = "tiny" if args.tiny else "medium"
     if args.tiny:
         args.samples, args.max_new_tokens, args.row_tokens = min(args.samples, 8), min(args.max_new_tokens, 12), min(args.row_tokens, 512)
@@ -311,41 +388,117 @@ def tokens(batch: list) -> int:
     return sum(len(t.tokens) - 1 for t in batch)
 
 
-def mfu_phase(report: Report, trainers: dict, fresh, args, clock: Clock, reserve_s) -> list:
-    """Timed steps of the ``ARMS`` trainers in rounds whose order alternates; returns the final
-    trainer's MTP losses. A round runs while the time left exceeds ``reserve_s(steps)``."""
-    steps, mtp_loss = {name: [] for name in ARMS}, []
-    for name in ARMS:
-        timed_step(trainers[name], next(fresh), args.device)  # warm-up
+def attempt(report: Report, arm: str, phase: str, run):
+    """``run()``, or ``None`` with the error recorded under ``failed`` when it raises: one arm running
+    out of memory must not cost the other arms' figures."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - any failure of an arm is a result to record
+        report.setdefault("failed", {})[arm] = {"phase": phase, "error": f"{type(error).__name__}: {error}"[:2000]}
+        print(f"[failed] {arm} in {phase}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        return None
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def drop(trainers: dict, name: str, device: str) -> None:
+    trainers.pop(name, None)
+    free_memory(device)
+
+
+def arm_summary(name: str, timed: list, report: Report) -> dict:
+    peak, measured = report["peak_bf16_dense_flops"], report["measured_matmul_peak_flops"]
+    seconds = [s["seconds"] for s in timed]
+    flops_per_s = sum(s["flops"] for s in timed) / sum(seconds)
+    return {"arm": ARMS[name][1] if name in ARMS else name, "step_seconds_median": statistics.median(seconds),
+            "step_seconds_min": min(seconds), "step_seconds_max": max(seconds),
+            "tokens_per_second": sum(s["tokens"] for s in timed) / sum(seconds), "tflops_per_second": flops_per_s / 1e12,
+            "mfu_vs_datasheet": flops_per_s / peak if peak else None,
+            "mfu_vs_measured_matmul": flops_per_s / measured if measured else None, "steps": timed}
+
+
+def mfu_phase(report: Report, trainers: dict, fresh, args, clock: Clock, reserve_s, final: str) -> tuple[dict, list]:
+    """Timed steps of the arms' trainers in rounds whose order alternates; returns each arm's steps and
+    the final arm's MTP losses. A round runs while the time left exceeds ``reserve_s(steps)``."""
+    steps, mtp_loss = {name: [] for name in trainers}, []
+    for name in list(trainers):  # warm-up
+        batch = next(fresh)
+        if attempt(report, name, "warm-up", lambda: timed_step(trainers[name], batch, args.device, name)) is None:
+            drop(trainers, name, args.device)
     for round_ in range(args.mfu_steps):
         if round_ and clock.left() < reserve_s(steps):
             break
-        for name in (list(ARMS) if round_ % 2 == 0 else list(ARMS)[::-1]):
+        for name in (list(trainers) if round_ % 2 == 0 else list(trainers)[::-1]):
             batch = next(fresh)
-            seconds, metrics = timed_step(trainers[name], batch, args.device)
+            done = attempt(report, name, f"mfu round {round_}", lambda: timed_step(trainers[name], batch, args.device, name))
+            if done is None:
+                drop(trainers, name, args.device)
+                continue
+            seconds, metrics = done
             steps[name].append({"seconds": seconds, "tokens": tokens(batch), "flops": step_flops(trainers[name], batch)})
-            if name == FINAL:
+            if name == final:
                 mtp_loss.append(metrics.get("mtp/loss"))
-    peak, measured = report["peak_bf16_dense_flops"], report["measured_matmul_peak_flops"]
-    summary = {}
-    for name, timed in steps.items():
-        seconds = [s["seconds"] for s in timed]
-        flops_per_s = sum(s["flops"] for s in timed) / sum(seconds)
-        summary[name] = {"arm": ARMS[name][2], "step_seconds_median": statistics.median(seconds),
-                         "step_seconds_min": min(seconds), "step_seconds_max": max(seconds),
-                         "tokens_per_second": sum(s["tokens"] for s in timed) / sum(seconds), "tflops_per_second": flops_per_s / 1e12,
-                         "mfu_vs_datasheet": flops_per_s / peak if peak else None,
-                         "mfu_vs_measured_matmul": flops_per_s / measured if measured else None, "steps": timed}
-    per_token = {name: [s["seconds"] / s["tokens"] for s in timed] for name, timed in steps.items()}
-    summary["speedup"] = {"sequential_over_grouped": ratio_ci(per_token["sequential"], per_token["grouped"]),
-                          "grouped_over_fused": ratio_ci(per_token["grouped"], per_token["fused"]),
-                          "of": "seconds per token, per round (each step on a fresh batch)",
-                          "ci": "geometric mean of the per-pair ratios, 95% t-interval on their logs"}
+    summary = {name: arm_summary(name, timed, report) for name, timed in steps.items() if timed}
+    ran = [name for name in args.arms if name in summary]
+    summary["speedup"] = {f"{a}_over_{b}": ratio_ci([s["seconds"] / s["tokens"] for s in steps[a]], [s["seconds"] / s["tokens"] for s in steps[b]])
+                          for a, b in zip(ran, ran[1:])}
+    summary["speedup"] |= {"of": "seconds per token, per round (each step on a fresh batch)",
+                           "ci": "geometric mean of the per-pair ratios, 95% t-interval on their logs"}
     report.phase("mfu", summary)
-    return mtp_loss
+    return steps, mtp_loss
 
 
-def r3_phase(report: Report, trainer, fresh, args, clock: Clock, mtp_loss: list) -> None:
+def sweep_plan(args) -> list[tuple[int, int]]:
+    """``(target tokens per micro-batch, rollout batches joined per step)`` for each sweep size; a
+    batch holds about ``--samples`` x (``--max-new-tokens`` + a 16-token prompt) tokens."""
+    per_batch = args.samples * (args.max_new_tokens + 16)
+    return [(target, max(1, round(target / per_batch))) for target in args.mfu_micro_tokens]
+
+
+def sweep_phase(report: Report, trainer, final: str, fresh, args, clock: Clock, reserve_s: float, step_s: float) -> None:
+    """The final arm with one micro-batch of about each target size per step (``sweep_plan``): each
+    step joins that many fresh batches and packs them into rows enough for all of them."""
+    from miles_envs.trainer.batch import pack
+
+    base = trainer.config
+    points = []
+    for target, joined in sweep_plan(args):
+        point = {"micro_tokens_target": target, "batches_joined": joined}
+        points.append(point)
+        rows = math.ceil(1.15 * target / args.row_tokens)
+        if clock.left() < reserve_s + (1 + args.sweep_steps) * joined * step_s * 1.5:
+            point["skipped"] = "time limit"
+            continue
+        trainer.config = dataclasses.replace(base, rows_per_micro_batch=rows)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timed = []
+        for step in range(1 + args.sweep_steps):
+            batch = [t for _ in range(joined) for t in next(fresh)]
+            done = attempt(report, f"{final}@{target}", f"sweep step {step}", lambda: timed_step(trainer, batch, args.device, final))
+            if done is None:
+                point["error"] = report["failed"].pop(f"{final}@{target}")["error"]
+                free_memory(args.device)
+                break
+            micro = len(pack(batch, [0.0] * len(batch), [1.0] * len(batch), max_row_tokens=args.row_tokens, rows_per_micro_batch=rows))
+            if step:  # the first step of a size warms its allocations up
+                timed.append({"seconds": done[0], "tokens": tokens(batch), "flops": step_flops(trainer, batch), "micro_batches": micro})
+        if timed:
+            point |= {k: v for k, v in arm_summary(final, timed, report).items() if k != "arm"}
+            point["tokens_per_micro_batch"] = statistics.mean(s["tokens"] / s["micro_batches"] for s in timed)
+        if args.device == "cuda":
+            point["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    trainer.config = base
+    report.phase("micro_batch_sweep", {"arm": final, "row_tokens": args.row_tokens, "points": points,
+                                       "how": "each step joins `batches_joined` fresh rollout batches, packed into rows of "
+                                              "`row_tokens` with rows enough for one micro-batch of about the target"})
+
+
+def r3_phase(report: Report, trainer, final: str, fresh, args, clock: Clock, mtp_loss: list) -> None:
     """``--pairs`` interleaved on/off pairs (fewer when the time limit comes first)."""
     on, off = [], []
     for pair in range(-1, args.pairs):  # pair -1 warms both paths up
@@ -355,7 +508,7 @@ def r3_phase(report: Report, trainer, fresh, args, clock: Clock, mtp_loss: list)
         times = {}
         for replay in order:
             batch = next(fresh)
-            times[replay], metrics = timed_step(trainer, batch if replay else without_traces(batch), args.device)
+            times[replay], metrics = timed_step(trainer, batch if replay else without_traces(batch), args.device, final)
             if pair >= 0:
                 mtp_loss.append(metrics.get("mtp/loss"))
         if pair >= 0:
@@ -378,9 +531,12 @@ def main() -> None:
     report = Report(Path(args.out), machine=info, shape=args.shape, model={"arch": "qwen3-moe + 1 MTP layer", **SHAPES[args.shape],
                     "vocab": None, "init": "random, sharpened: a stand-in with the trained small MoE's shape (pretrain_moe.py medium)"},
                     peak_bf16_dense_flops=peak, peak_source=f"{peak_name}_SXM_BF16_DENSE_PEAK, the datasheet figure" if peak else None,
-                    mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "), time_limit_s=args.time_limit)
+                    mfu_formula=__doc__.split("MFU = ")[1].split("\n\n")[0].replace("\n", " "), time_limit_s=args.time_limit,
+                    arms=args.arms)
     report.phase("measured_matmul_peak_flops", measured_matmul_peak(args.device))
-    batches_needed = 1 + len(ARMS) * (2 + args.mfu_steps) + 2 * (1 + args.pairs)  # mismatch, mfu, r3 pairs, profile
+    arms = len(args.arms)
+    batches_needed = (1 + arms * (1 + args.mfu_steps) + sum(j for _, j in sweep_plan(args)) * (1 + args.sweep_steps)
+                      + 2 * arms + 2 * (1 + args.pairs))  # mismatch, mfu, sweep, profile + host reads, r3 pairs
     with tempfile.TemporaryDirectory() as tmp, megatron_here(args.device):
         folder = Path(tmp) / "model"
         hf_config, hf_weights = write_checkpoint(folder, args)
@@ -391,27 +547,50 @@ def main() -> None:
                                  "tokens_per_step_mean": statistics.mean(tokens(b) for b in batches)})
         fresh = iter(batches)
 
-        trainers = {FINAL: make_trainer(hf_config, hf_weights, args, FINAL)}
-        first = next(fresh)
-        report.phase("mismatch", {"without_r3": measure(trainers[FINAL], first, replay=False),
-                                  "with_r3": measure(trainers[FINAL], first, replay=True)})
-        trainers |= {name: make_trainer(hf_config, hf_weights, args, name) for name in ARMS if name != FINAL}
+        final = args.arms[-1]
+        trainers = {}
+        for name in args.arms:
+            trainer = attempt(report, name, "build", lambda: make_trainer(hf_config, hf_weights, args, name))
+            if trainer is not None:
+                trainers[name] = trainer
         del hf_weights
+        if final not in trainers:
+            report.phase("summary", {"error": f"the final arm {final!r} could not be built: see failed"})
+            sys.exit(1)
+        first = next(fresh)
+        report.phase("mismatch", {"without_r3": measure(trainers[final], first, replay=False),
+                                  "with_r3": measure(trainers[final], first, replay=True)})
 
-        def reserve_s(steps: dict) -> float:  # time the R3 pairs and the profiled steps will need, plus a margin
-            slowest = {name: max(s["seconds"] for s in steps[name]) for name in ARMS}
-            return 2 * (args.pairs + 1) * slowest[FINAL] + 3 * sum(slowest.values()) + 5
+        def reserve_s(steps: dict) -> float:  # what the sweep, the profile and the R3 pairs will need, plus a margin
+            slowest = {name: max(s["seconds"] for s in timed) for name, timed in steps.items() if timed}
+            final_s = slowest.get(final, max(slowest.values(), default=0.0))
+            sweep = sum((1 + args.sweep_steps) * joined for _, joined in sweep_plan(args)) * final_s
+            return sweep + 2 * (args.pairs + 1) * final_s + 4 * sum(slowest.values()) + 5
 
-        mtp_loss = mfu_phase(report, trainers, fresh, args, clock, reserve_s)
-        r3_phase(report, trainers[FINAL], fresh, args, clock, mtp_loss)
-        if clock.left() > 3 * sum(report["mfu"][name]["step_seconds_median"] for name in ARMS):
-            report.phase("profile", {name: profiled_step(trainers[name], next(fresh), args.device) for name in ARMS})
-        report.phase("mtp", {"loss_per_step": mtp_loss, "note": "final trainer (grouped experts, chunked head), every step on a batch it had not seen"})
-        final, mismatch, overhead = report["mfu"][FINAL], report["mismatch"], report["r3_overhead"]
+        steps, mtp_loss = mfu_phase(report, trainers, fresh, args, clock, reserve_s, final)
+        if final not in trainers:
+            report.phase("summary", {"error": f"the final arm {final!r} failed: see failed"})
+            sys.exit(1)
+        final_s = max(s["seconds"] for s in steps[final])
+        profile_s = 4 * sum(max(s["seconds"] for s in steps[n]) for n in trainers if steps[n])
+        if args.mfu_micro_tokens:
+            sweep_phase(report, trainers[final], final, fresh, args, clock, profile_s + 2 * (args.pairs + 1) * final_s, final_s)
+        if clock.left() > profile_s:
+            profiles, reads = {}, {}
+            for name in list(trainers):
+                profiles[name] = attempt(report, name, "profile", lambda: profiled_step(trainers[name], next(fresh), args.device, name))
+                reads[name] = attempt(report, name, "host reads", lambda: host_read_step(trainers[name], next(fresh), args.device, name))
+            report.phase("profile", profiles)
+            report.phase("host_reads", reads)
+        for name in [n for n in trainers if n != final]:
+            drop(trainers, name, args.device)
+        r3_phase(report, trainers[final], final, fresh, args, clock, mtp_loss)
+        report.phase("mtp", {"loss_per_step": mtp_loss, "note": f"final trainer ({final}), every step on a batch it had not seen"})
+        final_mfu, mismatch, overhead = report["mfu"][final], report["mismatch"], report["r3_overhead"]
         report.phase("summary", {  # the headline figures under the keys the README's results table reads
-            "card": info["card"], "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
-            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": final["tokens_per_second"],
-            "mfu_r3_on": final["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
+            "card": info["card"], "final_arm": final, "tokens_per_step": round(report["rollout"]["tokens_per_step_mean"]),
+            "step_seconds_r3_on_median": statistics.median(overhead["seconds_on"]), "tokens_per_second_r3_on": final_mfu["tokens_per_second"],
+            "mfu_r3_on": final_mfu["mfu_vs_datasheet"], "mfu_note": report["mfu_formula"],
             "r3_overhead_ratio": overhead["ratio_on_over_off"]["ratio"],
             "k3_kl_reduction": mismatch["without_r3"]["k3_kl"] / max(mismatch["with_r3"]["k3_kl"], 1e-30),
         })

@@ -11,7 +11,9 @@ The head is ``vocab_head``'s chunked one by default: the forward stops at the fi
 of the decoder and the MTP depths, and the logprobs, entropy and MTP cross-entropy come chunk by
 chunk from them and the output weight, never as full logits. The MTP loss is then the torch
 backend's: ``mtp_loss_scale x`` the minibatch's mean cross-entropy, added to each micro-batch's loss.
-With ``vocab_head="unfused"`` (and always at tensor_parallel > 1) megatron's output layer runs and
+Under tensor parallelism each rank runs the head on its vocabulary shard and the per-token
+statistics are all-reduced (``vocab_head``'s ``group``). With ``vocab_head="unfused"`` (and always
+under sequence parallelism) megatron's output layer runs and
 the MTP loss is megatron's own (``MTPLossAutoScaler`` injects its gradient at the hidden states): a
 mean over the micro-batch's labelled tokens, its backward scale set per micro-batch to
 ``micro-batch tokens / minibatch tokens``, which gives the same sum (exact for one MTP depth).
@@ -32,11 +34,12 @@ from miles_envs.trainer.losses import POLICY_LOSSES, token_logprobs_and_entropy
 from miles_envs.trainer.megatron.attention import install_packed_attention
 from miles_envs.trainer.megatron.forward import HostBackedBatch, host_of, pad_width, run_forward, run_to_hidden
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
+from miles_envs.trainer.megatron.multi_tensor import install_device_multi_tensor_ops
 from miles_envs.trainer.megatron.parallel import MegatronUnavailable, ensure_parallel
 from miles_envs.trainer.megatron.replay import MegatronRoutingReplay
 from miles_envs.trainer.megatron.vocab_head import vocab_head
 from miles_envs.trainer.megatron.weights import export_hf_weights, load_hf_weights
-from miles_envs.trainer.mtp_sft import mtp_labels
+from miles_envs.trainer.mtp_sft import count_mtp_tokens, mtp_labels
 from miles_envs.trainer.plugins import resolve
 from miles_envs.trainer.r3 import RoutingRecord
 from miles_envs.trainer.torch_backend import ForwardResult, Trainer, pick_device
@@ -54,12 +57,13 @@ class _MegatronStep:
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
+        """The norm stays a device tensor where megatron keeps it there (read with the step's metrics)."""
         self.ddp_model.finish_grad_sync()
         succeeded, grad_norm, _ = self.optimizer.step()
         if not succeeded:
             raise FloatingPointError("megatron optimizer skipped the step (non-finite gradients)")
-        return float(grad_norm)
+        return grad_norm
 
     def state_dict(self) -> dict:
         if self.ddp_model.ddp_config.use_distributed_optimizer:
@@ -78,6 +82,7 @@ def _wrap_for_training(gpt_model, cfg: TrainerConfig, settings: MegatronSettings
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
+    install_device_multi_tensor_ops()
     model = Float16Module(gpt_model.config, gpt_model) if settings.bf16 else gpt_model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=settings.distributed_optimizer
@@ -150,7 +155,8 @@ class MegatronTrainer(Trainer):
         self.reward_fn = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
         if self.settings.vocab_head not in ("fused", "unfused"):
             raise ValueError(f"vocab_head={self.settings.vocab_head!r}: choose 'fused' (chunked) or 'unfused' (full logits)")
-        self.fused_head = self.settings.vocab_head == "fused" and self.settings.tensor_parallel == 1
+        # under sequence parallelism (transformer-engine's norms) the hidden states are split by position: megatron's head
+        self.fused_head = self.settings.vocab_head == "fused" and not self.gpt.config.sequence_parallel
         self.step = 0
         self._mtp_outputs: list[torch.Tensor] = []  # per MTP depth: logits, or hidden states with the fused head
 
@@ -225,16 +231,28 @@ class MegatronTrainer(Trainer):
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
         index = host_mask.flatten().nonzero().squeeze(1).to(hidden.device, non_blocking=True)
         out = vocab_head(hidden.flatten(0, 1).index_select(0, index), weight, targets.flatten().index_select(0, index),
-                         chunk_tokens=self.settings.head_chunk_tokens, **kwargs)
+                         chunk_tokens=self.settings.head_chunk_tokens, vocab_align=self.settings.head_vocab_align,
+                         group=self._vocab_group(), **kwargs)
 
         def spread(values: torch.Tensor | None) -> torch.Tensor | None:
             return None if values is None else values.new_zeros(targets.numel()).index_copy(0, index, values).view_as(targets)
 
         return spread(out.logprobs), spread(out.entropy), spread(out.argmax)
 
+    def _vocab_group(self):
+        """The tensor-parallel group the output weight's vocabulary is split over (None on one rank)."""
+        if self.settings.tensor_parallel == 1:
+            return None
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
     # -- the step ------------------------------------------------------------------------------
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor | float:
         return self.optimizer.step()  # megatron's optimizer clips (``clip_grad``) and reports the norm
+
+    def _count_mtp_tokens(self, micro_batches) -> int:
+        return count_mtp_tokens([host_of(b) for b in micro_batches])  # host copies: no read of the device
 
     def _mtp_loss(self, batch: PackedBatch, result: ForwardResult, mtp_tokens: int, stats) -> torch.Tensor | None:
         """With the fused head: the MTP cross-entropy from the depths' hidden states (``None``

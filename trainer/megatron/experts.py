@@ -5,8 +5,9 @@ expert (dozens of kernel launches and Python calls each, forward and backward). 
 keeps its parameters, names and sharded state (``local_experts.{e}.linear_fc1/2.weight``, so the
 HF <-> megatron mapping and checkpoints are unchanged) and runs all experts at once with
 ``grouped_mm`` over the permuted tokens: the expert weights are stacked per call (their gradients
-flow back to each expert's own parameter), the group boundaries are the cumulative token counts on
-the device. The math is ``SequentialMLP``'s: fc1, gated activation, the routing probability applied
+flow back to each expert's own parameter, under megatron's DDP straight into its fp32 gradient
+buffer), the group boundaries are the cumulative token counts on the device (host counts are
+copied there). The math is ``SequentialMLP``'s: fc1, gated activation, the routing probability applied
 in the activation's dtype, fc2.
 
 Where ``grouped_mm`` cannot run (no such op in this torch, a CUDA card before sm90 or a dtype other
@@ -45,6 +46,34 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor)
     return out
 
 
+class _StackedWeights(torch.autograd.Function):
+    """``torch.stack`` of the experts' weights. Under megatron's DDP every weight has a ``main_grad``
+    (its slice of the fp32 gradient buffer): the backward then adds all experts' gradients into them
+    with one multi-tensor op and hands autograd none, instead of one gradient accumulation and one
+    DDP hook ``add_`` per expert and micro-batch (two launches and two host calls each; the backend's
+    DDP reduces gradients after the backward, ``overlap_grad_reduce=False``, so it needs no
+    per-parameter ready signal). Without
+    ``main_grad`` the gradients go to ``.grad`` as ``torch.stack``'s do."""
+
+    @staticmethod
+    def forward(ctx, *weights):
+        ctx.weights = weights
+        return torch.stack(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        main_grads = [getattr(weight, "main_grad", None) for weight in ctx.weights]
+        if any(g is None for g in main_grads) or len({g.dtype for g in main_grads}) != 1:
+            return grad.unbind(0)
+        torch._foreach_add_(main_grads, list(grad.to(main_grads[0].dtype).unbind(0)))
+        return (None,) * len(ctx.weights)
+
+
+def stacked_weights(weights: list[torch.Tensor]) -> torch.Tensor:
+    """``[E, out, in]``: the experts' weights, gradients straight into DDP's buffer (``_StackedWeights``)."""
+    return _StackedWeights.apply(*weights)
+
+
 class GroupedMLP(SequentialMLP):
     """``SequentialMLP`` with its experts run as grouped GEMMs (see module docstring)."""
 
@@ -80,8 +109,8 @@ class GroupedMLP(SequentialMLP):
         if not self.runs_grouped(hidden):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
         offsets = _offsets(tokens_per_expert, hidden.device)
-        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])  # [E, 2I, H]
-        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])  # [E, H, I]
+        fc1 = stacked_weights([expert.linear_fc1.weight for expert in self.local_experts])  # [E, 2I, H]
+        fc2 = stacked_weights([expert.linear_fc2.weight for expert in self.local_experts])  # [E, H, I]
         gate, linear = grouped_mm(hidden, fc1, offsets).chunk(2, dim=-1)
         activated = self.config.activation_func(gate) * (linear + self.config.glu_linear_offset)
         activated = (activated * permuted_probs.unsqueeze(-1)).to(activated.dtype)

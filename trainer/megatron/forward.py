@@ -192,9 +192,10 @@ def run_forward(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, devi
 
 def run_to_hidden(model: nn.Module, gpt_model: nn.Module, batch: PackedBatch, device: torch.device | str) -> HiddenOutput:
     """Forward ``batch`` to the final hidden states of the decoder and of every MTP depth, without
-    the output layer (one tensor-parallel rank: with sequence parallelism they would be split)."""
-    if gpt_model.config.tensor_model_parallel_size > 1:
-        raise ValueError("run_to_hidden needs tensor_parallel=1 (the output layer is vocab-parallel otherwise)")
+    the output layer (the same on every tensor-parallel rank; under sequence parallelism they would
+    be split by position)."""
+    if gpt_model.config.sequence_parallel:
+        raise ValueError("run_to_hidden needs sequence_parallel off: the hidden states would be split by position")
     with _without_output_layer(gpt_model):
         hidden = _call_packed(model, gpt_model, batch.to(device), device)
     states = [h.transpose(0, 1) for h in hidden.chunk(1 + (gpt_model.config.mtp_num_layers or 0), dim=0)]

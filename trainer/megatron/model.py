@@ -27,7 +27,9 @@ class MegatronSettings:
     bf16: bool = False
     routing_replay: bool = False  # build RouterReplay into every router (R3)
     mtp_loss_scale: float = 0.2
-    token_dispatcher: str = "alltoall"  # "allgather" for the CPU/gloo path
+    # "device": dispatch.DeviceTokenDispatcher where all experts are on one rank (no host read per MoE
+    # layer), megatron's alltoall elsewhere; or megatron's own "alltoall" / "allgather" (the CPU/gloo path)
+    token_dispatcher: str = "device"
     use_cpu_initialization: bool = False
     recompute: bool = False  # full activation recompute (REPLAY_BACKWARD replays the routing)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (DP > 1; not checkpointed)
@@ -37,9 +39,22 @@ class MegatronSettings:
     # megatron's vocab-parallel output layer otherwise); "unfused": megatron's output layer, full logits (reference)
     vocab_head: str = "fused"
     head_chunk_tokens: int = 4096  # tokens per chunk of the fused head's logits
+    head_vocab_align: int = 64  # the fused head's matmuls pad the vocabulary to a multiple of this (1: none)
 
 
 SUPPORTED = ("qwen3_moe", "qwen3")
+DISPATCHERS = ("device", "alltoall", "allgather")
+
+
+def megatron_dispatcher(settings: MegatronSettings) -> str:
+    """megatron's ``moe_token_dispatcher_type`` to build with: ``"device"`` builds with the allgather
+    dispatcher (nothing CUDA-only in its constructor) and ``build_gpt_model`` swaps it for the
+    device one where every expert is local; across ranks it is megatron's alltoall."""
+    if settings.token_dispatcher not in DISPATCHERS:
+        raise ValueError(f"token_dispatcher={settings.token_dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
+    if settings.token_dispatcher != "device":
+        return settings.token_dispatcher
+    return "allgather" if settings.tensor_parallel * settings.expert_parallel == 1 else "alltoall"
 
 
 def have_transformer_engine() -> bool:
@@ -111,7 +126,7 @@ def transformer_config(hf_config, settings: MegatronSettings):
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_router_dtype="fp32",
-            moe_token_dispatcher_type=settings.token_dispatcher,
+            moe_token_dispatcher_type=megatron_dispatcher(settings),
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
             moe_router_fusion=False,
@@ -169,6 +184,10 @@ def build_gpt_model(hf_config, settings: MegatronSettings):
         rotary_base=int(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000))),
         mtp_block_spec=mtp_spec,
     )
+    if settings.token_dispatcher == "device":
+        from miles_envs.trainer.megatron.dispatch import install_device_dispatch
+
+        install_device_dispatch(model)
     if torch.cuda.is_available():  # the local spec's norms are plain torch modules, made on the CPU
         model.cuda(torch.cuda.current_device())
     return model

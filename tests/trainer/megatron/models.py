@@ -5,15 +5,18 @@ import torch
 VOCAB = 300
 
 
-def tiny_qwen3_moe(mtp: int = 1, seed: int = 0, tie: bool = False):
-    """``(hf_config, model, mtp_stack or None)`` with random weights (MTP layers not zero)."""
+def tiny_qwen3_moe(mtp: int = 1, seed: int = 0, tie: bool = False, layers: int | None = None, arch: str = "qwen3-moe"):
+    """``(hf_config, model, mtp_stack or None)`` with random weights (MTP layers not zero); ``arch="qwen3"``
+    for the dense model of the same size."""
     from transformers import AutoModelForCausalLM
 
     from miles_envs.models.factory import build_config
     from miles_envs.models.mtp import build_mtp
 
-    config = build_config("qwen3-moe", "tiny", VOCAB, mtp=mtp)
+    config = build_config(arch, "tiny", VOCAB, mtp=mtp)
     config.moe_intermediate_size = 24
+    if layers is not None:
+        config.num_hidden_layers = layers
     config.tie_word_embeddings = tie
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -74,6 +74,33 @@ def cpu_megatron(seed: int = 0, tensor_parallel: int = 1, expert_parallel: int =
         patches.close()
 
 
+class _HostStream:
+    """Stands in for the CUDA stream megatron's alltoall dispatcher copies token counts on: on CPU the
+    counts are host tensors already, so waits and events are no-ops."""
+
+    def wait_stream(self, _other) -> None:
+        return None
+
+    def record_event(self):
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def cpu_alltoall():
+    """Within (and inside ``cpu_megatron``): megatron's alltoall dispatcher builds and runs on CPU."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    stream = _HostStream()
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(_patch(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", stream))
+        patches.enter_context(_patch(torch.cuda, "current_stream", lambda *_: stream))
+        patches.enter_context(_patch(torch.cuda, "stream", lambda _s: contextlib.nullcontext()))
+        yield
+
+
 @contextlib.contextmanager
 def _patch(owner, name: str, value):
     missing = object()
@@ -93,7 +120,7 @@ class _TorchStep:
 
     def __init__(self, params, lr: float, weight_decay: float, max_grad_norm: float) -> None:
         self.params = list(params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)  # no host read per parameter
         self.max_grad_norm = max_grad_norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -104,3 +104,34 @@ def test_unknown_experts_setting_is_refused():
     config, model, mtp = tiny_qwen3_moe(mtp=0)
     with cpu_megatron(), pytest.raises(ValueError, match="choose one of grouped, sequential"):
         build_gpt_model(config, dataclasses.replace(CPU, experts="fused"))
+
+
+def test_expert_gradients_go_straight_into_ddps_fp32_buffer_when_there_is_one():
+    """Under megatron's DDP every weight has a ``main_grad``: the stacked experts' gradients are added
+    there (once per micro-batch, accumulating) and ``.grad`` stays empty; the sums equal the gradients
+    the plain path leaves in ``.grad``."""
+    config, model, mtp = tiny_qwen3_moe(mtp=0)
+    with cpu_megatron():
+        experts = _experts_of(build_gpt_model(config, CPU))[0]
+        counts = torch.tensor([5, 0, 3, 0, 0, 7, 1, 0])
+        torch.manual_seed(1)
+        hidden = torch.randn(int(counts.sum()), config.hidden_size)
+        probs = torch.rand(hidden.shape[0])
+        weights = dict(experts.named_parameters())
+
+        def micro_batch(scale: float):
+            out, _ = experts(hidden * scale, counts, probs)
+            out.sum().backward()
+
+        for scale in (1.0, 2.0):
+            micro_batch(scale)
+        want = {name: w.grad.clone() for name, w in weights.items()}
+        for w in weights.values():
+            w.grad = None
+            w.main_grad = torch.zeros_like(w, dtype=torch.float32)
+        for scale in (1.0, 2.0):
+            micro_batch(scale)
+    for name, w in weights.items():
+        assert w.grad is None, name
+        torch.testing.assert_close(w.main_grad, want[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert want["local_experts.0.linear_fc1.weight"].abs().sum() > 0

@@ -27,7 +27,8 @@ def _grads(loss_of, hidden, weight):
 
 @pytest.mark.parametrize("chunk", [1, 8, TOKENS, 64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients_equal_full_logits(chunk, temperature):
+@pytest.mark.parametrize("align", [64, 1])  # vocabulary 101 padded to 128 for the matmuls, or not
+def test_values_and_gradients_equal_full_logits(chunk, temperature, align):
     hidden, weight, targets, mask, coef = _inputs(0)
 
     def reference(h, w):
@@ -35,10 +36,10 @@ def test_values_and_gradients_equal_full_logits(chunk, temperature):
         return (coef[0] * logprobs * mask).sum() + (coef[1] * entropy * mask).sum()
 
     def fused(h, w):
-        out = vocab_head(h, w, targets, temperature=temperature, chunk_tokens=chunk)
+        out = vocab_head(h, w, targets, temperature=temperature, chunk_tokens=chunk, vocab_align=align)
         return (coef[0] * out.logprobs * mask).sum() + (coef[1] * out.entropy * mask).sum()
 
-    out = vocab_head(hidden, weight, targets, temperature=temperature, chunk_tokens=chunk)
+    out = vocab_head(hidden, weight, targets, temperature=temperature, chunk_tokens=chunk, vocab_align=align)
     logits = hidden @ weight.t() / temperature
     logprobs, entropy = token_logprobs_and_entropy(logits, targets)
     torch.testing.assert_close(out.logprobs, logprobs, rtol=1e-5, atol=1e-5)
@@ -79,3 +80,5 @@ def test_bad_shapes_and_chunk_fail_with_the_reason():
         vocab_head(hidden.unsqueeze(0), weight, targets)
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         vocab_head(hidden, weight, targets, chunk_tokens=0)
+    with pytest.raises(ValueError, match="vocab_align=0"):
+        vocab_head(hidden, weight, targets, vocab_align=0)
