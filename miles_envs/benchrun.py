@@ -273,7 +273,8 @@ def megatron_gpu_measures(data: dict) -> list[Measure]:
                            ("packed", "per-sequence attention (after)"),
                            ("sequential", "per-expert MLP loop (before)"),
                            ("grouped", "grouped-GEMM experts (after)"),
-                           ("fused", "grouped experts + chunked vocabulary head (after)")):
+                           ("fused", "grouped experts + chunked vocabulary head (after)"),
+                           ("lean", "+ device token dispatch, no host reads, padded head (after)")):
         if variant in mfu:
             measured = mfu[variant].get("mfu_vs_measured_matmul")
             measures.append(Measure(
@@ -281,6 +282,12 @@ def megatron_gpu_measures(data: dict) -> list[Measure]:
                 f"{len(mfu[variant]['steps'])} timed step(s); "
                 + (f"{measured:.4f} of the bf16 matmul peak measured on the card; " if measured is not None else "")
                 + f"{data.get('mfu_formula', data.get('mfu_note', ''))}; {machine}"))
+    sweep = data.get("micro_batch_sweep") or {}
+    for point in sweep.get("points", []):
+        if "mfu_vs_datasheet" in point:
+            measures.append(Measure(
+                f"Megatron on {card}: MFU at {point['micro_tokens_target'] // 1000}k tokens per micro-batch ({sweep['arm']})",
+                point["mfu_vs_datasheet"], "", at_least(0.15), f"{len(point['steps'])} timed step(s); {machine}"))
     if overhead:
         measures.append(Measure(f"Megatron on {card}: step time R3 on ÷ off", overhead["ratio"], "×",
                                 note=f"{_ci(overhead)} over {overhead['n']} interleaved pairs; {machine}"))
@@ -491,7 +498,7 @@ BENCHES: tuple[Bench, ...] = (
           about="toy: draft accept rate over GRPO steps on a random-init tiny MoE (one seed), MTP layer trained "
                 "online (MTP-SFT) or frozen"),
     Bench("megatron_gpu", "gpu/megatron_r3_mtp.py", megatron_gpu_measures, runs_here=False,
-          results="gpu/run8-megatron-spec/megatron_r3_mtp.json",
+          results="gpu/run9-megatron/megatron_r3_mtp.json",
           about="Megatron-core backend on one GPU, the trained MoE's shape (random-init stand-in), fresh rollouts "
                 "every step (run there, never by this command; its results file is read)"),
     Bench("async_speedup", "async_speedup.py", async_speedup_measures,
