@@ -107,25 +107,34 @@ class _ChunkedVocabHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_argmax):
         hidden, weight, targets, entropy = ctx.saved_tensors
-        vocab, padded = weight.shape[0], _padded(weight, ctx.align)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(padded.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        if grad_logprobs is None:
-            grad_logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        grad_logits = None  # [chunk, padded vocab] in the weight's dtype; the padding columns stay 0
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            log_p = torch.log_softmax(_chunk_logits(hidden[rows], padded, vocab, ctx.scale), dim=-1)
-            grad_z = _logit_grad(log_p, grad_logprobs[rows], entropy[rows] if grad_entropy is not None else None,
-                                 None if grad_entropy is None else grad_entropy[rows], targets[rows], grad_logprobs[rows], ctx.scale)
-            grad_logits = _into_padded(grad_z, padded, grad_logits)
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ padded
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ hidden[rows]).float()
+        log_probs = lambda logits, rows: torch.log_softmax(logits, dim=-1)  # noqa: E731
+        return _chunked_backward(ctx, hidden, weight, targets, None, entropy, grad_logprobs, grad_entropy, log_probs) + (None,) * 5
+
+
+def _chunked_backward(ctx, hidden, weight, targets, owned, entropy, grad_logprobs, grad_entropy, log_probs):
+    """Gradients of hidden and weight, recomputing each chunk's logits; ``log_probs(logits, rows)`` turns
+    them into log-probabilities (a local softmax, or a shard's logits less the group's log Z) and
+    ``owned`` marks targets in this shard (None: all are)."""
+    vocab, padded = weight.shape[0], _padded(weight, ctx.align)
+    grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.zeros(padded.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+    if grad_logprobs is None:
+        grad_logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    on_target = grad_logprobs if owned is None else torch.where(owned, grad_logprobs, 0.0)
+    grad_logits = None  # [chunk, padded vocab] in the weight's dtype; the padding columns stay 0
+    for start in range(0, hidden.shape[0], ctx.chunk):
+        rows = slice(start, start + ctx.chunk)
+        log_p = log_probs(_chunk_logits(hidden[rows], padded, vocab, ctx.scale), rows)
+        grad_z = _logit_grad(log_p, grad_logprobs[rows], entropy[rows] if grad_entropy is not None else None,
+                             None if grad_entropy is None else grad_entropy[rows], targets[rows], on_target[rows], ctx.scale)
+        grad_logits = _into_padded(grad_z, padded, grad_logits)
+        if grad_hidden is not None:
+            grad_hidden[rows] = grad_logits @ padded
         if grad_weight is not None:
-            grad_weight = grad_weight[:vocab].to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+            grad_weight += (grad_logits.t() @ hidden[rows]).float()
+    if grad_weight is not None:
+        grad_weight = grad_weight[:vocab].to(weight.dtype)
+    return grad_hidden, grad_weight
 
 
 class _VocabParallelChunkedHead(torch.autograd.Function):
@@ -171,26 +180,8 @@ class _VocabParallelChunkedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_argmax):
         hidden, weight, local, owned, log_z, entropy = ctx.saved_tensors
-        vocab, padded = weight.shape[0], _padded(weight, ctx.align)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(padded.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        if grad_logprobs is None:
-            grad_logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        on_target = torch.where(owned, grad_logprobs, 0.0)
-        grad_logits = None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            log_p = _chunk_logits(hidden[rows], padded, vocab, ctx.scale).sub_(log_z[rows, None])
-            grad_z = _logit_grad(log_p, grad_logprobs[rows], entropy[rows] if grad_entropy is not None else None,
-                                 None if grad_entropy is None else grad_entropy[rows], local[rows], on_target[rows], ctx.scale)
-            grad_logits = _into_padded(grad_z, padded, grad_logits)
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ padded
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ hidden[rows]).float()
-        if grad_weight is not None:
-            grad_weight = grad_weight[:vocab].to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        log_probs = lambda logits, rows: logits.sub_(log_z[rows, None])  # noqa: E731  (the group's log Z)
+        return _chunked_backward(ctx, hidden, weight, local, owned, entropy, grad_logprobs, grad_entropy, log_probs) + (None,) * 7
 
 
 class _SumGradOver(torch.autograd.Function):

@@ -6,13 +6,12 @@ import pytest
 import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-from miles_envs.trainer.batch import pack
 from miles_envs.trainer.config import TrainerConfig
 from miles_envs.trainer.megatron.backend import MegatronTrainer, hf_state_of
 from miles_envs.trainer.megatron.dispatch import DeviceTokenDispatcher
 from miles_envs.trainer.megatron.host_reads import count_host_reads
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
-from tests.trainer.megatron.models import tiny_qwen3_moe
+from tests.trainer.megatron.models import replayed_steps, tiny_qwen3_moe
 from tests.trainer.megatron.shim import cpu_alltoall, cpu_megatron, cpu_optimizer
 from tests.trainer.tiny import make_trajectory, rollout_routing
 
@@ -93,21 +92,8 @@ def test_device_dispatch_with_grouped_experts_reads_nothing_back_from_the_device
 def test_training_step_with_r3_and_mtp_equals_megatrons_dispatcher():
     """One GRPO step with R3 replay (including the MTP layer's live routing) and MTP-SFT: the same
     replayed routing, forward, metrics and weights with the device dispatcher as with megatron's."""
-    config, model, mtp = tiny_qwen3_moe(mtp=1)
-    trajectories = [
-        make_trajectory(p, r, reward=float(i % 2), routed=rollout_routing(model, p + r)) for i, (p, r) in enumerate(DATA)
-    ]
-    (batch,) = pack(trajectories, [0.0] * len(DATA), [1.0] * len(DATA), max_row_tokens=64)
-    results = {}
     with cpu_megatron(), cpu_optimizer(), cpu_alltoall():
-        for name in ("device", "alltoall"):
-            trainer = MegatronTrainer(
-                config, hf_state_of(model, mtp), TrainerConfig(device="cpu", lr=1e-3, tis_cap=None, r3=True, mtp_sft=True),
-                dataclasses.replace(CPU, token_dispatcher=name),
-            )
-            with torch.no_grad():
-                forward = trainer.forward(batch, replay=True)
-            results[name] = (forward, trainer.train_step(trajectories), trainer.state_dict())
+        results = replayed_steps({name: dataclasses.replace(CPU, token_dispatcher=name) for name in ("device", "alltoall")}, DATA)
     (fwd_d, got, weights_d), (fwd_m, want, weights_m) = results["device"], results["alltoall"]
     assert fwd_d.routing.disagreement == fwd_m.routing.disagreement == 0.0  # the replayed experts are the trace's
     torch.testing.assert_close(fwd_d.logprobs, fwd_m.logprobs, atol=0, rtol=0)

@@ -7,14 +7,10 @@ import pytest
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from miles_envs.trainer.batch import pack
-from miles_envs.trainer.config import TrainerConfig
-from miles_envs.trainer.megatron.backend import MegatronTrainer, hf_state_of
 from miles_envs.trainer.megatron.experts import GroupedMLP
 from miles_envs.trainer.megatron.model import MegatronSettings, build_gpt_model
-from tests.trainer.megatron.models import tiny_qwen3_moe
+from tests.trainer.megatron.models import replayed_steps, tiny_qwen3_moe
 from tests.trainer.megatron.shim import cpu_megatron, cpu_optimizer
-from tests.trainer.tiny import make_trajectory, rollout_routing
 
 CPU = MegatronSettings(token_dispatcher="allgather", use_cpu_initialization=True, routing_replay=True)
 DATA = [([1, 2, 3], [4, 5, 6, 7]), ([9, 8, 2], [7, 6, 5, 4, 3]), ([5, 5, 5], [1, 2, 3]), ([6, 1], [2, 2, 9, 11, 12])]
@@ -75,22 +71,8 @@ def test_unaligned_expert_width_falls_back_to_the_loop():
 
 def test_training_step_with_r3_and_mtp_equals_the_sequential_experts():
     """One GRPO step with R3 replay and MTP-SFT: the same metrics, routing and weights either way."""
-    config, model, mtp = tiny_qwen3_moe(mtp=1)
-    trajectories = [
-        make_trajectory(p, r, reward=float(i % 2), routed=rollout_routing(model, p + r)) for i, (p, r) in enumerate(DATA)
-    ]
-    (batch,) = pack(trajectories, [0.0] * len(DATA), [1.0] * len(DATA), max_row_tokens=64)
-    results = {}
     with cpu_megatron(), cpu_optimizer():
-        for experts in ("grouped", "sequential"):
-            trainer = MegatronTrainer(
-                config, hf_state_of(model, mtp), TrainerConfig(device="cpu", lr=1e-3, tis_cap=None, r3=True, mtp_sft=True),
-                dataclasses.replace(CPU, experts=experts),
-            )
-            with torch.no_grad():
-                forward = trainer.forward(batch, replay=True)
-            metrics = trainer.train_step(trajectories)
-            results[experts] = (forward, metrics, trainer.state_dict())
+        results = replayed_steps({experts: dataclasses.replace(CPU, experts=experts) for experts in ("grouped", "sequential")}, DATA)
     (fwd_g, got, weights_g), (fwd_s, want, weights_s) = results["grouped"], results["sequential"]
     assert fwd_g.routing.disagreement == fwd_s.routing.disagreement == 0.0
     torch.testing.assert_close(fwd_g.logprobs, fwd_s.logprobs, atol=1e-6, rtol=0)
