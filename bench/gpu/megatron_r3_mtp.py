@@ -343,11 +343,14 @@ def megatron_here(device: str):
         yield
 
 
-def token_count(text: str) -> int:
-    """``18k`` -> 18000 (tokens per micro-batch of the sweep)."""
-    value = float(text[:-1]) * 1000 if text.lower().endswith("k") else float(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a token count of at least 1, e.g. 18k or 37000")
+def count(text: str) -> int:
+    """A whole number of at least 1 for a size or a count; ``18k`` -> 18000."""
+    try:
+        value = float(text[:-1]) * 1000 if text.lower().endswith("k") else float(text)
+    except ValueError:
+        value = 0.0
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1, e.g. 4, 18k or 37000")
     return int(value)
 
 
@@ -355,20 +358,20 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model and batches, to try the script")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--samples", type=int, default=64, help="trajectories per step")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--samples", type=count, default=64, help="trajectories per step")
+    parser.add_argument("--max-new-tokens", type=count, default=128)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS),
                         help="MFU arms, before to after; the last one is the trainer of the sweep, mismatch, R3 and MTP phases")
-    parser.add_argument("--mfu-steps", type=int, default=4, help="timed steps per MFU arm (interleaved rounds)")
-    parser.add_argument("--mfu-micro-tokens", nargs="*", type=token_count, default=[],
+    parser.add_argument("--mfu-steps", type=count, default=4, help="timed steps per MFU arm (interleaved rounds)")
+    parser.add_argument("--mfu-micro-tokens", nargs="*", type=count, default=[],
                         help="micro-batch sizes of the sweep (e.g. 18k 37k 74k); none: no sweep")
-    parser.add_argument("--sweep-steps", type=int, default=2, help="timed steps per sweep size (after one warm-up)")
+    parser.add_argument("--sweep-steps", type=count, default=2, help="timed steps per sweep size (after one warm-up)")
     parser.add_argument("--fail-arm", nargs="*", choices=list(ARMS), default=[],
                         help="make these arms' steps raise an out-of-memory error: checks the failure path without a card")
-    parser.add_argument("--pairs", type=int, default=16, help="R3 on/off pairs")
-    parser.add_argument("--row-tokens", type=int, default=8192)
-    parser.add_argument("--rows-per-micro-batch", type=int, default=2)
-    parser.add_argument("--max-running", type=int, default=4096, help="engine rows decoded together (all rollouts in one wave)")
+    parser.add_argument("--pairs", type=count, default=16, help="R3 on/off pairs")
+    parser.add_argument("--row-tokens", type=count, default=8192)
+    parser.add_argument("--rows-per-micro-batch", type=count, default=2)
+    parser.add_argument("--max-running", type=count, default=4096, help="engine rows decoded together (all rollouts in one wave)")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--expert-scale", type=float, default=10.0)
     parser.add_argument("--head-scale", type=float, default=10.0)
