@@ -67,6 +67,11 @@ async def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    for name in ("tasks", "group", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.draft_tokens < 0:
+        parser.error(f"--draft-tokens must be 0 (plain decoding) or more, got {args.draft_tokens}")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # CPU time of one thread: no spin-waiting of idle threads on a shared machine
 
