@@ -144,8 +144,6 @@ class MegatronTrainer(Trainer):
         load_hf_weights(self.gpt, hf_config, hf_weights)
         if self.settings.attention == "packed":
             install_packed_attention(self.gpt)
-        elif self.settings.attention != "dense":
-            raise ValueError(f"attention={self.settings.attention!r}: choose 'packed' (per sequence) or 'dense' (masked)")
         self.model, self.optimizer = _wrap_for_training(self.gpt, cfg, self.settings)
         self.base_model = self.model
         self.mtp = self.ref_model = None
@@ -153,8 +151,6 @@ class MegatronTrainer(Trainer):
         self.advantage_fn = resolve("advantage", cfg.advantage, ADVANTAGES)
         self.policy_loss_fn = resolve("policy loss", cfg.policy_loss, POLICY_LOSSES)
         self.reward_fn = resolve("reward_fn", cfg.reward_fn, {}) if cfg.reward_fn else None
-        if self.settings.vocab_head not in ("fused", "unfused"):
-            raise ValueError(f"vocab_head={self.settings.vocab_head!r}: choose 'fused' (chunked) or 'unfused' (full logits)")
         # under sequence parallelism (transformer-engine's norms) the hidden states are split by position: megatron's head
         self.fused_head = self.settings.vocab_head == "fused" and not self.gpt.config.sequence_parallel
         self.step = 0

@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 
+DISPATCHERS = ("device", "alltoall", "allgather")
+EXPERT_KINDS = ("grouped", "sequential")  # the keys of experts.EXPERTS (that module imports megatron)
+
+
 @dataclass(frozen=True)
 class MegatronSettings:
     """Parallel sizes and numerics of the megatron backend (from the ``--tp/--ep`` flags)."""
@@ -41,17 +45,26 @@ class MegatronSettings:
     head_chunk_tokens: int = 4096  # tokens per chunk of the fused head's logits
     head_vocab_align: int = 64  # the fused head's matmuls pad the vocabulary to a multiple of this (1: none)
 
+    def __post_init__(self) -> None:
+        """Refuse an unknown choice here, before any model is built or weights are loaded."""
+        choices = {"token_dispatcher": DISPATCHERS, "experts": EXPERT_KINDS, "attention": ("packed", "dense")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.vocab_head not in ("fused", "unfused"):
+            raise ValueError(f"vocab_head={self.vocab_head!r}: choose 'fused' (chunked) or 'unfused' (full logits)")
+        for name in ("tensor_parallel", "expert_parallel", "head_chunk_tokens", "head_vocab_align"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: a whole number of at least 1")
+
 
 SUPPORTED = ("qwen3_moe", "qwen3")
-DISPATCHERS = ("device", "alltoall", "allgather")
 
 
 def megatron_dispatcher(settings: MegatronSettings) -> str:
     """megatron's ``moe_token_dispatcher_type`` to build with: ``"device"`` builds with the allgather
     dispatcher (nothing CUDA-only in its constructor) and ``build_gpt_model`` swaps it for the
     device one where every expert is local; across ranks it is megatron's alltoall."""
-    if settings.token_dispatcher not in DISPATCHERS:
-        raise ValueError(f"token_dispatcher={settings.token_dispatcher!r}: choose one of {', '.join(DISPATCHERS)}")
     if settings.token_dispatcher != "device":
         return settings.token_dispatcher
     return "allgather" if settings.tensor_parallel * settings.expert_parallel == 1 else "alltoall"
@@ -166,8 +179,6 @@ def build_gpt_model(hf_config, settings: MegatronSettings):
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
     from miles_envs.trainer.megatron.experts import EXPERTS, with_experts
 
-    if settings.experts not in EXPERTS:
-        raise ValueError(f"experts={settings.experts!r}: choose one of {', '.join(EXPERTS)}")
     if not use_te:
         block_spec = with_experts(block_spec, EXPERTS[settings.experts])
     mtp_spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te) if config.mtp_num_layers else None
