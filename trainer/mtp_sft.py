@@ -78,9 +78,9 @@ def mtp_sft_loss(mtp: nn.Module, hidden: torch.Tensor, batch: PackedBatch, *, de
             mask = create_causal_mask(config=mtp.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
             hidden = mtp_hidden(mtp, depth, inputs, hidden, positions, mask)
             # the vocabulary projection only where a label is trained (prompt and env tokens carry none)
-            weight = label_mask[label_mask > 0]
-            logits = mtp._project_to_logits(hidden[label_mask > 0])
-            picked = labels[label_mask > 0]
+            trained = label_mask > 0
+            weight, picked = label_mask[trained], labels[trained]
+            logits = mtp._project_to_logits(hidden[trained])
             ce = F.cross_entropy(logits.float(), picked, reduction="none")
             loss_sum = loss_sum + (ce * weight).sum() / len(mtp.layers)
             if depth == 0:
